@@ -1,0 +1,1 @@
+"""The studio's engine: jobs, training, inference and storage. Plain Python, never imports gradio."""

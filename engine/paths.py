@@ -1,0 +1,60 @@
+"""Where everything lives inside the data directory (STUDIO_HOME)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths of the data directory; `ensure()` creates the folders."""
+
+    home: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "studio.db"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def gallery_dir(self) -> Path:
+        return self.home / "gallery"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def latent_cache_dir(self) -> Path:
+        return self.cache_dir / "latents"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.home / "uploads"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.home / "exports"
+
+    @property
+    def workers_dir(self) -> Path:
+        return self.home / "workers"
+
+    def ensure(self) -> "DataLayout":
+        for folder in (self.logs_dir, self.runs_dir, self.gallery_dir, self.latent_cache_dir,
+                       self.datasets_dir, self.uploads_dir, self.exports_dir, self.workers_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self

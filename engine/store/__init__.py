@@ -1,0 +1,4 @@
+"""SQLite persistence. All SQL of the studio lives in this package."""
+from engine.store.db import Database
+
+__all__ = ["Database"]

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from studio.settings import SettingsError, add_settings_arguments, load_settings
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_without_env() -> None:
+    settings = load_settings(parse([]), env={})
+    assert settings.home == Path("studio_data")
+    assert (settings.host, settings.port, settings.cpu_slots) == ("127.0.0.1", 7860, 1)
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
+    file = tmp_path / "s.toml"
+    file.write_text('port = 8001\nhost = "0.0.0.0"\ncpu_slots = 3\n')
+    env = {"STUDIO_SETTINGS": str(file), "STUDIO_PORT": "8002", "STUDIO_HOME": str(tmp_path)}
+    settings = load_settings(parse(["--port", "8003"]), env=env)
+    assert settings.port == 8003
+    assert settings.host == "0.0.0.0"
+    assert settings.cpu_slots == 3
+    assert settings.home == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "names"),
+    [
+        (["--port", "70000"], {}, "port"),
+        (["--port", "abc"], {}, "port"),
+        ([], {"STUDIO_CPU_SLOTS": "0"}, "cpu_slots"),
+        ([], {"STUDIO_LOG_LEVEL": "LOUD"}, "log_level"),
+        (["--auth-file", "/nonexistent/users.toml"], {}, "auth_file"),
+        (["--share"], {}, "share"),
+        (["--allowed-roots", "/nonexistent-root"], {}, "allowed_roots"),
+    ],
+)
+def test_invalid_values_name_the_setting(argv: list[str], env: dict[str, str], names: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(parse(argv), env=env)
+    assert str(info.value).startswith(names)
+
+
+def test_unknown_key_in_settings_file(tmp_path: Path) -> None:
+    file = tmp_path / "s.toml"
+    file.write_text("prot = 1\n")
+    with pytest.raises(SettingsError, match="unknown setting.*prot"):
+        load_settings(parse(["--settings", str(file)]), env={})
+
+
+def test_app_rejects_bad_setting_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "app.py", "--port", "0"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert result.returncode == 2
+    assert "port: must be 1..65535" in result.stderr
