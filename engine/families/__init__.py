@@ -1,0 +1,88 @@
+"""Model families: one module per family says how to load it, encode text and media, which
+linears LoRA targets, the training target and the forward call.
+
+`get_family("wan")` returns the family object; new families (Wan I2V, HunyuanVideo, LTX-Video)
+implement `ModelFamily` and register in `_FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ModelFamily", "Encoders", "get_family", "family_names", "UnknownFamilyError"]
+
+
+class UnknownFamilyError(ValueError):
+    pass
+
+
+@dataclass
+class Encoders:
+    """Whatever a family needs to turn captions and pixels into training inputs."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ModelFamily(abc.ABC):
+    """The contract between the trainer (and inference) and one model family."""
+
+    name: str
+    #: prefix of LoRA keys in saved files (ComfyUI format)
+    lora_key_prefix: str = "diffusion_model."
+
+    @abc.abstractmethod
+    def describe(self, model_dir: Path) -> Any:
+        """Shapes read from config files, without loading weights (spatial_multiple,
+        temporal_stride, latent_channels, num_blocks, ...)."""
+
+    @abc.abstractmethod
+    def load_encoders(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> Encoders: ...
+
+    @abc.abstractmethod
+    def encode_text(self, enc: Encoders, captions: list[str]) -> list[torch.Tensor]:
+        """One [tokens, dim] tensor per caption (unpadded)."""
+
+    @abc.abstractmethod
+    def encode_media(self, enc: Encoders, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w]."""
+
+    @abc.abstractmethod
+    def load_transformer(self, model_dir: Path, subfolder: str, device: torch.device,
+                         dtype: torch.dtype) -> torch.nn.Module: ...
+
+    @abc.abstractmethod
+    def lora_target_modules(self, transformer: torch.nn.Module, suffixes: list[str]) -> list[str]:
+        """Full module names inside the transformer that get LoRA."""
+
+    @abc.abstractmethod
+    def forward(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, t: torch.Tensor,
+                text: torch.Tensor) -> torch.Tensor:
+        """The model's prediction for noisy latents at noise level t in [0, 1]."""
+
+    @abc.abstractmethod
+    def pad_text(self, embeds: list[torch.Tensor]) -> torch.Tensor:
+        """Stack unpadded text embeddings into the batch layout the transformer expects."""
+
+    def enable_activation_checkpointing(self, transformer: torch.nn.Module) -> None:
+        transformer.enable_gradient_checkpointing()
+
+
+def get_family(name: str) -> ModelFamily:
+    if name == "wan":
+        from engine.families.wan import WanFamily
+
+        return WanFamily()
+    raise UnknownFamilyError(f"unknown model family {name!r}; available: {', '.join(family_names())}")
+
+
+def family_names() -> list[str]:
+    return ["wan"]

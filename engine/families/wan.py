@@ -1,0 +1,144 @@
+"""The Wan family (Wan2.1 T2V 1.3B/14B, Wan2.2 T2V A14B experts) from a local diffusers folder.
+
+All transformer forwards for training go through `WanFamily.forward`, so attention backends and
+compilation can be switched in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.families import Encoders, ModelFamily
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WanFamily", "WanModelInfo", "TEXT_LENGTH"]
+
+# Wan pads every prompt to 512 tokens of UMT5 output (zeros after the real tokens).
+TEXT_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class WanModelInfo:
+    spatial_multiple: int  # VAE spatial stride x transformer patch
+    temporal_stride: int  # frames = stride * k + 1
+    latent_channels: int
+    num_blocks: int
+    transformers: tuple[str, ...]  # subfolders holding a transformer ("transformer", "transformer_2")
+
+
+class WanFamily(ModelFamily):
+    name = "wan"
+
+    # ---- description without loading weights ---------------------------------------------------
+    def describe(self, model_dir: Path) -> WanModelInfo:
+        model_dir = Path(model_dir)
+        index = _read_json(model_dir / "model_index.json")
+        if index.get("_class_name") not in ("WanPipeline", None):
+            raise ValueError(
+                f"{model_dir}: model_index.json describes {index.get('_class_name')!r}, not a Wan text-to-video "
+                "pipeline (WanPipeline)"
+            )
+        vae_cfg = _read_json(model_dir / "vae" / "config.json")
+        transformers = tuple(
+            name for name in ("transformer", "transformer_2")
+            if isinstance(index.get(name), list) and index[name][0] is not None
+        )
+        t_cfg = _read_json(model_dir / transformers[0] / "config.json") if transformers else {}
+        patch = t_cfg.get("patch_size", [1, 2, 2])
+        spatial = int(vae_cfg.get("scale_factor_spatial") or 8) * int(patch[-1])
+        return WanModelInfo(
+            spatial_multiple=spatial,
+            temporal_stride=int(vae_cfg.get("scale_factor_temporal") or 4),
+            latent_channels=int(vae_cfg.get("z_dim", 16)),
+            num_blocks=int(t_cfg.get("num_layers", 0)),
+            transformers=transformers,
+        )
+
+    # ---- encoders (used once, to fill the cache) ------------------------------------------------
+    def load_encoders(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> Encoders:
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        model_dir = Path(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"))
+        text_encoder = UMT5EncoderModel.from_pretrained(str(model_dir / "text_encoder"), torch_dtype=dtype)
+        # The Wan VAE is run in float32: it is small and bf16 visibly hurts latents.
+        vae = AutoencoderKLWan.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.float32)
+        text_encoder.to(device).eval().requires_grad_(False)
+        vae.to(device).eval().requires_grad_(False)
+        return Encoders(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def encode_text(self, enc: Encoders, captions: list[str]) -> list[torch.Tensor]:
+        tokens = enc.tokenizer(
+            captions, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        ids = tokens.input_ids.to(enc.device)
+        mask = tokens.attention_mask.to(enc.device)
+        hidden = enc.text_encoder(ids, mask).last_hidden_state
+        lengths = mask.gt(0).sum(dim=1)
+        return [h[: int(n)].float().cpu() for h, n in zip(hidden, lengths)]
+
+    @torch.no_grad()
+    def encode_media(self, enc: Encoders, pixels: torch.Tensor) -> torch.Tensor:
+        vae = enc.vae
+        pixels = pixels.to(enc.device, torch.float32)
+        latents = vae.encode(pixels).latent_dist.mode()
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        return ((latents - mean) / std).float().cpu()
+
+    # ---- the trained transformer ----------------------------------------------------------------
+    def load_transformer(self, model_dir: Path, subfolder: str, device: torch.device,
+                         dtype: torch.dtype) -> torch.nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        folder = Path(model_dir) / subfolder
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no transformer here (model.transformer_subfolder = {subfolder!r})")
+        # torch_dtype at load time keeps host RAM at the target size (no fp32 copy of a 14B model).
+        model = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=True)
+        model.to(device)
+        model.requires_grad_(False)
+        return model
+
+    def lora_target_modules(self, transformer: torch.nn.Module, suffixes: list[str]) -> list[str]:
+        names = []
+        for name, module in transformer.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.startswith("blocks."):
+                continue
+            if any(name.endswith("." + s) for s in suffixes):
+                names.append(name)
+        if not names:
+            raise ValueError(f"adapter.target_modules {suffixes} match no linear layer in the Wan blocks")
+        return names
+
+    def pad_text(self, embeds: list[torch.Tensor]) -> torch.Tensor:
+        dim = embeds[0].shape[-1]
+        out = embeds[0].new_zeros(len(embeds), TEXT_LENGTH, dim)
+        for i, e in enumerate(embeds):
+            out[i, : e.shape[0]] = e[:TEXT_LENGTH]
+        return out
+
+    def forward(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, t: torch.Tensor,
+                text: torch.Tensor) -> torch.Tensor:
+        """Flow-matching velocity prediction; Wan takes timesteps on the 0..1000 scale."""
+        return transformer(
+            hidden_states=noisy_latents,
+            timestep=t * 1000.0,
+            encoder_hidden_states=text,
+            return_dict=False,
+        )[0]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a complete diffusers Wan folder")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,146 @@
+"""Random-weight Wan models built locally (no downloads): a complete tiny WanPipeline folder for
+tests, and transformers of the real Wan2.1 shapes for GPU benchmarks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TRANSFORMER_PRESETS",
+    "build_random_wan",
+    "build_tokenizer",
+    "random_transformer",
+    "transformer_config",
+]
+
+# Wan2.1 shapes from the published configs; "tiny"/"small" are ours for CPU tests and demos.
+TRANSFORMER_PRESETS: dict[str, dict] = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32),
+    "small": dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=256, num_layers=4, text_dim=64, freq_dim=64),
+    "1.3B": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096, freq_dim=256),
+    "14B": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, freq_dim=256),
+}
+
+_TEXT_ENCODER_PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1),
+    "small": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2),
+}
+
+_VAE_PRESETS: dict[str, dict] = {
+    "tiny": dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+    "small": dict(base_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1),
+}
+
+
+def transformer_config(preset: str) -> dict:
+    if preset not in TRANSFORMER_PRESETS:
+        raise ValueError(f"unknown Wan preset {preset!r}; choose one of {sorted(TRANSFORMER_PRESETS)}")
+    return dict(
+        patch_size=(1, 2, 2),
+        in_channels=16,
+        out_channels=16,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+        **TRANSFORMER_PRESETS[preset],
+    )
+
+
+def random_transformer(preset: str = "1.3B", seed: int = 0, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu"):
+    """A WanTransformer3DModel of a preset's shape with random weights (1.3B/14B for GPU benches)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanTransformer3DModel(**transformer_config(preset))
+    return model.to(dtype=dtype)
+
+
+def build_tokenizer(path: Path | None = None):
+    """A character-level tokenizer (no download): every printable character is one token, '</s>' ends."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    # BPE without merges splits every word into characters: captions stay distinguishable.
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.BPEDecoder()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+    if path is not None:
+        fast.save_pretrained(str(path))
+    return fast
+
+
+def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a complete diffusers WanPipeline folder with random weights at `path`; returns it.
+
+    "tiny" loads and runs a training step in about a second on a CPU core.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if preset not in _VAE_PRESETS:
+        raise ValueError(f"build_random_wan supports presets {sorted(_VAE_PRESETS)}, not {preset!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    tokenizer = build_tokenizer(path / "tokenizer")
+    text_cfg = _TEXT_ENCODER_PRESETS[preset]
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                   dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0, **text_cfg)
+    )
+    text_encoder.save_pretrained(str(path / "text_encoder"))
+
+    t_cfg = transformer_config(preset)
+    t_cfg["text_dim"] = text_cfg["d_model"]
+    transformer = WanTransformer3DModel(**t_cfg)
+    transformer.save_pretrained(str(path / "transformer"))
+
+    vae = AutoencoderKLWan(z_dim=16, **_VAE_PRESETS[preset])
+    vae.save_pretrained(str(path / "vae"))
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    scheduler.save_pretrained(str(path / "scheduler"))
+
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "boundary_ratio": None,
+        "expand_timesteps": False,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    logger.info("built random Wan (%s) at %s", preset, path)
+    return path
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__

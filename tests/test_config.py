@@ -1,0 +1,156 @@
+"""TrainConfig: TOML in/out, key-path errors, suggestions, defaults, form registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, TrainConfig, config_fields
+from engine.models import ModelNotFoundError, resolve_model
+
+MAIN = """
+output_dir = "out"
+dataset = "dataset.toml"
+epochs = 3
+[model]
+type = "wan"
+ckpt_path = "demo"
+[adapter]
+type = "lora"
+rank = 8
+[optimizer]
+type = "adamw"
+lr = 1e-4
+"""
+
+DATASET = """
+resolutions = [256]
+frame_buckets = [1, 17]
+[[directory]]
+path = "media"
+num_repeats = 2
+"""
+
+
+def write_pair(tmp_path: Path) -> Path:
+    (tmp_path / "dataset.toml").write_text(DATASET)
+    (tmp_path / "media").mkdir()
+    main = tmp_path / "train.toml"
+    main.write_text(MAIN)
+    return main
+
+
+def test_main_plus_dataset_file_resolves_relative_to_dataset_file(tmp_path: Path) -> None:
+    cfg = TrainConfig.from_toml_file(write_pair(tmp_path)).validate()
+    assert cfg.epochs == 3 and cfg.adapter.rank == 8 and cfg.optimizer.lr == 1e-4
+    assert cfg.dataset.resolutions == [256]
+    assert cfg.dataset.directory[0].path == str((tmp_path / "media").resolve())
+    assert cfg.dataset.directory[0].num_repeats == 2
+
+
+def test_round_trip_inlines_dataset(tmp_path: Path) -> None:
+    cfg = TrainConfig.from_toml_file(write_pair(tmp_path))
+    text = cfg.to_toml()
+    assert "[dataset]" in text and "[[dataset.directory]]" in text
+    again = TrainConfig.from_toml_string(text)
+    assert again == cfg
+
+
+def test_save_every_defaults_to_one_epoch() -> None:
+    cfg = TrainConfig(output_dir="o")
+    assert cfg.effective_save_every_n_epochs == 1
+    assert TrainConfig(output_dir="o", save_every_n_steps=5).effective_save_every_n_epochs is None
+    assert cfg.lora_alpha == cfg.adapter.rank
+
+
+def test_unknown_key_suggests_the_right_one() -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_toml_string('output_dir="o"\n[optimizer]\nlearning_rat = 1e-4\nlr=1\n')
+    assert "optimizer.learning_rat" in str(err.value)
+    with pytest.raises(ConfigError, match=r"did you mean 'gradient_clipping'"):
+        TrainConfig.from_toml_string('output_dir="o"\ngradient_cliping = 1.0\n')
+
+
+@pytest.mark.parametrize(
+    "toml, path",
+    [
+        ('output_dir="o"\n[optimizer]\nlr = 0\n', "optimizer.lr"),
+        ('output_dir="o"\n[optimizer]\nlr = "fast"\n', "optimizer.lr"),
+        ('output_dir="o"\nepochs = 0\n', "epochs"),
+        ('output_dir="o"\nlr_scheduler = "cosin"\n', "lr_scheduler"),
+        ('output_dir="o"\n[dataset]\nframe_buckets = [1, 32]\n', "dataset.frame_buckets[1]"),
+        ('output_dir="o"\n[dataset]\nresolutions = [250]\n', "dataset.resolutions[0]"),
+        ('output_dir="o"\nzero_stage = 3\n', "zero_stage"),
+        ('output_dir="o"\n[model]\nmin_t = 0.9\nmax_t = 0.1\n', "model.min_t"),
+        ('output_dir="o"\n[adapter]\nrank = 0\n', "adapter.rank"),
+        ('epochs = 1\n', "output_dir"),
+    ],
+)
+def test_bad_values_name_the_key_path(toml: str, path: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_toml_string(toml + '[[dataset.directory]]\npath="d"\n' if "[dataset]" in toml else toml +
+                                     '\n[dataset]\n[[dataset.directory]]\npath="d"\n').validate()
+    assert path in err.value.paths, str(err.value)
+    assert str(err.value).startswith(path) or f"; {path}" in str(err.value)
+
+
+def test_validate_collects_every_error() -> None:
+    cfg = TrainConfig(output_dir="o").with_value("epochs", 0).with_value("optimizer.lr", -1.0)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert {"epochs", "optimizer.lr", "dataset.directory"} <= set(err.value.paths)
+
+
+def test_invalid_toml_and_missing_dataset_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        TrainConfig.from_toml_string("output_dir = ")
+    main = tmp_path / "m.toml"
+    main.write_text('output_dir="o"\ndataset="nope.toml"\n')
+    with pytest.raises(ConfigError, match="dataset file not found"):
+        TrainConfig.from_toml_file(main)
+
+
+def test_field_registry_and_key_path_access() -> None:
+    fields = {f.path: f for f in config_fields()}
+    assert fields["optimizer.lr"].type == "float" and fields["optimizer.lr"].default == 2e-5
+    assert fields["lr_scheduler"].choices == ("constant", "linear", "cosine")
+    assert fields["model.timestep_sample_method"].choices == ("logit_normal", "uniform")
+    assert fields["dataset.frame_buckets"].type == "list[int]"
+    assert fields["max_steps"].optional
+    assert all(f.help for f in fields.values())
+    cfg = TrainConfig(output_dir="o")
+    for path in fields:
+        assert cfg.get(path) == fields[path].default or path == "output_dir"
+    cfg2 = cfg.with_value("adapter.rank", 4.0).with_value("dataset.directory", [{"path": "x", "num_repeats": 3}])
+    assert cfg2.get("adapter.rank") == 4 and isinstance(cfg2.get("adapter.rank"), int)
+    assert cfg2.dataset.directory[0].num_repeats == 3 and cfg.adapter.rank == 32
+    with pytest.raises(ConfigError, match="adapter.rnk"):
+        cfg.with_value("adapter.rnk", 3)
+    with pytest.raises(ConfigError, match="expected an integer"):
+        cfg.with_value("epochs", "many")
+
+
+def test_cache_dir_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STUDIO_HOME", raising=False)
+    cfg = TrainConfig(output_dir=str(tmp_path / "runs" / "x"))
+    assert cfg.resolved_cache_dir() == tmp_path / "runs" / "cache"
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    assert cfg.resolved_cache_dir() == tmp_path / "home" / "cache" / "latents"
+    assert cfg.with_value("cache_dir", "/c").resolved_cache_dir() == Path("/c")
+
+
+def test_resolve_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="neither 'demo' nor"):
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(ModelNotFoundError, match="model_index.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "model_index.json").write_text("{}")
+    assert resolve_model(str(tmp_path)) == tmp_path.resolve()
+
+
+def test_example_configs_parse() -> None:
+    root = Path(__file__).resolve().parent.parent / "examples"
+    mains = [p for p in root.glob("*.toml") if "dataset" not in p.name]
+    assert mains
+    for path in mains:
+        TrainConfig.from_toml_file(path)
