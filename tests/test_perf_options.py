@@ -1,0 +1,133 @@
+"""CPU checks of the performance options' plumbing (speed itself is measured by bench/train_step.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.gpu_common import lora_step_flops, mfu, video_tokens
+from bench.train_step import parse_case
+from engine.families import wan_perf
+from engine.families.wan_perf import PerfOptions, apply
+
+
+class _CountSelfAttention(TorchDispatchMode):
+    """Counts fused-attention kernels whose key length equals the query length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if wan_perf._is_self_attention_op(func, args):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_wan(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    from engine.families.wan_random import transformer_config
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**transformer_config("tiny")).requires_grad_(True).train()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 16, 2, 8, 8, generator=g)
+    text = torch.randn(1, 7, 32, generator=g)
+    return latents, text
+
+
+def _loss_and_grads(model) -> tuple[float, dict[str, torch.Tensor]]:
+    latents, text = _inputs()
+    out = model(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+                return_dict=False)[0]
+    loss = out.square().mean()
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_defaults_change_nothing_and_bad_values_name_the_key():
+    assert PerfOptions() == PerfOptions.from_config(None) == PerfOptions.from_config({})
+    with pytest.raises(ValueError, match="performance.attention_backend"):
+        PerfOptions(attention_backend="flash3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="performance.checkpointing"):
+        PerfOptions.from_config({"checkpointing": "some"})
+
+
+def test_from_config_reads_a_section_object():
+    class Section:
+        attention_backend = "cudnn"
+        compile_blocks = True
+        checkpointing = "save_attention"
+
+    assert PerfOptions.from_config(Section()) == PerfOptions("cudnn", True, "save_attention")
+
+
+def test_save_attention_keeps_self_attention_and_matches_full_checkpointing():
+    reference = _tiny_wan()
+    apply(reference, PerfOptions(checkpointing="full"), activation_checkpointing=True)
+    with _CountSelfAttention() as full_count:
+        loss_full, grads_full = _loss_and_grads(reference)
+
+    selective = _tiny_wan()
+    applied = apply(selective, PerfOptions(checkpointing="save_attention"), activation_checkpointing=True)
+    with _CountSelfAttention() as sac_count:
+        loss_sac, grads_sac = _loss_and_grads(selective)
+
+    blocks = len(selective.blocks)
+    assert applied.checkpointing == "save_attention"
+    # Full checkpointing runs self-attention again in backward; selective keeps its output.
+    assert full_count.calls == 2 * blocks
+    assert sac_count.calls == blocks
+    assert loss_sac == pytest.approx(loss_full, rel=1e-6)
+    assert grads_sac.keys() == grads_full.keys()
+    for name in grads_full:
+        torch.testing.assert_close(grads_sac[name], grads_full[name], rtol=1e-5, atol=1e-6)
+
+
+def test_without_checkpointing_apply_leaves_checkpointing_off():
+    model = _tiny_wan()
+    applied = apply(model, PerfOptions(checkpointing="save_attention"), activation_checkpointing=False)
+    assert applied.checkpointing == "off"
+    assert not model.gradient_checkpointing
+
+
+def test_gpu_only_options_fall_back_on_cpu():
+    model = _tiny_wan()
+    applied = apply(model, PerfOptions(attention_backend="cudnn", compile_blocks=True),
+                    activation_checkpointing=True)
+    if not torch.cuda.is_available():
+        assert applied.attention_backend == "default"
+        assert applied.compiled == "none"
+        assert len(applied.notes) == 2
+    wan_perf.reset_attention_backend()
+
+
+def test_reset_restores_every_sdpa_backend():
+    wan_perf._set_sdp_order([torch.nn.attention.SDPBackend.MATH])
+    assert not torch.backends.cuda.flash_sdp_enabled()
+    wan_perf.reset_attention_backend()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_mfu_counting_reproduces_reference_table():
+    tokens = video_tokens(480, 832, 81)
+    assert tokens == 32_760
+    assert mfu(lora_step_flops("1.3B", tokens), 2.87) == pytest.approx(0.27, abs=0.005)
+    assert mfu(lora_step_flops("14B", tokens), 14.06) == pytest.approx(0.31, abs=0.005)
+    assert mfu(lora_step_flops("1.3B", video_tokens(480, 832, 33)), 0.853) == pytest.approx(0.22, abs=0.005)
+
+
+def test_bench_case_grammar():
+    case = parse_case("trainer+attn=cudnn+ckpt=attn+compile+lora=bf16")
+    assert (case.loop, case.attn, case.ckpt, case.compile, case.lora_dtype) == ("trainer", "cudnn", "attn", True, "bf16")
+    assert case.perf == PerfOptions("cudnn", True, "save_attention")
+    with pytest.raises(ValueError):
+        parse_case("plain+ckpt=sometimes")
+    with pytest.raises(ValueError):
+        parse_case("other")
