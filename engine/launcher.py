@@ -1,0 +1,230 @@
+"""The only place that spawns processes.
+
+Every process starts in its own session (so its process group is ours to signal and survives an
+app restart), writes stdout/stderr to a log file, and is identified by pid + start time so a
+recycled pid is never mistaken for our trainer. The DeepSpeed command line is built here too.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from engine.paths import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+TRAINER_MODULE = "engine.trainer"
+PORT_RANGE = (29500, 30499)
+START_TIME_TOLERANCE_S = 0.5  # create_time is derived from clock ticks since boot
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    pid: int
+    start_time: float
+
+    def matches(self, pid: int | None, start_time: float | None) -> bool:
+        return (pid == self.pid and start_time is not None
+                and abs(start_time - self.start_time) <= START_TIME_TOLERANCE_S)
+
+
+def spawn_process(argv: Sequence[str], *, cwd: str | os.PathLike, env: Mapping[str, str],
+                  log_path: str | os.PathLike | None, stdin: int | IO[Any] | None = None,
+                  stdout: int | IO[Any] | None = None) -> subprocess.Popen:
+    """Start `argv` in a new session. Output goes to `log_path` (appended) unless `stdout` is given
+    (e.g. subprocess.PIPE for a worker we talk to); stderr then still goes to the log file."""
+    log_file = None
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115 - handed to the child
+    try:
+        process = subprocess.Popen(
+            list(argv), cwd=str(cwd), env=dict(env), start_new_session=True,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else (log_file or subprocess.DEVNULL),
+            stderr=log_file if log_file is not None else subprocess.DEVNULL,
+        )
+    finally:
+        if log_file is not None:
+            log_file.close()  # the child has its own descriptor
+    log.info("spawned pid %d: %s", process.pid, " ".join(map(str, argv))[:500])
+    return process
+
+
+def process_identity(pid: int | None) -> ProcessIdentity | None:
+    """pid + start time of a live process; None when gone (zombies count as gone)."""
+    if pid is None or pid <= 0:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return ProcessIdentity(pid=pid, start_time=proc.create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def is_same_process(pid: int | None, start_time: float | None) -> bool:
+    identity = process_identity(pid)
+    return identity is not None and identity.matches(pid, start_time)
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of a process group."""
+    members: list[psutil.Process] = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return members
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to the group; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("not allowed to signal process group %d", pgid)
+        return False
+
+
+def wait_group_gone(pgid: int, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Zombies do not count: whoever spawned the leader collects its exit status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not group_members(pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def stop_process_group(pid: int, grace_s: float = 10.0, kill_wait_s: float = 10.0) -> bool:
+    """SIGTERM the process group led by `pid`, then SIGKILL whatever is left after `grace_s`.
+
+    Returns True when no process of the group is alive afterwards.
+    """
+    if not signal_group(pid, signal.SIGTERM):
+        return True
+    if wait_group_gone(pid, grace_s):
+        return True
+    log.warning("process group %d ignored SIGTERM for %.0f s; sending SIGKILL", pid, grace_s)
+    signal_group(pid, signal.SIGKILL)
+    gone = wait_group_gone(pid, kill_wait_s)
+    if not gone:
+        log.error("process group %d still has live processes after SIGKILL", pid)
+    return gone
+
+
+# ---- master ports -------------------------------------------------------------------------------
+def port_is_free(port: int) -> bool:
+    for host in ("127.0.0.1", "0.0.0.0"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    return False
+                raise
+    return True
+
+
+def pick_master_port(exclude: Collection[int], port_range: tuple[int, int] = PORT_RANGE) -> int:
+    """A port nobody listens on and no other job of ours has recorded."""
+    low, high = port_range
+    start = random.randint(low, high)
+    for offset in range(high - low + 1):
+        port = low + (start - low + offset) % (high - low + 1)
+        if port not in exclude and port_is_free(port):
+            return port
+    raise RuntimeError(f"no free master port in {low}-{high}")
+
+
+# ---- the DeepSpeed command line ----------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What one launch of a training job needs. `devices`: GPU indices, or CPU slots (< 0)."""
+
+    job_id: int
+    job_name: str
+    run_dir: Path
+    devices: tuple[int, ...]
+    master_port: int
+    resume: bool = False
+    hostfile: Path | None = None
+    studio_home: Path | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "run.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train.log"
+
+    @property
+    def on_cpu(self) -> bool:
+        return any(d < 0 for d in self.devices)
+
+
+def deepspeed_executable() -> list[str]:
+    """The `deepspeed` runner next to this interpreter, else the runner module."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("deepspeed")
+    return [found] if found else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def build_deepspeed_command(spec: LaunchSpec, module: str = TRAINER_MODULE) -> list[str]:
+    """`deepspeed --include=localhost:<ids> --master_port P --module engine.trainer --config ...`.
+
+    On a CPU machine `--num_gpus N` gives N ranks (DeepSpeed 0.19.8 ignores --include there and a
+    hostfile would trigger an ssh check). A hostfile (multi-node) replaces the device selection.
+    """
+    argv = deepspeed_executable()
+    if spec.hostfile is not None:
+        argv += ["--hostfile", str(spec.hostfile)]
+    elif spec.on_cpu:
+        argv += ["--num_gpus", str(len(spec.devices))]
+    else:
+        argv += [f"--include=localhost:{','.join(str(d) for d in sorted(spec.devices))}"]
+    argv += ["--master_port", str(spec.master_port), "--module", module,
+             "--config", str(spec.config_path), "--run-dir", str(spec.run_dir)]
+    if spec.resume:
+        argv.append("--resume")
+    return argv
+
+
+def build_env(spec: LaunchSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    paths = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if spec.studio_home is not None:
+        env["STUDIO_HOME"] = str(spec.studio_home)
+    # The runner turns CUDA_VISIBLE_DEVICES into --include unless we pass our own selection.
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env

@@ -1,0 +1,262 @@
+"""Scheduler with real processes (a stand-in trainer script), real SQLite, real signals."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.gpus import GpuInventory
+from engine.jobs import Job, JobError, JobStatus
+from engine.launcher import LaunchSpec, group_members
+from engine.paths import DataLayout
+from engine.scheduler import Scheduler
+from engine.store.db import Database
+from engine.store.jobs import JobStore
+
+STANDIN = Path(__file__).with_name("test_engine_standin_trainer.py")
+WAIT_S = 60.0
+
+
+def config_toml(tmp: Path) -> str:
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    return (f'output_dir = "{tmp / "out"}"\n[model]\nckpt_path = "demo"\n'
+            f'[dataset]\n[[dataset.directory]]\npath = "{data}"\n')
+
+
+class StandIn:
+    """Command builder: the stand-in script; behaviour per job name ("ok", "slow", ...)."""
+
+    BEHAVIOURS = {
+        "ok": ["--steps", "5", "--step-s", "0.05"],
+        "slow": ["--steps", "400", "--step-s", "0.05"],
+        "oom": ["--steps", "5", "--mode", "oom"],
+        "ignore-stop": ["--steps", "400", "--step-s", "0.05", "--mode", "ignore-stop"],
+        "child": ["--steps", "400", "--step-s", "0.05", "--mode", "child"],
+        "resumable": ["--steps", "40", "--step-s", "0.05"],
+    }
+
+    def __init__(self) -> None:
+        self.specs: list[LaunchSpec] = []
+
+    def __call__(self, spec: LaunchSpec) -> list[str]:
+        self.specs.append(spec)
+        argv = [sys.executable, str(STANDIN), "--config", str(spec.config_path), "--run-dir", str(spec.run_dir)]
+        if spec.resume:
+            argv.append("--resume")
+        return argv + self.BEHAVIOURS[spec.job_name]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = WAIT_S, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_status(sched: Scheduler, job_id: int, *statuses: JobStatus, timeout: float = WAIT_S) -> Job:
+    wait_for(lambda: sched.get(job_id).status in statuses, timeout,
+             f"job {job_id} to be {[s.value for s in statuses]} (is {sched.get(job_id).status.value})")
+    return sched.get(job_id)
+
+
+@pytest.fixture
+def make_scheduler(studio_home: Path) -> Iterator[Callable[..., Scheduler]]:
+    layout = DataLayout(studio_home).ensure()
+    made: list[Scheduler] = []
+    builder = StandIn()
+
+    def make(cpu_slots: int = 1, **kwargs) -> Scheduler:
+        kwargs.setdefault("poll_interval_s", 0.1)
+        kwargs.setdefault("stop_grace_s", 1.0)
+        kwargs.setdefault("kill_grace_s", 2.0)
+        sched = Scheduler(JobStore(Database(layout.db_path)), layout, GpuInventory(command="/nonexistent"),
+                          cpu_slots=cpu_slots, command_builder=builder, **kwargs)
+        made.append(sched)
+        return sched
+
+    make.builder = builder  # type: ignore[attr-defined]
+    yield make
+    for sched in made:
+        sched.shutdown()
+    # Leave nothing running behind a failed test.
+    for job in JobStore(Database(layout.db_path)).list(limit=1000):
+        if job.pid and job.status.is_active:
+            try:
+                os.killpg(job.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_three_jobs_on_two_slots_third_waits_then_runs(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler(cpu_slots=2).start()
+    cfg = config_toml(tmp_path)
+    a = sched.submit_training(cfg, "alice", name="slow")
+    b = sched.submit_training(cfg, "alice", name="slow")
+    c = sched.submit_training(cfg, "bob", name="ok")
+    wait_status(sched, a.id, JobStatus.RUNNING)
+    wait_status(sched, b.id, JobStatus.RUNNING)
+    assert sched.get(c.id).status == JobStatus.QUEUED
+    ja, jb = sched.get(a.id), sched.get(b.id)
+    assert sorted(ja.gpus_assigned + jb.gpus_assigned) == [-2, -1]  # never two jobs on one slot
+    assert ja.master_port != jb.master_port  # two concurrent jobs, two ports
+    sched.stop(a.id)
+    assert wait_status(sched, a.id, JobStatus.STOPPED).exit_code == 0
+    done = wait_status(sched, c.id, JobStatus.SUCCEEDED)
+    assert done.step == 5 and done.total_steps == 5 and done.last_loss == pytest.approx(0.2)
+    assert Path(done.run_dir, "run.toml").read_text() == cfg
+    assert "home=" + str(sched.layout.home) in Path(done.log_path).read_text()
+    sched.stop(b.id, force=True)
+    wait_status(sched, b.id, JobStatus.STOPPED)
+
+
+def test_progress_is_recorded_while_running(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler().start()
+    job = sched.submit_training(config_toml(tmp_path), "alice", name="slow")
+    wait_for(lambda: (sched.get(job.id).step or 0) >= 3, what="progress")
+    running = sched.get(job.id)
+    assert running.total_steps == 400 and running.last_loss is not None and running.eta_s > 0
+    assert "/400" in running.progress_text
+    sched.request_save(job.id)
+    wait_for(lambda: '"save"' in Path(running.run_dir, "metrics.jsonl").read_text(), what="save event")
+    sched.stop(job.id, force=True)
+    wait_status(sched, job.id, JobStatus.STOPPED)
+
+
+def test_stop_escalates_to_sigkill_and_leaves_no_process_of_the_group(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler().start()
+    cfg = config_toml(tmp_path)
+    stubborn = sched.submit_training(cfg, "alice", name="ignore-stop")
+    running = wait_status(sched, stubborn.id, JobStatus.RUNNING)
+    wait_for(lambda: (sched.get(stubborn.id).step or 0) >= 1, what="first step")
+    sched.stop(stubborn.id)
+    assert sched.get(stubborn.id).status == JobStatus.STOPPING
+    stopped = wait_status(sched, stubborn.id, JobStatus.STOPPED)
+    assert stopped.exit_code == -signal.SIGKILL  # ignored both the stop file and SIGTERM
+    assert not group_members(running.pid)
+    kinds = [e.kind for e in sched.events(stubborn.id)]
+    assert kinds[-3:] == ["stopping", "sigterm", "stopped"]
+
+    with_child = sched.submit_training(cfg, "alice", name="child")
+    running = wait_status(sched, with_child.id, JobStatus.RUNNING)
+    wait_for(lambda: len(group_members(running.pid)) >= 2, what="the grandchild")
+    sched.stop(with_child.id, force=True)
+    wait_status(sched, with_child.id, JobStatus.STOPPED)
+    wait_for(lambda: not group_members(running.pid), 20, "every process of the group to end")
+
+
+def test_kill_9_gives_failed_with_log_tail(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler().start()
+    job = sched.submit_training(config_toml(tmp_path), "alice", name="slow")
+    wait_for(lambda: (sched.get(job.id).step or 0) >= 2, what="steps")
+    os.kill(sched.get(job.id).pid, signal.SIGKILL)
+    failed = wait_status(sched, job.id, JobStatus.FAILED)
+    assert failed.exit_code == -9
+    assert failed.failure_reason == "Killed by signal 9 (SIGKILL)"
+    assert "out-of-memory killer" in failed.failure_hint
+    assert "standin pid" in failed.log_tail
+    assert sched.resume(job.id).status == JobStatus.QUEUED  # failed jobs resume
+
+
+def test_trainer_error_is_classified(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler().start()
+    job = sched.submit_training(config_toml(tmp_path), "alice", name="oom")
+    failed = wait_status(sched, job.id, JobStatus.FAILED)
+    assert failed.exit_code == 1
+    assert failed.failure_reason == "CUDA out of memory"
+    assert "activation_checkpointing" in failed.failure_hint
+    assert "Tried to allocate" in failed.log_tail
+
+
+def test_restart_reattaches_running_job_and_records_success(make_scheduler, tmp_path: Path) -> None:
+    first = make_scheduler().start()
+    job = first.submit_training(config_toml(tmp_path), "alice", name="resumable")
+    running = wait_status(first, job.id, JobStatus.RUNNING)
+    wait_for(lambda: (first.get(job.id).step or 0) >= 2, what="steps")
+    first.shutdown()  # the app goes away; the trainer keeps running
+    assert psutil.pid_exists(running.pid)
+    second = make_scheduler().start()
+    assert second.is_leader
+    assert "reattached" in [e.kind for e in second.events(job.id)]
+    done = wait_status(second, job.id, JobStatus.SUCCEEDED)
+    assert done.step == 40 and done.pid == running.pid
+
+
+def test_missing_pid_becomes_lost_and_resumes(make_scheduler, tmp_path: Path) -> None:
+    first = make_scheduler().start()
+    job = first.submit_training(config_toml(tmp_path), "alice", name="resumable")
+    running = wait_status(first, job.id, JobStatus.RUNNING)
+    wait_for(lambda: (first.get(job.id).step or 0) >= 3, what="steps")
+    first.shutdown()
+    os.killpg(running.pid, signal.SIGKILL)  # the trainer dies while no studio watches
+    wait_for(lambda: not group_members(running.pid), 20, "the trainer to die")
+    second = make_scheduler().start()
+    lost = wait_status(second, job.id, JobStatus.LOST)
+    assert lost.failure_hint.startswith("Resume")
+    resumed = second.resume(job.id)
+    assert resumed.status == JobStatus.QUEUED and resumed.resume
+    done = wait_status(second, job.id, JobStatus.SUCCEEDED)
+    assert done.attempts == 2 and done.run_dir == running.run_dir
+    assert make_scheduler.builder.specs[-1].resume  # launched with --resume
+    text = Path(done.log_path).read_text()
+    assert "resume=True" in text and "first=1 " in text  # first launch from step 1, resume later
+
+
+def test_queue_order_priority_cancel_and_bad_requests(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler()  # not started: nothing launches, order is inspectable
+    cfg = config_toml(tmp_path)
+    a = sched.submit_training(cfg, "u", name="ok")
+    b = sched.submit_training(cfg, "u", name="ok")
+    c = sched.submit_training(cfg, "u", name="ok", priority=5)
+    assert [j.id for j in sched.queue()] == [c.id, a.id, b.id]
+    sched.move_to_front(b.id)
+    assert [j.id for j in sched.queue()] == [b.id, c.id, a.id]
+    assert sched.cancel(a.id).status == JobStatus.STOPPED
+    with pytest.raises(JobError, match="only a queued job"):
+        sched.cancel(a.id)
+    with pytest.raises(JobError, match="no GPUs"):
+        sched.submit_training(cfg, "u", gpus=[0])
+    with pytest.raises(JobError, match="only 1 CPU slot"):
+        sched.submit_training(cfg, "u", num_gpus=2)
+    with pytest.raises(JobError, match="no job 999"):
+        sched.get(999)
+    from engine.config import ConfigError
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        sched.submit_training(cfg + "[optimizer]\nlr = -1.0\n", "u")
+    assert [j.id for j in sched.list_jobs(owner="u", statuses=["queued"])] == [c.id, b.id]
+
+
+def test_devices_for_inference_share_the_bookkeeping(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler(cpu_slots=2).start()
+    assert sched.acquire_devices("infer-worker") == [-1]
+    assert sched.acquire_devices("infer-worker") == [-1]  # same holder: same device
+    job = sched.submit_training(config_toml(tmp_path), "u", name="slow")
+    running = wait_status(sched, job.id, JobStatus.RUNNING)
+    assert running.gpus_assigned == [-2]
+    assert sched.acquire_devices("other") is None  # everything is taken
+    sched.release_devices("infer-worker")
+    assert sched.acquire_devices("other") == [-1]
+    sched.stop(job.id, force=True)
+    wait_status(sched, job.id, JobStatus.STOPPED)
+
+
+def test_second_scheduler_only_enqueues_while_the_first_leads(make_scheduler, tmp_path: Path) -> None:
+    leader = make_scheduler().start()
+    follower = make_scheduler().start()
+    assert leader.is_leader and not follower.is_leader
+    job = follower.submit_training(config_toml(tmp_path), "cli", name="slow")
+    running = wait_status(follower, job.id, JobStatus.RUNNING)  # the leader launched it
+    assert job.id in leader._watched and not follower._watched
+    follower.stop(running.id, force=True)  # a stop from the follower reaches the leader
+    wait_status(follower, job.id, JobStatus.STOPPED)
+    leader.shutdown()
+    wait_for(lambda: follower.is_leader, 10, "the follower to take over")
