@@ -188,7 +188,7 @@ class LossSeries:
                 existing.min_step, existing.min_loss, existing.min_lr = step, loss, lr
             if loss > existing.max_loss:
                 existing.max_step, existing.max_loss, existing.max_lr = step, loss, lr
-        while len(self.buckets) > max(1, self.max_points // 2):
+        while len(self.buckets) > max(1, (self.max_points - 1) // 2):  # room for the last point
             self._coarsen()
 
     def _coarsen(self) -> None:
@@ -217,6 +217,8 @@ class LossSeries:
             points.append(pair[0])
             if pair[1][0] != pair[0][0]:
                 points.append(pair[1])
+        if self.steps and (not points or points[-1][0] != self.steps[-1]):
+            points.append((self.steps[-1], self.losses[-1], self.lrs[-1]))  # the latest value
         return {
             "step": [p[0] for p in points],
             "loss": [p[1] for p in points],

@@ -25,11 +25,16 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--step-s", type=float, default=0.05)
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the DeepSpeed launcher
+    parser.add_argument("--steps", type=int, default=int(os.environ.get("STANDIN_STEPS", "5")))
+    parser.add_argument("--step-s", type=float, default=float(os.environ.get("STANDIN_STEP_S", "0.05")))
     parser.add_argument("--mode", default="ok")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks only keep busy, like real ranks
+        while not (run_dir / "stop").exists():
+            time.sleep(0.05)
+        return 0
     assert Path(args.config).is_file(), "config must be copied into the run dir"
     first = 1
     if args.resume:
@@ -39,7 +44,8 @@ def main() -> int:
     if args.mode == "child":  # a grandchild in the same process group, like DeepSpeed's ranks
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     print(f"standin pid {os.getpid()} resume={args.resume} first={first} "
-          f"home={os.environ.get('STUDIO_HOME')}", flush=True)
+          f"home={os.environ.get('STUDIO_HOME')} world={os.environ.get('WORLD_SIZE')} "
+          f"port={os.environ.get('MASTER_PORT')} unbuffered={os.environ.get('PYTHONUNBUFFERED')}", flush=True)
     emit(run_dir, "start", total_steps=args.steps, epochs=1, world_size=1, steps_per_epoch=args.steps)
     for step in range(first, args.steps + 1):
         if (run_dir / "stop").exists() and args.mode != "ignore-stop":

@@ -1,0 +1,95 @@
+"""Incremental metrics reading and the downsampled loss series."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.metrics import LossSeries, MetricsReader, last_final_event, loss_series
+
+
+def append(path: Path, *events: dict) -> None:
+    with open(path, "a") as handle:
+        for event in events:
+            handle.write(json.dumps(event) + "\n")
+
+
+def step(n: int, loss: float | None = None) -> dict:
+    return {"event": "step", "time": 0, "step": n, "loss": 1.0 / n if loss is None else loss, "lr": 1e-4}
+
+
+def test_reader_returns_only_new_complete_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    reader = MetricsReader(path)
+    assert reader.read_new() == []  # no file yet
+    append(path, step(1), step(2))
+    assert [e["step"] for e in reader.read_new()] == [1, 2]
+    assert reader.read_new() == []
+    with open(path, "a") as handle:
+        handle.write('{"event": "step", "step": 3, "lo')  # the trainer is mid-write
+    assert reader.read_new() == []
+    with open(path, "a") as handle:
+        handle.write('ss": 0.3}\nnot json\n')
+    assert [e["step"] for e in reader.read_new()] == [3]
+    assert reader.bad_lines == 1
+    path.write_text(json.dumps(step(1)) + "\n")  # replaced by a shorter file
+    assert [e["step"] for e in reader.read_new()] == [1]
+
+
+def test_reader_skip_and_tail(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    append(path, *(step(n) for n in range(1, 1001)))
+    reader = MetricsReader(path)
+    reader.seek_tail(500)
+    events = reader.read_new()
+    assert 0 < len(events) < 20 and events[-1]["step"] == 1000
+    reader.skip_to_end()
+    append(path, step(1001))
+    assert [e["step"] for e in reader.read_new()] == [1001]
+
+
+def test_last_final_event_ignores_an_older_launch(tmp_path: Path) -> None:
+    append(tmp_path / "metrics.jsonl", step(1), {"event": "stopped", "step": 1})
+    assert last_final_event(tmp_path)["event"] == "stopped"
+    append(tmp_path / "metrics.jsonl", {"event": "start", "total_steps": 5}, step(2))
+    assert last_final_event(tmp_path) is None
+    append(tmp_path / "metrics.jsonl", {"event": "done", "step": 5})
+    assert last_final_event(tmp_path)["event"] == "done"
+
+
+def test_loss_series_is_bounded_and_keeps_extremes(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    append(path, {"event": "start", "total_steps": 20000})
+    losses = {n: 0.5 for n in range(1, 20001)}
+    losses[7777], losses[12345] = 9.0, 0.001  # a spike and a dip must survive downsampling
+    append(path, *(step(n, losses[n]) for n in range(1, 10001)))
+    first = loss_series(tmp_path, max_points=400)
+    assert len(first["step"]) <= 400 and first["step"] == sorted(first["step"])
+    assert 9.0 in first["loss"] and first["step"][first["loss"].index(9.0)] == 7777
+    append(path, *(step(n, losses[n]) for n in range(10001, 20001)),
+           {"event": "epoch", "epoch": 1, "step": 20000, "mean_loss": 0.5})
+    second = loss_series(tmp_path, max_points=400)
+    assert len(second["step"]) <= 400 and second["step"][-1] == 20000
+    assert 0.001 in second["loss"] and 9.0 in second["loss"]
+    assert second["epoch_steps"] == [20000] and second["total_steps"] == 20000
+    assert len(second["lr"]) == len(second["loss"])
+
+
+def test_loss_series_parses_only_new_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    append(path, *(step(n) for n in range(1, 101)))
+    series = LossSeries(tmp_path, max_points=2000)
+    assert series.update()["step"] == list(range(1, 101))
+    offset = series.reader.offset
+    append(path, step(101))
+    assert series.update()["step"][-1] == 101
+    assert series.reader.offset == offset + len(json.dumps(step(101))) + 1
+
+
+def test_loss_series_drops_replayed_steps_after_resume(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    append(path, *(step(n, 1.0) for n in range(1, 11)))
+    assert loss_series(tmp_path)["step"] == list(range(1, 11))
+    append(path, {"event": "start"}, *(step(n, 2.0) for n in range(6, 9)))  # resumed from step 5
+    result = loss_series(tmp_path)
+    assert result["step"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert result["loss"] == [1.0] * 5 + [2.0] * 3
