@@ -1,0 +1,147 @@
+"""On-disk cache of VAE latents and text embeddings.
+
+Layout: `<cache_dir>/<family>-<model fingerprint>/latents/<key>.safetensors` and `.../text/<key>...`.
+A latent key hashes the file content + bucket + clip mode, a text key hashes the caption, and the
+folder name hashes the model's encoder files: editing a file, a setting or the model picks a new
+key; nothing stale is ever read. A file that fails to decode leaves a `<key>.failed` note so every
+rank (and a resumed run) skips it the same way. Writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.families import ModelFamily
+from engine.trainer.data import Bucket, MediaItem, load_pixels
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class CachePlan:
+    item: MediaItem
+    bucket: Bucket
+    latent_path: Path
+    text_path: Path
+    clip_mode: str = "single_beginning"
+
+    @property
+    def failed_path(self) -> Path:
+        return self.latent_path.with_suffix(".failed")
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of the encoders' configs and weight files (size, mtime and head bytes)."""
+    digest = hashlib.sha256()
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        folder = model_dir / sub
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if not path.is_file():
+                continue
+            stat = path.stat()
+            digest.update(f"{sub}/{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            with path.open("rb") as fh:
+                digest.update(fh.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
+
+
+def plan_cache(cache_root: Path, family: str, fingerprint: str, samples: list[tuple[MediaItem, Bucket]],
+               clip_mode: str) -> list[CachePlan]:
+    base = cache_root / f"{family}-{fingerprint}"
+    plans = []
+    for item, bucket in samples:
+        latent = base / "latents" / f"{_key(item.content_hash, bucket, clip_mode if item.is_video else '')}.safetensors"
+        text = base / "text" / f"{_key(item.caption)}.safetensors"
+        plans.append(CachePlan(item, bucket, latent, text, clip_mode))
+    return plans
+
+
+def _is_done(plan: CachePlan) -> bool:
+    return (plan.latent_path.is_file() or plan.failed_path.is_file()) and plan.text_path.is_file()
+
+
+def fill_cache(
+    plans: list[CachePlan],
+    family: ModelFamily,
+    model_dir: Path,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: ProgressFn | None = None,
+) -> int:
+    """Encode this rank's share of missing entries. Returns the number encoded by this rank."""
+    todo = [p for i, p in enumerate(plans) if i % world_size == rank and not _is_done(p)]
+    total = len(plans)
+    if progress:
+        progress(sum(_is_done(p) for p in plans), total, "start")
+    if not todo:
+        return 0
+    encoders = family.load_encoders(model_dir, device, dtype)
+    last_report = 0.0
+    for plan in todo:
+        if not plan.text_path.is_file():
+            (embed,) = family.encode_text(encoders, [plan.item.caption])
+            _atomic_save({"text": embed.contiguous()}, plan.text_path)
+        if not plan.latent_path.is_file() and not plan.failed_path.is_file():
+            try:
+                pixels = load_pixels(plan.item, plan.bucket, plan.clip_mode).unsqueeze(0)
+            except Exception as exc:  # an undecodable file is skipped and listed, not fatal
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                _atomic_write_text(plan.failed_path, f"{plan.item.path}: {reason}\n")
+                logger.warning("cannot decode %s: %s", plan.item.path, reason)
+            else:
+                latents = family.encode_media(encoders, pixels)[0]
+                _atomic_save({"latents": latents.contiguous()}, plan.latent_path)
+        if progress and time.monotonic() - last_report > 0.5:
+            last_report = time.monotonic()
+            progress(sum(_is_done(p) for p in plans), total, "latents")
+    del encoders
+    return len(todo)
+
+
+def load_latents(path: Path) -> torch.Tensor:
+    return load_file(str(path))["latents"]
+
+
+def load_text(path: Path) -> torch.Tensor:
+    return load_file(str(path))["text"]
+
+
+def failure_reason(plan: CachePlan) -> str | None:
+    if plan.failed_path.is_file():
+        return plan.failed_path.read_text(encoding="utf-8").strip()
+    return None
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

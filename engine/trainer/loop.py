@@ -1,0 +1,454 @@
+"""The training program: data -> cache -> LoRA on the frozen transformer -> DeepSpeed loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import TrainConfig
+from engine.families import ModelFamily, get_family
+from engine.lora import peft_state_from_file, save_lora, validate_lora
+from engine.models import resolve_model
+from engine.trainer import cache as cache_mod
+from engine.trainer.data import DatasetError, assign_bucket, scan_dataset
+from engine.trainer.order import Sample, epoch_microbatches, lr_factor, microbatch_for, steps_per_epoch
+from engine.trainer.runfiles import (
+    RUN_CONFIG_FILE,
+    MetricsWriter,
+    latest_complete_checkpoint,
+    mark_checkpoint_complete,
+    take_control_request,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ---- distributed setup ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group DeepSpeed's launcher set up, or make a one-process group."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "WORLD_SIZE" not in os.environ:  # plain `python -m engine.trainer`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op for CPU ranks (minutes on first run);
+        # it only serves inference all-reduce, so training over gloo does not need it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timedelta(hours=2))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cpu:
+        device = torch.device("cpu")
+        # CPU ranks share the cores; oversubscribed threads make every rank slower.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    else:
+        device = torch.device(get_accelerator().device_name(local_rank))
+        get_accelerator().set_device(local_rank)
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def broadcast_object(value: object, dist: DistInfo) -> object:
+    if dist.world_size == 1:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier(dist: DistInfo) -> None:
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+# ---- the objective -------------------------------------------------------------------------------
+
+
+class FlowMatchingModule(torch.nn.Module):
+    """Wraps the transformer so DeepSpeed's engine forward returns the flow-matching loss."""
+
+    def __init__(self, transformer: torch.nn.Module, family: ModelFamily, compute_dtype: torch.dtype):
+        super().__init__()
+        self.transformer = transformer
+        self.family = family
+        self.compute_dtype = compute_dtype
+
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+        t_b = t.view(-1, *([1] * (latents.dim() - 1)))
+        noisy = (1.0 - t_b) * latents + t_b * noise  # x_t on the straight path from data (t=0) to noise (t=1)
+        pred = self.family.forward(self.transformer, noisy.to(self.compute_dtype), t,
+                                   text.to(self.compute_dtype))
+        return F.mse_loss(pred.float(), (noise - latents).float())
+
+
+def sample_timesteps(cfg: TrainConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    m = cfg.model
+    if m.timestep_sample_method == "logit_normal":
+        t = torch.sigmoid(torch.randn(batch, generator=generator))
+    else:
+        t = torch.rand(batch, generator=generator)
+    if m.shift != 1.0:
+        t = m.shift * t / (1.0 + (m.shift - 1.0) * t)
+    return m.min_t + (m.max_t - m.min_t) * t
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistInfo, events: MetricsWriter, resume: bool):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.dist = dist
+        self.events = events
+        self.resume = resume
+        self.family = get_family(cfg.model.type)
+        on_gpu = dist.device.type != "cpu"
+        self.model_dtype = _DTYPES[cfg.model.transformer_dtype or cfg.model.dtype] if on_gpu else torch.float32
+        self.adapter_dtype = _DTYPES[cfg.adapter.dtype] if on_gpu else torch.float32
+        self.signal_stop = False
+        self.last_checkpoint_time = time.monotonic()
+
+    # -- setup ----------------------------------------------------------------------------------
+    def prepare_samples(self, model_dir: Path) -> list[Sample]:
+        cfg, dist = self.cfg, self.dist
+        scan = scan_dataset(cfg.dataset)
+        info = self.family.describe(model_dir)
+        for path, reason in scan.skipped:
+            self._warn(f"skipped unreadable file {path}: {reason}")
+        if scan.missing_captions:
+            names = ", ".join(p.name for p in scan.missing_captions[:10])
+            more = f" and {len(scan.missing_captions) - 10} more" if len(scan.missing_captions) > 10 else ""
+            self._warn(f"{len(scan.missing_captions)} files have no .txt caption (trained with an empty "
+                       f"caption): {names}{more}")
+        pairs = []
+        for item in scan.items:
+            for resolution in cfg.dataset.resolutions:
+                bucket = assign_bucket(item, resolution, cfg.dataset, info.spatial_multiple)
+                if bucket is None:
+                    self._warn(f"skipped {item.path}: {item.frames} frames is shorter than every frame bucket")
+                    continue
+                pairs.append((item, bucket))
+        if not pairs:
+            raise DatasetError("the dataset is empty: no file fits any frame bucket")
+
+        plans = cache_mod.plan_cache(cfg.resolved_cache_dir(), self.family.name,
+                                     cache_mod.model_fingerprint(model_dir), pairs, cfg.dataset.video_clip_mode)
+        progress = self._cache_progress if dist.is_main else None
+        cache_dtype = self.model_dtype
+        cache_mod.fill_cache(plans, self.family, model_dir, rank=dist.rank, world_size=dist.world_size,
+                             device=dist.device, dtype=cache_dtype, progress=progress)
+        barrier(dist)
+        samples = []
+        for plan in plans:
+            reason = cache_mod.failure_reason(plan)
+            if reason:
+                self._warn(f"skipped undecodable file {reason}")
+                continue
+            samples.append(Sample(plan.latent_path, plan.text_path, plan.bucket, plan.item.num_repeats,
+                                  plan.item.path))
+        if dist.is_main:
+            self.events.emit("cache", done=len(plans), total=len(plans), stage="done")
+        if not samples:
+            raise DatasetError("the dataset is empty: every file failed to decode")
+        return samples
+
+    def _cache_progress(self, done: int, total: int, stage: str) -> None:
+        self.events.emit("cache", done=done, total=total, stage=stage)
+
+    def _warn(self, message: str) -> None:
+        if self.dist.is_main:
+            self.events.emit("warning", message=message)
+
+    def build_model(self, model_dir: Path) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        from peft import LoraConfig, set_peft_model_state_dict
+
+        cfg = self.cfg
+        transformer = self.family.load_transformer(model_dir, cfg.model.transformer_subfolder,
+                                                   self.dist.device, self.model_dtype)
+        targets = self.family.lora_target_modules(transformer, cfg.adapter.target_modules)
+        torch.manual_seed(cfg.seed)  # identical LoRA init on every rank and every resume
+        transformer.add_adapter(LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.lora_alpha,
+                                           lora_dropout=cfg.adapter.dropout, target_modules=targets,
+                                           init_lora_weights=True))
+        if cfg.adapter.init_from_existing:
+            info = self.family.describe(model_dir)
+            validate_lora(cfg.adapter.init_from_existing, self.family.name, num_blocks=info.num_blocks)
+            state = peft_state_from_file(cfg.adapter.init_from_existing, rank=cfg.adapter.rank, alpha=cfg.lora_alpha)
+            result = set_peft_model_state_dict(transformer, state)
+            missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if missing:
+                raise ValueError(f"adapter.init_from_existing: {len(missing)} LoRA weights do not match this "
+                                 f"model/targets (e.g. {missing[0]})")
+        params = []
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(self.adapter_dtype)
+                param.requires_grad_(True)
+                params.append(param)
+        if cfg.activation_checkpointing:
+            self.family.enable_activation_checkpointing(transformer)
+        self.targets = targets
+        self.transformer = transformer
+        self.lora_params = params
+        return FlowMatchingModule(transformer, self.family, self.model_dtype), params
+
+    def build_engine(self, module: torch.nn.Module, params: list[torch.nn.Parameter], total_steps: int):
+        import deepspeed
+
+        cfg = self.cfg
+        o = cfg.optimizer
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                                   schedule=cfg.lr_scheduler),
+        )
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size_per_gpu,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "gradient_clipping": cfg.gradient_clipping,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+            # The frozen base keeps its own dtype; the LoRA weights and optimizer stay in adapter dtype.
+            "bf16": {"enabled": False},
+            "fp16": {"enabled": False},
+        }
+        if cfg.zero_stage > 0:
+            ds_config["zero_allow_untested_optimizer"] = True
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        return engine, scheduler
+
+    # -- saving -----------------------------------------------------------------------------------
+    def save_lora(self, name: str, step: int, epoch: int) -> None:
+        if not self.dist.is_main:
+            return
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.transformer)
+        path = save_lora(state, self.run_dir / name, rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
+                         target_modules=self.cfg.adapter.target_modules, dtype=_DTYPES[self.cfg.save_dtype],
+                         base_model=self.cfg.model.ckpt_path,
+                         metadata={"step": str(step), "epoch": str(epoch)})
+        self.events.emit("save", step=step, epoch=epoch, path=str(path))
+
+    def save_checkpoint(self, engine, step: int, epoch: int, elapsed: float) -> None:
+        tag = f"global_step{step}"
+        engine.save_checkpoint(str(self.run_dir), tag=tag, client_state={"step": step, "epoch": epoch,
+                                                                          "elapsed_s": elapsed},
+                               exclude_frozen_parameters=True)
+        barrier(self.dist)  # every rank's shard is on disk before the marker says "complete"
+        if self.dist.is_main:
+            mark_checkpoint_complete(self.run_dir, tag, step, epoch)
+            self.events.emit("checkpoint", step=step, path=str(self.run_dir / tag))
+        self.last_checkpoint_time = time.monotonic()
+
+    # -- control ----------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        self.signal_stop = True
+
+    def poll_control(self, step: int, epoch_end: bool, epoch: int) -> tuple[bool, bool, bool]:
+        """(save_lora, checkpoint, stop) agreed by all ranks."""
+        cfg = self.cfg
+        save = ckpt = stop = False
+        if self.dist.is_main:
+            save, stop = take_control_request(self.run_dir)
+            minutes = cfg.checkpoint_every_n_minutes
+            if minutes and time.monotonic() - self.last_checkpoint_time >= minutes * 60:
+                ckpt = True
+        stop = stop or self.signal_stop
+        if self.dist.world_size > 1:
+            flags = torch.tensor([int(save), int(ckpt), int(stop)], dtype=torch.int32)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            save, ckpt, stop = (bool(x) for x in flags.tolist())
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+            save = True
+        return save, ckpt, stop
+
+    # -- main -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, dist = self.cfg, self.dist
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        model_dir = resolve_model(cfg.model.ckpt_path)
+        samples = self.prepare_samples(model_dir)
+        micro_bs, ga, world = cfg.micro_batch_size_per_gpu, cfg.gradient_accumulation_steps, dist.world_size
+        first_epoch = epoch_microbatches(samples, micro_bs, cfg.seed, 0)
+        spe = steps_per_epoch(len(first_epoch), world, ga)
+        total_steps = spe * cfg.epochs
+        if cfg.max_steps:
+            total_steps = min(total_steps, cfg.max_steps)
+
+        module, params = self.build_model(model_dir)
+        engine, scheduler = self.build_engine(module, params, total_steps)
+
+        start_step, elapsed_before = 0, 0.0
+        if self.resume:
+            found = latest_complete_checkpoint(self.run_dir)
+            if found is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint (global_stepN/) in {self.run_dir}")
+            tag, _ = found
+            _, client = engine.load_checkpoint(str(self.run_dir), tag=tag, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+            start_step = int(client["step"])
+            elapsed_before = float(client.get("elapsed_s", 0.0))
+        if dist.is_main and not (self.run_dir / RUN_CONFIG_FILE).exists():
+            (self.run_dir / RUN_CONFIG_FILE).write_text(cfg.to_toml(), encoding="utf-8")
+        if dist.is_main:
+            self.events.emit("start", total_steps=total_steps, epochs=cfg.epochs, world_size=world,
+                             steps_per_epoch=spe, resumed_from_step=start_step, num_samples=len(samples),
+                             run_dir=str(self.run_dir))
+        return self.train_loop(engine, scheduler, samples, spe, total_steps, start_step, elapsed_before)
+
+    def train_loop(self, engine, scheduler, samples: list[Sample], spe: int, total_steps: int,
+                   start_step: int, elapsed_before: float) -> int:
+        cfg, dist = self.cfg, self.dist
+        ga, world = cfg.gradient_accumulation_steps, dist.world_size
+        save_epochs = cfg.effective_save_every_n_epochs
+        t_start = time.monotonic()
+        step_times: list[float] = []
+        epoch_losses: list[float] = []
+        batches: list[list[int]] = []
+        batches_epoch = -1
+        step = start_step
+        last_saved_step = -1
+        engine.train()
+        while step < total_steps:
+            epoch_index = step // spe
+            if epoch_index != batches_epoch:
+                batches = epoch_microbatches(samples, cfg.micro_batch_size_per_gpu, cfg.seed, epoch_index)
+                batches_epoch = epoch_index
+                if step % spe == 0:
+                    epoch_losses = []
+            t0 = time.monotonic()
+            lr = scheduler.get_last_lr()[0]
+            losses = []
+            grad_norm = None
+            for accum in range(ga):
+                indices = microbatch_for(batches, step % spe, accum, dist.rank, world, ga)
+                loss, norm = self._micro_step(engine, samples, indices, step, accum)
+                losses.append(loss)
+                grad_norm = norm if norm is not None else grad_norm
+            step += 1
+            loss_value = _mean_over_ranks(sum(losses) / len(losses), dist)
+            epoch_losses.append(loss_value)
+            step_times.append(time.monotonic() - t0)
+            epoch = epoch_index + 1
+            epoch_end = step % spe == 0 or step == total_steps
+            if dist.is_main:
+                recent = step_times[-20:]
+                mean_time = sum(recent) / len(recent)
+                self.events.emit(
+                    "step", step=step, total_steps=total_steps, epoch=epoch, loss=loss_value, lr=lr,
+                    grad_norm=grad_norm,
+                    samples_per_s=cfg.micro_batch_size_per_gpu * ga * world / max(step_times[-1], 1e-9),
+                    elapsed_s=round(elapsed_before + time.monotonic() - t_start, 3),
+                    eta_s=round(mean_time * (total_steps - step), 1),
+                )
+            save, ckpt, stop = self.poll_control(step, epoch_end, epoch)
+            elapsed = elapsed_before + time.monotonic() - t_start
+            if epoch_end and step % spe == 0:
+                if dist.is_main:
+                    self.events.emit("epoch", epoch=epoch, step=step,
+                                     mean_loss=sum(epoch_losses) / max(1, len(epoch_losses)))
+                if save_epochs and epoch % save_epochs == 0:
+                    self.save_lora(f"epoch{epoch}", step, epoch)
+                    last_saved_step = step
+                if cfg.checkpoint_every_n_epochs and epoch % cfg.checkpoint_every_n_epochs == 0:
+                    ckpt = True
+            if (save or stop) and last_saved_step != step:
+                self.save_lora(f"step{step}", step, epoch)
+                last_saved_step = step
+            if (ckpt or stop) and step < total_steps:
+                self.save_checkpoint(engine, step, epoch, elapsed)
+            if stop:
+                if dist.is_main:
+                    self.events.emit("stopped", step=step)
+                return 0
+        if last_saved_step != step:
+            epoch = (step - 1) // spe + 1
+            self.save_lora(f"epoch{epoch}" if step % spe == 0 else f"step{step}", step, epoch)
+        barrier(dist)
+        if dist.is_main:
+            self.events.emit("done", step=step)
+        return 0
+
+    def _micro_step(self, engine, samples: list[Sample], indices: list[int], step: int,
+                    accum: int) -> tuple[float, float | None]:
+        """One forward/backward (+ optimizer step at the accumulation boundary): (loss, grad norm)."""
+        cfg, dist = self.cfg, self.dist
+        latents = torch.stack([cache_mod.load_latents(samples[i].latent_path) for i in indices])
+        text = self.family.pad_text([cache_mod.load_text(samples[i].text_path) for i in indices])
+        # Noise, timesteps and dropout depend only on (seed, step, micro-batch, rank): resume replays them.
+        seed = (cfg.seed * 1_000_003 + step * 10_007 + accum * 101 + dist.rank) % (2**63)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = sample_timesteps(cfg, latents.shape[0], generator)
+        torch.manual_seed(seed)
+        device = dist.device
+        loss = engine(latents.to(device), text.to(device), noise.to(device), t.to(device))
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and cfg.zero_stage == 0:
+            # Without ZeRO, DeepSpeed clips fp32 grads but does not report the norm: measure the
+            # (already all-reduced) gradients before the step clips and clears them.
+            norm = _param_grad_norm(self.lora_params)
+        engine.step()
+        if boundary and norm is None:
+            reported = engine.get_global_grad_norm()
+            norm = None if reported is None else float(reported.item() if torch.is_tensor(reported) else reported)
+        return float(loss.detach().float().item()), norm
+
+
+def _param_grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads)).item()) if grads else 0.0
+
+
+def _mean_over_ranks(value: float, dist: DistInfo) -> float:
+    if dist.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item()) / dist.world_size
