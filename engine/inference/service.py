@@ -343,21 +343,22 @@ class _Slot(threading.Thread):
         svc._update(tracked, state="loading", started_at=time.time(), worker=self.holder)
         worker.send({"op": "generate", "id": tracked.id, "request": tracked.request.to_dict(),
                      "model_path": tracked.model_path, "lora_files": tracked.lora_files, "out_dir": str(staging)})
-        self._follow(tracked, worker)
+        outcome = self._follow(tracked, worker)
         worker.last_active = time.monotonic()
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # before the request reads as ended
+        with svc._lock:
+            svc._finish(tracked, *outcome)
 
-    def _follow(self, tracked: _Tracked, worker: _WorkerProcess) -> None:
+    def _follow(self, tracked: _Tracked, worker: _WorkerProcess) -> tuple[str, str | None, str | None]:
+        """Relay the worker's events into the request until it ends; returns (state, error, kind)."""
         svc = self.service
         while True:
             event = worker.events.get()
             if event is None:
                 message = f"the inference worker exited (code {worker.process.wait()})"
                 tail = worker.log_tail()
-                with svc._lock:
-                    svc._finish(tracked, "failed", message + (f"; log tail:\n{tail}" if tail else ""), "crash")
                 self._discard_worker()
-                return
+                return "failed", message + (f"; log tail:\n{tail}" if tail else ""), "crash"
             if event.get("id") not in (tracked.id, None):
                 continue  # a late event of an earlier request
             kind = event.get("event")
@@ -368,18 +369,12 @@ class _Slot(threading.Thread):
             elif kind == "video":
                 self._add_video(tracked, event)
             elif kind == "done":
-                with svc._lock:
-                    tracked.timings = event.get("timings", {})
-                    svc._finish(tracked, "succeeded")
-                return
+                svc._update(tracked, timings=event.get("timings", {}))
+                return "succeeded", None, None
             elif kind == "cancelled":
-                with svc._lock:
-                    svc._finish(tracked, "cancelled")
-                return
+                return "cancelled", None, None
             elif kind == "error" and event.get("id") == tracked.id:
-                with svc._lock:
-                    svc._finish(tracked, "failed", event.get("message"), event.get("kind"))
-                return
+                return "failed", event.get("message"), event.get("kind")
 
     def _add_video(self, tracked: _Tracked, event: dict) -> None:
         item = self.service.gallery.add(
