@@ -1,14 +1,66 @@
-"""The composition root: builds the engine's services once and hands them to the tabs."""
+"""The composition root: builds the engine's services once and hands them to the tabs.
+
+`StudioContext.create(settings)` makes the data directory, the database, the demo assets, the GPU
+inventory, the scheduler (started), the gallery and the inference service; `close()` stops them in
+reverse order (running trainers keep running: the next start re-attaches them).
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
 
 from engine.paths import DataLayout
 from engine.store import Database
+from studio.auth import Accounts, UsersFile
 from studio.settings import StudioSettings
 
 log = logging.getLogger(__name__)
+
+GPU_HISTORY_SAMPLES = 300  # ~5 minutes at one sample per second
+
+
+class GpuHistory:
+    """Recent utilization/memory samples per GPU for the GPUs tab (in memory: a view, not a record)."""
+
+    def __init__(self, max_samples: int = GPU_HISTORY_SAMPLES, min_interval_s: float = 1.0) -> None:
+        self._samples: dict[int, deque[dict[str, float]]] = {}
+        self._max = max_samples
+        self._min_interval = min_interval_s
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def record(self, gpus: list[Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            if now - self._last < self._min_interval:
+                return
+            self._last = now
+            for gpu in gpus:
+                total = gpu.memory_total_mib or 0
+                mem = 100.0 * (gpu.memory_used_mib or 0) / total if total else 0.0
+                series = self._samples.setdefault(gpu.index, deque(maxlen=self._max))
+                series.append({"time": now, "util": gpu.utilization_pct or 0.0, "mem": mem})
+
+    def snapshot(self) -> dict[int, list[dict[str, float]]]:
+        with self._lock:
+            return {index: list(samples) for index, samples in self._samples.items()}
+
+
+def _ensure_demo(layout: DataLayout) -> None:
+    """The demo dataset the demo preset trains on (built once, quick on later starts)."""
+    try:
+        from engine.demo.setup import ensure_demo_assets
+    except ImportError:  # an older engine without the demo set-up: the presets still work
+        log.warning("engine.demo.setup is missing: the demo dataset is not prepared")
+        return
+    ensure_demo_assets(layout.home)
 
 
 @dataclass
@@ -16,12 +68,68 @@ class StudioContext:
     settings: StudioSettings
     layout: DataLayout
     db: Database
+    accounts: Accounts
+    gpus: Any  # engine.gpus.GpuInventory
+    scheduler: Any  # engine.scheduler.Scheduler
+    gallery: Any  # engine.gallery.Gallery
+    inference: Any  # engine.inference.service.InferenceService
+    gpu_history: GpuHistory = field(default_factory=GpuHistory)
+    # request id -> owner, for services whose status does not carry the owner
+    request_owners: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, settings: StudioSettings) -> "StudioContext":
+    def create(cls, settings: StudioSettings, *, start: bool = True) -> "StudioContext":
+        from engine.gallery import Gallery
+        from engine.gpus import GpuInventory
+        from engine.inference.service import InferenceService
+        from engine.scheduler import Scheduler
+        from engine.store.jobs import JobStore
+
         layout = DataLayout(settings.home.resolve()).ensure()
         db = Database(layout.db_path)
-        return cls(settings=settings, layout=layout, db=db)
+        _ensure_demo(layout)
+        users = UsersFile(settings.auth_file) if settings.auth_file else None
+        gpus = GpuInventory(ttl_s=2.0)
+        scheduler = Scheduler(JobStore(db), layout, gpus, cpu_slots=settings.cpu_slots,
+                              hostfile=settings.hostfile)
+        gallery = Gallery(db, layout)
+        inference = InferenceService(db, layout, scheduler, gallery,
+                                     idle_timeout_s=settings.worker_idle_timeout_s)
+        ctx = cls(settings=settings, layout=layout, db=db, accounts=Accounts(users), gpus=gpus,
+                  scheduler=scheduler, gallery=gallery, inference=inference)
+        if start:
+            scheduler.start()
+        return ctx
 
     def close(self) -> None:
+        for name, stop in (("inference", self.inference.shutdown), ("scheduler", self.scheduler.shutdown)):
+            try:
+                stop()
+            except Exception:  # keep closing the rest
+                log.exception("stopping the %s failed", name)
         self.db.close()
+
+    # ---- cheap reads for the GPUs tab ----------------------------------------------------------
+    def machine_status(self) -> dict[str, Any]:
+        """GPUs with the job on each, host RAM and free disk of the data directory."""
+        gpus = self.gpus.list()
+        self.gpu_history.record(gpus)
+        holders: dict[int, str] = {}
+        for job in self.scheduler.list_jobs(statuses=["starting", "running", "stopping"], limit=200):
+            for index in job.gpus_assigned:
+                holders[index] = f"#{job.id} {job.name} ({job.owner})"
+        memory = psutil.virtual_memory()
+        disk = shutil.disk_usage(self.layout.home)
+        return {
+            "gpus": [{
+                "index": g.index, "name": g.name,
+                "memory_used_mib": g.memory_used_mib, "memory_total_mib": g.memory_total_mib,
+                "utilization_pct": g.utilization_pct, "temperature_c": g.temperature_c, "power_w": g.power_w,
+                "job": holders.get(g.index, ""),
+            } for g in gpus],
+            "cpu_jobs": [holder for index, holder in sorted(holders.items()) if index < 0],
+            "host_ram_total_gib": memory.total / 2**30,
+            "host_ram_used_gib": (memory.total - memory.available) / 2**30,
+            "disk_free_gib": disk.free / 2**30,
+            "disk_total_gib": disk.total / 2**30,
+        }

@@ -1,37 +1,68 @@
-"""The Blocks app: four tabs, and the one place that knows Gradio's launch arguments."""
+"""The Blocks app: four tabs, the HTTP API, and the one place that knows Gradio's launch arguments."""
 from __future__ import annotations
 
 from typing import Any
 
 import gradio as gr
 
+from engine.paths import REPO_ROOT
+from studio.api import StudioApi, register_api, request_user
 from studio.context import StudioContext
 from tabs import gallery, gpus, infer, train
 
 TITLE = "Video LoRA Studio"
+CSS_FILE = REPO_ROOT / "assets" / "studio.css"
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", radius_size="md",
+                       font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
 def build_app(ctx: StudioContext) -> gr.Blocks:
+    api = StudioApi(ctx)
     with gr.Blocks(title=TITLE) as app:
-        gr.Markdown(f"# {TITLE}")
-        with gr.Tabs():
-            with gr.Tab("Train", id="train"):
-                train.build(ctx)
-            with gr.Tab("Infer", id="infer"):
-                infer.build(ctx)
-            with gr.Tab("Gallery", id="gallery"):
-                gallery.build(ctx)
-            with gr.Tab("GPUs", id="gpus"):
-                gpus.build(ctx)
+        with gr.Row(equal_height=True):
+            gr.Markdown(f"# {TITLE}\nTrain Wan video LoRAs with DeepSpeed, generate, compare.", elem_id="studio-title")
+            who = gr.Markdown(elem_id="studio-user")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train.build(ctx, api)
+            with gr.Tab("Infer", id="infer", elem_id="tab-infer"):
+                infer_handles = infer.build(ctx, api)
+            with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
+                gallery.build(ctx, api, infer_handles, tabs)
+            with gr.Tab("GPUs", id="gpus", elem_id="tab-gpus"):
+                gpus.build(ctx, api)
+        register_api(api)
+
+        def whoami(request: gr.Request) -> str:
+            user = request_user(api, request)
+            if not ctx.accounts.enabled:
+                return "<div style='text-align:right' class='muted'>single-user mode (no login)</div>"
+            role = " (admin)" if user.is_admin else ""
+            return (f"<div style='text-align:right'>signed in as <b>{user.name}</b>{role} · "
+                    f"<a href='/logout'>log out</a></div>")
+
+        app.load(whoami, None, who, queue=False, api_visibility="private")
     return app
 
 
 def launch_kwargs(ctx: StudioContext) -> dict[str, Any]:
     settings = ctx.settings
-    return {
+    layout = ctx.layout
+    kwargs: dict[str, Any] = {
         "server_name": settings.host,
         "server_port": settings.port,
         "share": settings.share,
         "max_file_size": f"{settings.max_upload_mb}mb",
         "show_error": True,
+        "theme": THEME,
+        "css_paths": [CSS_FILE],
+        # Only the media the app shows: finished videos and saved LoRAs (never the db or users file).
+        "allowed_paths": [str(layout.gallery_dir), str(layout.runs_dir)],
+        "blocked_paths": [str(layout.db_path), str(layout.logs_dir)],
+        "footer_links": ["api"],
     }
+    if ctx.accounts.users_file is not None:
+        kwargs["auth"] = ctx.accounts.users_file.check
+        kwargs["auth_message"] = "Video LoRA Studio: sign in (accounts: python -m studio users add NAME)"
+        kwargs["blocked_paths"].append(str(ctx.accounts.users_file.path.resolve()))
+    return kwargs

@@ -1,10 +1,170 @@
-"""The Gallery tab."""
+"""The Gallery tab: a grid of generated videos, search and filters, details, reuse, favorite, delete."""
 from __future__ import annotations
+
+import json
+import time
+from typing import Any
 
 import gradio as gr
 
+from studio.api import StudioApi, request_user, user_errors
 from studio.context import StudioContext
+from studio.widgets import LoraStack, message
+from tabs.infer import InferHandles
+
+PAGE_SIZE = 24
 
 
-def build(ctx: StudioContext) -> None:
-    gr.Markdown("Gallery: coming soon.")
+def _caption(item: dict[str, Any]) -> str:
+    star = "★ " if item.get("favorite") else ""
+    loras = " + ".join(f"{l.get('name', '?')}@{l.get('weight', 1):g}" for l in item.get("loras") or [])
+    return f"{star}{item['prompt'][:80]}" + (f" [{loras}]" if loras else "")
+
+
+def _details(item: dict[str, Any]) -> str:
+    rows = [("id", item["id"]), ("owner", item["owner"]),
+            ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["created_at"]))),
+            ("model", item["model"]), ("prompt", item["prompt"]), ("negative prompt", item["negative_prompt"] or "—"),
+            ("seed", item["seed"]), ("size", f"{item['width']}x{item['height']}, {item['num_frames']} frames @ "
+                                            f"{item['fps']} fps")]
+    for lora in item.get("loras") or []:
+        rows.append(("LoRA", f"{lora.get('name', '?')} × {lora.get('weight', 1):g}"))
+    params = {k: v for k, v in (item.get("params") or {}).items() if k not in {"prompt", "negative_prompt", "loras"}}
+    rows.append(("parameters", json.dumps(params, sort_keys=True)))
+    timings = item.get("timings") or {}
+    if timings:
+        rows.append(("timings", ", ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                          for k, v in timings.items())))
+    lines = [f"| **{key}** | {str(value).replace('|', '/')} |" for key, value in rows]
+    return "| | |\n|---|---|\n" + "\n".join(lines)
+
+
+def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs) -> None:
+    with gr.Row(equal_height=True):
+        query = gr.Textbox(label="Search prompts", placeholder="e.g. purple star", scale=4, elem_id="gallery-search")
+        model_filter = gr.Textbox(label="Model", placeholder="any", scale=2)
+        lora_filter = gr.Textbox(label="LoRA", placeholder="any", scale=2)
+        favorites = gr.Checkbox(label="Favorites only", scale=1, min_width=120)
+        mine = gr.Checkbox(label="Only mine", scale=1, min_width=100)
+        refresh = gr.Button("Refresh", size="sm", scale=1)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=6):
+            grid = gr.Gallery(label="Videos", columns=4, height=560, allow_preview=False, elem_id="gallery-grid",
+                              object_fit="contain")
+            with gr.Row():
+                prev_page = gr.Button("◀ Prev", size="sm")
+                page_info = gr.Markdown("", elem_id="gallery-page")
+                next_page = gr.Button("Next ▶", size="sm")
+        with gr.Column(scale=4, elem_classes=["panel"]):
+            video = gr.Video(label="Selected", interactive=False, autoplay=True, loop=True, elem_id="gallery-video")
+            details = gr.Markdown(elem_id="gallery-details")
+            with gr.Row():
+                reuse = gr.Button("Reuse in Infer", size="sm", variant="primary", elem_id="gallery-reuse")
+                favorite = gr.Button("☆ Favorite", size="sm", elem_id="gallery-favorite")
+                delete = gr.Button("Delete", size="sm", variant="stop", elem_id="gallery-delete")
+            download = gr.File(label="Download", interactive=False, height=80)
+            note = gr.HTML()
+    page = gr.State(1)
+    ids = gr.State([])
+    selected = gr.State(None)
+    listing_sig = gr.State("")
+    timer = gr.Timer(max(3.0, ctx.settings.poll_interval_s * 3))
+    filters = [query, model_filter, lora_filter, favorites, mine, page]
+
+    def load(q: str, m: str, l: str, fav: bool, only_mine: bool, pg: int, last_sig: str, request: gr.Request):
+        user = request_user(api, request)
+        with user_errors():
+            result = api.gallery_list(user, q, m, l, fav, pg, PAGE_SIZE, all_users=not only_mine)
+        items = result["items"]
+        pages = max(1, -(-result["total"] // PAGE_SIZE))
+        sig = json.dumps([[i["id"], i.get("favorite")] for i in items]) + f"{pg}/{pages}"
+        if sig == last_sig:
+            return gr.skip(), gr.skip(), gr.skip(), last_sig
+        media = []
+        for item in items:
+            path = api.own_item(user, item["id"]).video_path
+            media.append((str(path), _caption(item)))
+        info = f"page {pg} of {pages} · {result['total']} videos"
+        return media, [i["id"] for i in items], info, sig
+
+    listing = dict(inputs=[*filters, listing_sig], outputs=[grid, ids, page_info, listing_sig],
+                   api_visibility="private")
+    for trigger in (query.submit, model_filter.submit, lora_filter.submit, favorites.change, mine.change,
+                    refresh.click):
+        trigger(lambda: 1, None, page, queue=False, api_visibility="private").then(load, **listing)
+    timer.tick(load, queue=False, show_progress="hidden", **listing)
+
+    def turn(delta: int):
+        return lambda pg: max(1, pg + delta)
+
+    prev_page.click(turn(-1), page, page, queue=False, api_visibility="private").then(load, **listing)
+    next_page.click(turn(1), page, page, queue=False, api_visibility="private").then(load, **listing)
+
+    def show(item_id: str | None, request: gr.Request):
+        user = request_user(api, request)
+        if not item_id:
+            return None, "", gr.update(value="☆ Favorite"), None
+        with user_errors():
+            item = api.gallery_item(user, item_id)
+            record = api.own_item(user, item_id)
+        star = "★ Unfavorite" if item["favorite"] else "☆ Favorite"
+        return str(record.video_path), _details(item), gr.update(value=star), str(record.video_path)
+
+    def pick(id_list: list[str], evt: gr.SelectData):
+        return id_list[evt.index] if evt.index is not None and evt.index < len(id_list) else None
+
+    grid.select(pick, ids, selected, queue=False, api_visibility="private").then(
+        show, selected, [video, details, favorite, download], api_visibility="private")
+
+    def toggle_favorite(item_id: str | None, request: gr.Request):
+        user = request_user(api, request)
+        if not item_id:
+            raise gr.Error("select a video first")
+        with user_errors():
+            item = api.gallery_item(user, item_id)
+            api.gallery_favorite(user, item_id, not item["favorite"])
+        return ""
+
+    favorite.click(toggle_favorite, selected, note, api_visibility="private").then(
+        show, selected, [video, details, favorite, download], api_visibility="private").then(load, **listing)
+
+    def remove(item_id: str | None, request: gr.Request):
+        user = request_user(api, request)
+        if not item_id:
+            raise gr.Error("select a video first")
+        with user_errors():
+            api.gallery_delete(user, item_id)
+        return None, None, "", None, message(f"deleted {item_id}", "ok")
+
+    delete.click(remove, selected, [selected, video, details, download, note], api_visibility="private").then(
+        load, **listing)
+
+    # "Reuse in Infer": fill the Infer tab's widgets and switch to it.
+    infer_params = infer.params
+    stack = infer.loras
+
+    def reuse_item(item_id: str | None, request: gr.Request):
+        user = request_user(api, request)
+        if not item_id:
+            raise gr.Error("select a video first")
+        with user_errors():
+            record = api.own_item(user, item_id)
+        params = dict(record.params or {})
+        values = [params.get(name, getattr(record, name, None)) for name in infer_params]
+        values = [record.seed if name == "seed" else v for name, v in zip(infer_params, values)]
+        loras, missing = [], []
+        for lora in record.loras or []:
+            reference = api.lora_reference(user, lora.get("path", ""))
+            (loras if reference else missing).append({"lora": reference or lora.get("name"),
+                                                      "weight": lora.get("weight", 1.0)})
+        choices = api.lora_choices(user)
+        filled = LoraStack.fill(loras)
+        n = len(stack.refs)
+        refs = [gr.update(choices=choices, value=v) for v in filled[1:1 + n]]
+        notice = message(f"LoRA no longer available: {', '.join(m['lora'] for m in missing)}", "error") if missing \
+            else ""
+        return [*values, filled[0], *refs, *filled[1 + n:], gr.Tabs(selected=infer.tab_id), notice]
+
+    reuse.click(reuse_item, selected,
+                [*infer_params.values(), stack.visible, *stack.refs, *stack.weights, *stack.rows, tabs, note],
+                api_visibility="private")

@@ -1,0 +1,459 @@
+"""The studio's actions, authorised per user: the one place the tabs and the HTTP API both call.
+
+`StudioApi` methods take plain values plus the signed-in `User`, check ownership, call the engine
+and return plain dicts (JSON for the API). `register_api` publishes them as stable, typed
+`gr.api` endpoints; every endpoint resolves `request.username` itself, because any endpoint can be
+called directly whatever the page shows.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from engine.config import ConfigError, TrainConfig
+from engine.jobs import Job, JobError, JobStatus
+from studio.auth import AccessDenied, User
+from studio.datasets import DatasetError, confine, safe_name
+
+if TYPE_CHECKING:
+    from studio.context import StudioContext
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_BYTES = 12_000
+LORA_FILE = "adapter_model.safetensors"
+# Errors a user can act on; anything else is a bug and is logged with its traceback.
+USER_ERRORS = (AccessDenied, ConfigError, DatasetError, JobError, FileNotFoundError, ValueError)
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """The JSON shape of a job in lists and status replies (no server paths)."""
+    return {
+        "id": job.id,
+        "name": job.name,
+        "owner": job.owner,
+        "kind": job.kind,
+        "status": str(job.status),
+        "terminal": job.status.is_terminal,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "last_loss": job.last_loss,
+        "eta_s": job.eta_s,
+        "phase": job.phase,
+        "progress": job.progress_text,
+        "gpus_requested": job.gpus_requested,
+        "gpus_assigned": list(job.gpus_assigned),
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "exit_code": job.exit_code,
+        "failure_reason": job.failure_reason,
+        "failure_hint": job.failure_hint,
+    }
+
+
+def run_loras(run_dir: str | Path | None) -> list[tuple[str, Path]]:
+    """Saved LoRAs of a run directory as (label, file), newest last: ('epoch2', .../epoch2/adapter...)."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return []
+    found: list[tuple[int, int, str, Path]] = []
+    for folder in Path(run_dir).iterdir():
+        file = folder / LORA_FILE
+        for order, prefix in ((1, "epoch"), (0, "step")):
+            number = folder.name[len(prefix):]
+            if folder.name.startswith(prefix) and number.isdigit() and file.is_file():
+                found.append((int(number), order, folder.name, file))
+    return [(label, file) for _, _, label, file in sorted(found)]
+
+
+def read_log_tail(path: str | Path | None, max_bytes: int = LOG_TAIL_BYTES) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    return text.split("\n", 1)[1] if size > max_bytes and "\n" in text else text
+
+
+def _without_paths(value: Any) -> Any:
+    """Drop "path" keys: gradio_client takes any dict with one for a file to download."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k != "path"}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class StudioApi:
+    """Authorised actions over the context's engine services."""
+
+    def __init__(self, ctx: "StudioContext") -> None:
+        self.ctx = ctx
+
+    # ---- users ---------------------------------------------------------------------------------
+    def user(self, username: str | None) -> User:
+        return self.ctx.accounts.user(username)
+
+    def _owner_filter(self, user: User, all_users: bool = True) -> str | None:
+        return None if user.is_admin and all_users else user.name
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def own_job(self, user: User, job_id: int | str) -> Job:
+        try:
+            job = self.ctx.scheduler.get(int(job_id))
+        except (JobError, KeyError, TypeError, ValueError):
+            job = None
+        if job is None:
+            raise AccessDenied(f"job {job_id} not found")
+        self.ctx.accounts.check_owner(user, job.owner, f"job {job_id}")
+        return job
+
+    def prepare_config(self, user: User, config_toml: str) -> TrainConfig:
+        """Parse + validate a training TOML and pin what a user may not choose: where files go."""
+        cfg = TrainConfig.from_toml_string(config_toml or "")
+        cfg = cfg.with_value("output_dir", str(self.ctx.layout.runs_dir)).with_value("cache_dir", None)
+        roots = self.ctx.settings.dataset_roots
+        if not cfg.dataset.directory:
+            raise ConfigError("dataset.directory", "choose a dataset folder")
+        for i, directory in enumerate(cfg.dataset.directory):
+            try:
+                directory.path = str(confine(directory.path, roots))
+            except DatasetError as exc:
+                raise ConfigError(f"dataset.directory[{i}].path", str(exc)) from None
+        if cfg.adapter.init_from_existing:
+            self.lora_file(user, cfg.adapter.init_from_existing)
+        return cfg.validate()
+
+    def start_training(self, user: User, config_toml: str, gpus: str = "", num_gpus: int = 1,
+                       name: str = "") -> dict[str, Any]:
+        cfg = self.prepare_config(user, config_toml)
+        try:
+            explicit = [int(g) for g in str(gpus or "").replace(" ", "").split(",") if g != ""]
+        except ValueError:
+            raise JobError(f"gpus: expected comma-separated GPU indices like '0,1', got {gpus!r}") from None
+        default_name = Path(cfg.dataset.directory[0].path).name
+        job = self.ctx.scheduler.submit_training(
+            cfg.to_toml(), owner=user.name, gpus=explicit or None,
+            num_gpus=None if explicit else max(1, int(num_gpus or 1)), name=(name or "").strip() or default_name)
+        log.info("user %s started job %s", user.name, job.id)
+        return job_summary(job)
+
+    def list_jobs(self, user: User, statuses: list[str] | None = None, limit: int = 50,
+                  offset: int = 0) -> list[dict[str, Any]]:
+        jobs = self.ctx.scheduler.list_jobs(owner=self._owner_filter(user), statuses=statuses or None,
+                                            limit=max(1, min(int(limit), 500)), offset=max(0, int(offset)))
+        return [job_summary(j) for j in jobs]
+
+    def job_status(self, user: User, job_id: int | str) -> dict[str, Any]:
+        job = self.own_job(user, job_id)
+        return {**job_summary(job), "loras": [label for label, _ in run_loras(job.run_dir)],
+                "log_tail": job.log_tail or ""}
+
+    def job_log(self, user: User, job_id: int | str) -> str:
+        job = self.own_job(user, job_id)
+        return read_log_tail(job.log_path) or (job.log_tail or "")
+
+    def job_metrics(self, user: User, job_id: int | str, max_points: int = 2000) -> dict[str, Any]:
+        from engine.metrics import loss_series
+
+        job = self.own_job(user, job_id)
+        if not job.run_dir:
+            return {"step": [], "loss": [], "lr": [], "epoch_steps": []}
+        return loss_series(job.run_dir, max_points=max_points)
+
+    def job_lora_files(self, user: User, job_id: int | str) -> list[tuple[str, Path]]:
+        return run_loras(self.own_job(user, job_id).run_dir)
+
+    def control_job(self, user: User, job_id: int | str, action: str) -> dict[str, Any]:
+        job = self.own_job(user, job_id)
+        scheduler = self.ctx.scheduler
+        if action == "stop":
+            scheduler.stop(job.id)
+        elif action == "cancel":
+            scheduler.cancel(job.id)
+        elif action == "save":
+            scheduler.request_save(job.id)
+        elif action == "resume":
+            job = scheduler.resume(job.id)
+        else:
+            raise ValueError(f"unknown job action {action!r}")
+        log.info("user %s: %s job %s", user.name, action, job.id)
+        return job_summary(scheduler.get(job.id))
+
+    # ---- LoRAs ---------------------------------------------------------------------------------
+    def user_uploads(self, user: User) -> Path:
+        return self.ctx.layout.uploads_dir / safe_name(user.name, "user")
+
+    def lora_choices(self, user: User, limit: int = 100) -> list[tuple[str, str]]:
+        """(label, reference) of the LoRAs this user may stack: own trained saves and own uploads."""
+        choices: list[tuple[str, str]] = []
+        jobs = self.ctx.scheduler.list_jobs(owner=self._owner_filter(user), limit=limit)
+        for job in jobs:
+            if job.kind != "train":
+                continue
+            for label, _ in reversed(run_loras(job.run_dir)):
+                choices.append((f"#{job.id} {job.name} · {label}", f"job:{job.id}/{label}"))
+        uploads = self.user_uploads(user) / "loras"
+        if uploads.is_dir():
+            for file in sorted(uploads.glob("*.safetensors")):
+                choices.append((f"uploaded · {file.name}", f"upload:{file.name}"))
+        return choices
+
+    def lora_file(self, user: User, reference: str) -> Path:
+        """The file behind 'job:ID/epochN', 'job:ID' (newest save) or 'upload:NAME', if the user may use it."""
+        reference = str(reference).strip()
+        if reference.startswith("job:"):
+            job_part, _, label = reference[4:].partition("/")
+            saves = dict(self.job_lora_files(user, job_part))
+            if not saves:
+                raise FileNotFoundError(f"{reference}: job {job_part} has no saved LoRA yet")
+            if not label:
+                return list(saves.values())[-1]
+            if label not in saves:
+                raise FileNotFoundError(f"{reference}: no save {label!r} (has {', '.join(saves)})")
+            return saves[label]
+        if reference.startswith("upload:"):
+            file = self.user_uploads(user) / "loras" / safe_name(reference[7:], "lora.safetensors")
+            if not file.is_file():
+                raise FileNotFoundError(f"{reference}: no such uploaded LoRA")
+            return file
+        raise ValueError(f"LoRA {reference!r}: use 'job:ID/epochN' or 'upload:NAME'")
+
+    def lora_reference(self, user: User, path: str) -> str | None:
+        """The stack reference ('job:ID/epochN' or 'upload:NAME') of a LoRA file, if the user may use it."""
+        target = Path(path).resolve() if path else None
+        for _, reference in self.lora_choices(user, limit=500):
+            try:
+                if target is not None and self.lora_file(user, reference).resolve() == target:
+                    return reference
+            except (FileNotFoundError, AccessDenied, ValueError):
+                continue
+        return None
+
+    def upload_lora(self, user: User, file: str | Path) -> str:
+        src = Path(file)
+        if src.suffix.lower() != ".safetensors":
+            raise ValueError(f"{src.name}: a LoRA must be a .safetensors file")
+        target_dir = self.user_uploads(user) / "loras"
+        target_dir.mkdir(parents=True, exist_ok=True)
+        name = safe_name(src.stem, "lora") + ".safetensors"
+        shutil.copyfile(src, target_dir / name)
+        return f"upload:{name}"
+
+    # ---- inference -----------------------------------------------------------------------------
+    def generate(self, user: User, request: dict[str, Any]) -> dict[str, Any]:
+        from engine.inference.request import InferRequest, LoraSpec
+
+        values = dict(request)
+        loras = values.pop("loras", None) or []
+        specs = [LoraSpec(path=str(self.lora_file(user, item["lora"])), weight=float(item.get("weight", 1.0)))
+                 for item in loras if str(item.get("lora", "")).strip()]
+        if values.get("seed") in ("", -1):
+            values["seed"] = None
+        req = InferRequest.from_dict({**values, "loras": specs}).validate()
+        request_id = self.ctx.inference.submit(req, owner=user.name)
+        self.ctx.request_owners[request_id] = user.name
+        log.info("user %s submitted generation %s", user.name, request_id)
+        return {"request_id": request_id}
+
+    def _own_request(self, user: User, request_id: str) -> dict[str, Any]:
+        try:
+            status = dict(self.ctx.inference.status(request_id))
+        except (KeyError, ValueError):
+            raise AccessDenied(f"generation {request_id} not found") from None
+        owner = status.get("owner") or self.ctx.request_owners.get(request_id)
+        self.ctx.accounts.check_owner(user, owner, f"generation {request_id}")
+        return status
+
+    def generation_status(self, user: User, request_id: str) -> dict[str, Any]:
+        status = self._own_request(user, request_id)
+        return _without_paths(status)
+
+    def cancel_generation(self, user: User, request_id: str) -> dict[str, Any]:
+        self._own_request(user, request_id)
+        self.ctx.inference.cancel(request_id)
+        return self.generation_status(user, request_id)
+
+    # ---- gallery -------------------------------------------------------------------------------
+    def gallery_list(self, user: User, query: str = "", model: str = "", lora: str = "",
+                     favorite: bool = False, page: int = 1, page_size: int = 24,
+                     all_users: bool = True) -> dict[str, Any]:
+        items, total = self.ctx.gallery.list(owner=self._owner_filter(user, all_users), query=query or None,
+                                             model=model or None, lora=lora or None,
+                                             favorite=True if favorite else None, page=max(1, int(page)),
+                                             page_size=max(1, min(int(page_size), 200)))
+        return {"items": [self.item_dict(i) for i in items], "total": total, "page": page}
+
+    def own_item(self, user: User, item_id: str):
+        try:
+            item = self.ctx.gallery.get(item_id)
+        except (LookupError, ValueError):
+            item = None
+        if item is None:
+            raise AccessDenied(f"gallery item {item_id} not found")
+        self.ctx.accounts.check_owner(user, item.owner, f"gallery item {item_id}")
+        return item
+
+    @staticmethod
+    def item_dict(item: Any) -> dict[str, Any]:
+        """JSON of a gallery item without server paths (LoRAs are named, not located)."""
+        data = asdict(item)
+        data.pop("dir", None)
+        return _without_paths(data)
+
+    def gallery_item(self, user: User, item_id: str) -> dict[str, Any]:
+        return self.item_dict(self.own_item(user, item_id))
+
+    def gallery_favorite(self, user: User, item_id: str, value: bool) -> dict[str, Any]:
+        self.own_item(user, item_id)
+        self.ctx.gallery.set_favorite(item_id, bool(value))
+        return self.gallery_item(user, item_id)
+
+    def gallery_delete(self, user: User, item_id: str) -> dict[str, Any]:
+        self.own_item(user, item_id)
+        self.ctx.gallery.delete(item_id)
+        return {"deleted": item_id}
+
+    # ---- machine -------------------------------------------------------------------------------
+    def gpu_status(self, user: User) -> dict[str, Any]:
+        return self.ctx.machine_status()
+
+
+def _wrap(api: StudioApi, method: Callable[..., Any]) -> Callable[..., Any]:
+    """Resolve the user of the request and turn user errors into gr.Error (shown in UI and API)."""
+    @functools.wraps(method)
+    def endpoint(*args: Any, request: gr.Request, **kwargs: Any) -> Any:
+        try:
+            user = api.user(getattr(request, "username", None))
+            return method(user, *args, **kwargs)
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    return endpoint
+
+
+def register_api(api: StudioApi) -> None:
+    """Publish the stable HTTP API (inside an open gr.Blocks). Names are documented in docs/ui.md."""
+    def call(name: str, fn: Callable[..., Any], **kwargs: Any) -> None:
+        gr.api(fn, api_name=name, concurrency_limit=None, **kwargs)
+
+    def whoami(request: gr.Request) -> dict:
+        """The signed-in user and whether they are an admin."""
+        user = _wrap(api, lambda u: u)(request=request)
+        return {"name": user.name, "admin": user.is_admin}
+
+    def start_training(config_toml: str, gpus: str = "", num_gpus: int = 1, name: str = "",
+                       request: gr.Request = None) -> dict:
+        """Queue a training job from a TOML config (dataset inlined). gpus: '0,1' or '' for num_gpus."""
+        return _wrap(api, api.start_training)(config_toml, gpus, num_gpus, name, request=request)
+
+    def list_jobs(status: str = "", limit: int = 50, offset: int = 0, request: gr.Request = None) -> list[dict]:
+        """Jobs visible to the caller, newest first; status: comma-separated filter, e.g. 'running,queued'."""
+        statuses = [s.strip() for s in status.split(",") if s.strip()]
+        return _wrap(api, api.list_jobs)(statuses, limit, offset, request=request)
+
+    def job_status(job_id: int, request: gr.Request = None) -> dict:
+        """One job: status, progress, ETA, saved LoRAs, failure reason."""
+        return _wrap(api, api.job_status)(job_id, request=request)
+
+    def job_metrics(job_id: int, max_points: int = 2000, request: gr.Request = None) -> dict:
+        """Loss series of a job: lists step, loss, lr and epoch_steps."""
+        return _wrap(api, api.job_metrics)(job_id, max_points, request=request)
+
+    def job_log(job_id: int, request: gr.Request = None) -> str:
+        """The last lines of a job's log."""
+        return _wrap(api, api.job_log)(job_id, request=request)
+
+    def control(action: str) -> Callable[..., dict]:
+        def handler(job_id: int, request: gr.Request = None) -> dict:
+            return _wrap(api, api.control_job)(job_id, action, request=request)
+
+        handler.__doc__ = f"{action.capitalize()} a job; returns its new status."
+        return handler
+
+    def generate(prompt: str, model: str = "demo", loras: list[dict] | None = None, negative_prompt: str = "",
+                 width: int = 64, height: int = 64, num_frames: int = 17, steps: int = 20,
+                 guidance_scale: float = 5.0, flow_shift: float = 3.0, seed: int = -1, fps: int = 16,
+                 num_videos: int = 1, fuse_loras: bool = False, request: gr.Request = None) -> dict:
+        """Queue a generation; loras: [{"lora": "job:ID/epochN" | "upload:NAME", "weight": 0.8}]; seed -1 = random."""
+        values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt,
+                      width=width, height=height, num_frames=num_frames, steps=steps,
+                      guidance_scale=guidance_scale, flow_shift=flow_shift, seed=None if seed < 0 else seed,
+                      fps=fps, num_videos=num_videos, fuse_loras=fuse_loras)
+        return _wrap(api, api.generate)(values, request=request)
+
+    def generation_status(request_id: str, request: gr.Request = None) -> dict:
+        """State (queued, running, succeeded, failed, cancelled), step, ETA, error and gallery_ids."""
+        return _wrap(api, api.generation_status)(request_id, request=request)
+
+    def cancel_generation(request_id: str, request: gr.Request = None) -> dict:
+        """Cancel a generation at its next denoising step."""
+        return _wrap(api, api.cancel_generation)(request_id, request=request)
+
+    def gallery_list(query: str = "", model: str = "", lora: str = "", favorite: bool = False, page: int = 1,
+                     page_size: int = 24, request: gr.Request = None) -> dict:
+        """Gallery items visible to the caller (newest first) with every parameter; {items, total, page}."""
+        return _wrap(api, api.gallery_list)(query, model, lora, favorite, page, page_size, request=request)
+
+    def gallery_item(item_id: str, request: gr.Request = None) -> dict:
+        """One gallery item with every parameter."""
+        return _wrap(api, api.gallery_item)(item_id, request=request)
+
+    def gallery_favorite(item_id: str, value: bool = True, request: gr.Request = None) -> dict:
+        """Mark or unmark a gallery item as favorite."""
+        return _wrap(api, api.gallery_favorite)(item_id, value, request=request)
+
+    def gallery_delete(item_id: str, request: gr.Request = None) -> dict:
+        """Delete a gallery item and its files."""
+        return _wrap(api, api.gallery_delete)(item_id, request=request)
+
+    def gpu_status(request: gr.Request = None) -> dict:
+        """GPUs (memory, utilization, temperature, power, job), host RAM and free disk."""
+        return _wrap(api, api.gpu_status)(request=request)
+
+    call("whoami", whoami)
+    call("start_training", start_training)
+    call("list_jobs", list_jobs)
+    call("job_status", job_status)
+    call("job_metrics", job_metrics)
+    call("job_log", job_log)
+    for action in ("stop", "cancel", "resume", "save"):
+        call(f"{action}_job", control(action))
+    call("generate", generate)
+    call("generation_status", generation_status)
+    call("cancel_generation", cancel_generation)
+    call("gallery_list", gallery_list)
+    call("gallery_item", gallery_item)
+    call("gallery_favorite", gallery_favorite)
+    call("gallery_delete", gallery_delete)
+    call("gpu_status", gpu_status)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """In UI handlers: show a user error as a Gradio error message instead of a stack trace."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+def request_user(api: StudioApi, request: gr.Request | None) -> User:
+    with user_errors():
+        return api.user(getattr(request, "username", None))

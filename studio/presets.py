@@ -1,0 +1,59 @@
+"""Training presets for the Train tab: the demo on CPU and two Wan starting points."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.config import ConfigError, TrainConfig
+from engine.paths import REPO_ROOT
+
+DEMO_PRESET = "Demo LoRA (CPU, minutes)"
+DEMO_TOML = REPO_ROOT / "examples" / "demo_lora.toml"
+
+# Overrides by key path on top of TrainConfig defaults.
+WAN_PRESETS: dict[str, dict[str, Any]] = {
+    "Wan2.1 1.3B · 480p": {
+        "model.ckpt_path": "/path/to/Wan2.1-T2V-1.3B-Diffusers",
+        "model.dtype": "bfloat16",
+        "dataset.resolutions": [480],
+        "dataset.frame_buckets": [1, 33],
+        "adapter.rank": 32,
+        "optimizer.lr": 2e-5,
+        "epochs": 40,
+        "warmup_steps": 100,
+        "save_every_n_epochs": 5,
+        "checkpoint_every_n_minutes": 60.0,
+        "activation_checkpointing": True,
+    },
+    "Wan2.1 14B · low VRAM": {
+        "model.ckpt_path": "/path/to/Wan2.1-T2V-14B-Diffusers",
+        "model.dtype": "bfloat16",
+        "dataset.resolutions": [384],
+        "dataset.frame_buckets": [1, 17],
+        "adapter.rank": 16,
+        "adapter.dtype": "bfloat16",
+        "optimizer.lr": 1e-5,
+        "epochs": 20,
+        "zero_stage": 2,
+        "activation_checkpointing": True,
+        "save_every_n_epochs": 2,
+        "checkpoint_every_n_minutes": 30.0,
+    },
+}
+PRESET_NAMES: tuple[str, ...] = (DEMO_PRESET, *WAN_PRESETS)
+
+
+def load_preset(name: str, runs_dir: Path, studio_home: Path) -> TrainConfig:
+    """The preset's config; the demo preset reads examples/demo_lora.toml (its dataset lives in the data dir)."""
+    if name == DEMO_PRESET:
+        if not DEMO_TOML.is_file():
+            raise ConfigError("", f"the demo config {DEMO_TOML.name} is missing from examples/")
+        text = DEMO_TOML.read_text(encoding="utf-8").replace("${STUDIO_HOME}", str(studio_home))
+        cfg = TrainConfig.from_toml_string(text, base_dir=studio_home)
+    elif name in WAN_PRESETS:
+        cfg = TrainConfig(output_dir=str(runs_dir))
+        for path, value in WAN_PRESETS[name].items():
+            cfg = cfg.with_value(path, value)
+    else:
+        raise ConfigError("", f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return cfg.with_value("output_dir", str(runs_dir))
