@@ -51,8 +51,8 @@ def service(home: Path):
 
 
 def request(assets: dict[str, Path], **changes) -> InferRequest:
-    values = dict(model=str(assets["model"]), prompt="a purple star spins", negative_prompt="blurry", width=64,
-                  height=48, num_frames=9, steps=3, guidance_scale=4.0, flow_shift=3.0, seed=11, fps=8)
+    values = dict(model=str(assets["model"]), prompt="a purple star spins", negative_prompt="blurry", width=48,
+                  height=32, num_frames=5, steps=2, guidance_scale=4.0, flow_shift=3.0, seed=11, fps=8)
     values.update(changes)
     return InferRequest(**values)
 
@@ -75,7 +75,7 @@ def digest(service: InferenceService, status: dict) -> str:
 
 
 def test_video_is_browser_mp4_with_requested_shape_and_full_record(service, assets) -> None:
-    status = succeeded(service, request(assets, num_videos=2, seed=5))
+    status = succeeded(service, request(assets, num_videos=2, seed=5, width=64, height=48, num_frames=9, steps=3))
     assert len(status["gallery_ids"]) == 2
     assert status["step"] == status["total_steps"] == 6
     items = [service.gallery.get(i) for i in status["gallery_ids"]]
@@ -189,7 +189,7 @@ def test_lora_that_does_not_fit_fails_that_request_only(service, assets, tmp_pat
 
 
 def test_cancel_stops_running_and_queued_requests(service, assets) -> None:
-    long_id = service.submit(request(assets, steps=200, num_videos=8), "alice")  # 1600 steps: never finishes first
+    long_id = service.submit(request(assets, steps=200, num_videos=8, num_frames=9), "alice")  # 1600 steps: never finishes first
     queued_id = service.submit(request(assets, num_frames=5, steps=2), "alice")
     deadline = time.monotonic() + WAIT_S
     while service.status(long_id)["step"] < 2 and time.monotonic() < deadline:

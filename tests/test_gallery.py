@@ -1,0 +1,107 @@
+"""Gallery records + media folders: filters, pagination, favorites, delete, zip export, crash recovery."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.gallery import Gallery, GalleryError, lora_display_name
+from engine.inference.export import write_mp4, write_poster
+from engine.paths import DataLayout
+from engine.store.db import Database
+
+
+@pytest.fixture
+def gallery(studio_home: Path) -> Gallery:
+    layout = DataLayout(studio_home).ensure()
+    return Gallery(Database(layout.db_path), layout)
+
+
+def add(gallery: Gallery, name: str, *, owner: str = "alice", prompt: str = "a purple star", model: str = "demo",
+        loras: list[dict] | None = None, seed: int = 1):
+    media = gallery.staging_dir(name)
+    frames = np.full((5, 32, 48, 3), seed % 255, dtype=np.uint8)
+    write_mp4(frames, media / "video.mp4", fps=8)
+    write_poster(frames[0], media / "poster.png")
+    params = {"model": model, "prompt": prompt, "negative_prompt": "", "loras": loras or [], "width": 48,
+              "height": 32, "num_frames": 5, "steps": 2, "guidance_scale": 5.0, "flow_shift": 3.0, "fps": 8,
+              "num_videos": 1, "fuse_loras": False, "seed": seed}
+    return gallery.add(owner=owner, params=params, seed=seed, media_dir=media, timings={"denoise_s": 1.5},
+                       digest=f"d{seed}", request_id="r1")
+
+
+def test_add_moves_media_and_writes_sidecar(gallery: Gallery) -> None:
+    item = add(gallery, "one", loras=[{"path": "/x/runs/7-cat/epoch3/adapter_model.safetensors", "weight": 0.8}])
+    assert item.dir == gallery.root / item.id and item.video_path.is_file() and item.poster_path.is_file()
+    assert not (gallery.root / ".staging" / "one").exists()
+    meta = json.loads(item.meta_path.read_text())
+    assert meta["seed"] == 1 and meta["params"]["steps"] == 2 and meta["loras"][0]["name"] == "7-cat/epoch3"
+    got = gallery.get(item.id)
+    assert got.loras == item.loras and got.timings == {"denoise_s": 1.5} and got.digest == "d1"
+
+
+def test_filters_and_pagination(gallery: Gallery) -> None:
+    style = {"path": "/l/neon_style.safetensors", "weight": 1.0}
+    add(gallery, "a", prompt="A red Circle bounces", seed=1)
+    add(gallery, "b", owner="bob", prompt="a blue square", loras=[style], seed=2)
+    add(gallery, "c", prompt="100% red_ball", model="/models/wan-1.3b", loras=[style], seed=3)
+    assert gallery.list()[1] == 3
+    assert {i.seed for i in gallery.list(query="red")[0]} == {1, 3}
+    assert [i.seed for i in gallery.list(query="100%")[0]] == [3]  # LIKE wildcards are literal
+    assert [i.seed for i in gallery.list(query="red_circle")[0]] == []  # "_" is no wildcard
+    assert [i.seed for i in gallery.list(owner="bob")[0]] == [2]
+    assert [i.seed for i in gallery.list(model="wan-1.3b")[0]] == [3]
+    assert {i.seed for i in gallery.list(lora="neon")[0]} == {2, 3}
+    assert [i.seed for i in gallery.list(lora="neon", owner="alice")[0]] == [3]
+    page1, total = gallery.list(page=1, page_size=2)
+    page2, _ = gallery.list(page=2, page_size=2)
+    assert total == 3 and [i.seed for i in page1] == [3, 2] and [i.seed for i in page2] == [1]  # newest first
+    with pytest.raises(ValueError):
+        gallery.list(page=0)
+
+
+def test_favorite_and_delete_with_files(gallery: Gallery) -> None:
+    keep, gone = add(gallery, "keep", seed=1), add(gallery, "gone", seed=2)
+    assert gallery.set_favorite(keep.id, True).favorite
+    assert [i.id for i in gallery.list(favorite=True)[0]] == [keep.id]
+    assert [i.id for i in gallery.list(favorite=False)[0]] == [gone.id]
+    gallery.delete(gone.id)
+    assert not gone.dir.exists() and gallery.list()[1] == 1
+    with pytest.raises(GalleryError, match=gone.id):
+        gallery.get(gone.id)
+    with pytest.raises(GalleryError):
+        gallery.delete(gone.id)
+    with pytest.raises(GalleryError):
+        gallery.set_favorite("nope", True)
+
+
+def test_export_zip_of_a_selection(gallery: Gallery) -> None:
+    first, second, _ = add(gallery, "1", seed=1), add(gallery, "2", seed=2), add(gallery, "3", seed=3)
+    path = gallery.export_zip([first.id, second.id])
+    assert path.parent == gallery.layout.exports_dir and path.suffix == ".zip"
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        assert names == {f"{i}/{f}" for i in (first.id, second.id) for f in ("video.mp4", "poster.png", "meta.json")}
+        assert archive.read(f"{first.id}/video.mp4") == first.video_path.read_bytes()
+    with pytest.raises(GalleryError):
+        gallery.export_zip([])
+    with pytest.raises(GalleryError):
+        gallery.export_zip(["missing"])
+
+
+def test_folder_without_record_is_recovered_on_start(gallery: Gallery) -> None:
+    item = add(gallery, "crash", prompt="survives a crash", seed=9)
+    gallery.records.delete(item.id)  # as if the app died between moving the files and committing
+    assert gallery.list()[1] == 0
+    reopened = Gallery(Database(gallery.layout.db_path), gallery.layout)
+    items, total = reopened.list(query="survives")
+    assert total == 1 and items[0].id == item.id and items[0].seed == 9 and items[0].loras == []
+
+
+def test_lora_display_names() -> None:
+    assert lora_display_name("/r/runs/3-cats/epoch4/adapter_model.safetensors") == "3-cats/epoch4"
+    assert lora_display_name("/loras/neon.safetensors") == "neon"
+    assert lora_display_name("/r/runs/3-cats/epoch4") == "3-cats/epoch4"

@@ -1,0 +1,84 @@
+"""InferRequest validation and LoRA references: clear errors naming the field, before any model work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError
+from engine.inference.request import InferRequest, LoraSpec, resolve_lora_path
+
+
+def valid(**changes) -> InferRequest:
+    values = dict(model="demo", prompt="a star", width=832, height=480, num_frames=81, steps=30, seed=1)
+    values.update(changes)
+    return InferRequest(**values)
+
+
+def test_defaults_with_a_prompt_are_valid() -> None:
+    assert InferRequest(prompt="x").validate().seed is None
+
+
+@pytest.mark.parametrize("changes, field, hint", [
+    ({"width": 500}, "width", "multiple of 16"),
+    ({"height": 0}, "height", "[16, 2048]"),
+    ({"num_frames": 80}, "num_frames", "4k+1"),
+    ({"steps": 0}, "steps", "[1, 200]"),
+    ({"steps": 2.5}, "steps", "whole number"),
+    ({"guidance_scale": -1.0}, "guidance_scale", "[0, 30]"),
+    ({"flow_shift": float("nan")}, "flow_shift", "number"),
+    ({"fps": 0}, "fps", "[1, 60]"),
+    ({"num_videos": 17}, "num_videos", "[1, 16]"),
+    ({"seed": -3}, "seed", "[0,"),
+    ({"prompt": "   "}, "prompt", "empty"),
+    ({"model": ""}, "model", "model"),
+    ({"loras": [LoraSpec("a.safetensors", 9.0)]}, "loras[0].weight", "[-4, 4]"),
+    ({"loras": [LoraSpec("a.safetensors"), LoraSpec("a.safetensors")]}, "loras[1].path", "twice"),
+])
+def test_out_of_range_fields_are_named(changes, field, hint) -> None:
+    with pytest.raises(ConfigError) as err:
+        valid(**changes).validate()
+    assert err.value.paths == [field]
+    assert hint in str(err.value)
+
+
+def test_all_bad_fields_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        valid(width=17, height=33, num_frames=2).validate()
+    assert err.value.paths == ["width", "height", "num_frames"]
+
+
+def test_with_seed_draws_once_and_keeps_given_seed() -> None:
+    drawn = valid(seed=None).with_seed()
+    assert isinstance(drawn.seed, int) and drawn.with_seed().seed == drawn.seed
+    assert valid(seed=7).with_seed().seed == 7
+
+
+def test_round_trip_through_dict_and_unknown_fields_rejected() -> None:
+    req = valid(loras=[LoraSpec("a.safetensors", 0.5)], fuse_loras=True)
+    assert InferRequest.from_dict(req.to_dict()) == req
+    with pytest.raises(ConfigError, match="colour"):
+        InferRequest.from_dict({**req.to_dict(), "colour": "red"})
+
+
+def test_lora_spec_parses_cli_form() -> None:
+    assert LoraSpec.parse("style.safetensors:0.8") == LoraSpec("style.safetensors", 0.8)
+    assert LoraSpec.parse("runs/7/epoch2") == LoraSpec("runs/7/epoch2", 1.0)
+    assert LoraSpec.parse("C:/x/style.safetensors") == LoraSpec("C:/x/style.safetensors", 1.0)
+
+
+def test_lora_references_resolve_to_files(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for name in ("epoch2", "epoch10", "step500"):
+        (run / name).mkdir(parents=True)
+        (run / name / "adapter_model.safetensors").write_bytes(b"x")
+    (run / "global_step9").mkdir()
+    single = tmp_path / "style.safetensors"
+    single.write_bytes(b"x")
+    assert resolve_lora_path(single) == single.resolve()
+    assert resolve_lora_path(run / "epoch2") == (run / "epoch2" / "adapter_model.safetensors").resolve()
+    assert resolve_lora_path(run) == (run / "epoch10" / "adapter_model.safetensors").resolve()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_lora_path(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        resolve_lora_path(run / "global_step9")
