@@ -1,0 +1,103 @@
+"""Through the HTTP API with gradio_client: train a LoRA, generate with it, find it in the gallery;
+and the account rules (wrong password, other users' jobs and videos)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from tests.conftest import free_port
+from tests.test_ui_support import PASSWORDS, start_server, stop_server, train_toml, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = start_server(tmp_path_factory.mktemp("api"), free_port())
+    yield srv
+    stop_server(srv)
+
+
+def client(server, user: str) -> Client:
+    return Client(server.url, auth=(user, PASSWORDS[user]), verbose=False)
+
+
+def test_train_generate_and_find_in_gallery(server) -> None:
+    alice = client(server, "alice")
+    assert alice.predict(api_name="/whoami") == {"name": "alice", "admin": False}
+    job = alice.predict(train_toml(server.model, server.dataset), "", 1, "api-run", api_name="/start_training")
+    assert job["owner"] == "alice" and job["status"] == "queued"
+
+    def finished():
+        status = alice.predict(job["id"], api_name="/job_status")
+        return status if status["terminal"] else None
+
+    done = wait_for(finished, 420, "the training job to finish", interval=2)
+    assert done["status"] == "succeeded", (done, alice.predict(job["id"], api_name="/job_log"), server.output())
+    assert "epoch2" in done["loras"]
+    series = alice.predict(job["id"], 2000, api_name="/job_metrics")
+    assert len(series["step"]) >= 2 and len(series["loss"]) == len(series["step"])
+    assert [j["id"] for j in alice.predict("succeeded", 50, 0, api_name="/list_jobs")] == [job["id"]]
+
+    lora = f"job:{job['id']}/epoch2"
+    started = alice.predict("a purple star moving right on a white background", server.model,
+                            [{"lora": lora, "weight": 0.8}], "", 64, 48, 9, 3, 4.0, 3.0, 7, 8, 1, False,
+                            api_name="/generate")
+
+    def generated():
+        status = alice.predict(started["request_id"], api_name="/generation_status")
+        return status if status["state"] in {"succeeded", "failed", "cancelled"} else None
+
+    result = wait_for(generated, 300, "the generation", interval=1)
+    assert result["state"] == "succeeded", (result, server.output())
+    item_id = result["gallery_ids"][0]
+    listing = alice.predict("purple star", "", "", False, 1, 24, api_name="/gallery_list")
+    assert item_id in [i["id"] for i in listing["items"]]
+    item = alice.predict(item_id, api_name="/gallery_item")
+    assert item["seed"] == 7 and (item["width"], item["height"], item["num_frames"]) == (64, 48, 9)
+    assert [(l["weight"], l["name"].endswith("epoch2")) for l in item["loras"]] == [(0.8, True)]
+    assert alice.predict(item_id, True, api_name="/gallery_favorite")["favorite"] is True
+
+    # bob sees neither the run, its LoRA nor the video
+    bob = client(server, "bob")
+    assert bob.predict("", 50, 0, api_name="/list_jobs") == []
+    assert bob.predict("", "", "", False, 1, 24, api_name="/gallery_list")["items"] == []
+    for call in ((item_id, "/gallery_item"), (item_id, "/gallery_delete")):
+        with pytest.raises(Exception, match="not found"):
+            bob.predict(call[0], api_name=call[1])
+    with pytest.raises(Exception, match="not found"):
+        bob.predict("a star", server.model, [{"lora": lora, "weight": 1.0}], api_name="/generate")
+    with pytest.raises(Exception, match="not found"):
+        bob.predict(started["request_id"], api_name="/generation_status")
+    assert alice.predict(item_id, api_name="/gallery_item")["id"] == item_id
+
+
+def test_wrong_password_refused(server) -> None:
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server.url, auth=("alice", "not-her-password"), verbose=False)
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server.url, auth=("mallory", "whatever-pass"), verbose=False)
+
+
+def test_one_user_cannot_see_or_stop_another_users_job(server) -> None:
+    alice, bob, root = client(server, "alice"), client(server, "bob"), client(server, "root")
+    job = alice.predict(train_toml(server.model, server.dataset, epochs=50), "", 1, "long-run",
+                        api_name="/start_training")
+    try:
+        assert job["id"] not in [j["id"] for j in bob.predict("", 50, 0, api_name="/list_jobs")]
+        for endpoint in ("/job_status", "/stop_job", "/cancel_job", "/save_job", "/job_log", "/job_metrics"):
+            with pytest.raises(Exception, match=f"job {job['id']} not found"):
+                bob.predict(job["id"], api_name=endpoint)
+        status = alice.predict(job["id"], api_name="/job_status")["status"]
+        assert status in {"queued", "starting", "running"}  # bob's calls changed nothing
+        assert job["id"] in [j["id"] for j in root.predict("", 50, 0, api_name="/list_jobs")]  # admin sees all
+        # a dataset outside the allowed roots is refused before anything runs
+        outside = train_toml(server.model, Path("/etc"))
+        with pytest.raises(Exception, match="outside the allowed dataset folders"):
+            bob.predict(outside, "", 1, "", api_name="/start_training")
+    finally:
+        final = root.predict(job["id"], api_name="/stop_job")  # the admin may stop anyone's job
+        assert final["status"] in {"stopping", "stopped", "cancelled", "succeeded", "failed"} or final["terminal"]
+    wait_for(lambda: alice.predict(job["id"], api_name="/job_status")["terminal"], 120, "the stopped job to end")
