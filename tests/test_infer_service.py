@@ -219,3 +219,31 @@ def test_gallery_survives_a_restart(service, assets, home: Path) -> None:
     finally:
         restarted.shutdown()
         db.close()
+
+
+def test_generation_waits_for_a_device_the_scheduler_hands_out(assets, tmp_path: Path) -> None:
+    from engine.gpus import GpuInventory
+    from engine.scheduler import Scheduler
+
+    layout = DataLayout(tmp_path / "home").ensure()
+    db = Database(layout.db_path)
+    scheduler = Scheduler(db, layout, GpuInventory(), cpu_slots=1)
+    assert scheduler.acquire_devices("training-job", 1) == [-1]  # a trainer holds the only slot
+    svc = InferenceService(db, layout, scheduler, Gallery(db, layout), idle_timeout_s=3)
+    try:
+        request_id = svc.submit(request(assets), "alice")
+        deadline = time.monotonic() + 30
+        while svc.status(request_id)["state"] != "waiting" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)
+        assert svc.status(request_id)["state"] == "waiting"  # never placed on the held slot
+        scheduler.release_devices("training-job")
+        assert svc.wait(request_id, WAIT_S)["state"] == "succeeded"
+        assert scheduler.acquire_devices("second-trainer", 1) is None  # the warm worker holds the slot
+        deadline = time.monotonic() + 60  # the idle worker stops and gives the slot back
+        while scheduler.acquire_devices("second-trainer", 1) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert scheduler.acquire_devices("second-trainer", 1) == [-1]
+    finally:
+        svc.shutdown()
+        db.close()
