@@ -1,0 +1,285 @@
+"""End-to-end trainer runs on the CPU with a tiny random Wan: real processes, real files.
+
+`python -m engine.trainer` (one process) here; `deepspeed` launches are in test_trainer_deepspeed.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.families.wan_random import build_random_wan
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- helpers shared with test_trainer_deepspeed.py ---------------------------------------------
+
+
+def make_dataset(folder: Path, *, images: int = 4, video: bool = True, corrupt_video: bool = True,
+                 uncaptioned: bool = True) -> Path:
+    """Small coloured squares with captions, plus a video, a corrupt video and an uncaptioned image."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        size = (48, 32) if i % 2 else (32, 32)
+        pixels = np.full((size[1], size[0], 3), 20, np.uint8)
+        colour = (200, 40, 200) if i % 2 else (40, 200, 40)
+        pixels[8:24, 8:24] = colour
+        pixels += rng.integers(0, 10, pixels.shape, dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"square{i}.png")
+        (folder / f"square{i}.txt").write_text("a purple square" if i % 2 else "a green square")
+    if uncaptioned:
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(folder / "nocaption.png")
+    if video:
+        write_video(folder / "clip.mp4", frames=9)
+        (folder / "clip.txt").write_text("a moving square")
+    if corrupt_video:
+        (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+        (folder / "broken.txt").write_text("never used")
+    return folder
+
+
+def write_video(path: Path, frames: int, size: int = 32) -> None:
+    import imageio_ffmpeg
+
+    writer = imageio_ffmpeg.write_frames(str(path), (size, size), fps=8, codec="libx264", pix_fmt_out="yuv420p",
+                                         macro_block_size=16, output_params=["-loglevel", "error"])
+    writer.send(None)
+    for i in range(frames):
+        frame = np.full((size, size, 3), 30, np.uint8)
+        frame[4:14, (2 * i) % 20:(2 * i) % 20 + 10] = (220, 200, 30)
+        writer.send(frame.tobytes())
+    writer.close()
+
+
+def write_config(tmp: Path, model: Path, data: Path, **overrides: object) -> Path:
+    """A training TOML with an inline dataset; `overrides` are top-level or 'table.key' values."""
+    tables: dict[str, dict[str, object]] = {
+        "": {"output_dir": str(tmp / "out"), "epochs": 4, "cache_dir": str(tmp / "cache"), "seed": 7},
+        "model": {"type": "wan", "ckpt_path": str(model), "timestep_sample_method": "uniform"},
+        "adapter": {"type": "lora", "rank": 8},
+        "optimizer": {"type": "adamw", "lr": 1e-2, "weight_decay": 0.0},
+        "dataset": {"resolutions": [32], "frame_buckets": [1, 5]},
+    }
+    for key, value in overrides.items():
+        table, _, name = key.rpartition(".")
+        tables.setdefault(table, {})[name] = value
+    import tomli_w
+
+    doc: dict = dict(tables[""])
+    for table, values in tables.items():
+        if table:
+            doc[table] = values
+    doc["dataset"]["directory"] = [{"path": str(data), "num_repeats": 1}]
+    path = tmp / "train.toml"
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def trainer_cmd(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "engine.trainer", "--config", str(config), "--run-dir", str(run_dir), *extra]
+
+
+def run_trainer(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=trainer_env())
+
+
+def trainer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("STUDIO_HOME", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def of_kind(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["event"] == kind]
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e["event"] == "step" and e["step"] >= step for e in read_events(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.returncode}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_random_wan(tmp_path_factory.mktemp("model") / "tiny_wan", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "shapes")
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_single_process_run_learns_and_writes_the_run_directory(tmp_path: Path, tiny_model: Path,
+                                                                  dataset: Path) -> None:
+    config = write_config(tmp_path, tiny_model, dataset, epochs=8, save_every_n_epochs=4)
+    run_dir = tmp_path / "run"
+    result = run_trainer(trainer_cmd(config, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(run_dir)
+    assert all("event" in e and isinstance(e["time"], float) for e in events)
+
+    start = of_kind(events, "start")[0]
+    # 4 squares + uncaptioned image + video = 6 samples; broken.mp4 skipped; batch 1, 1 rank.
+    assert start["world_size"] == 1 and start["steps_per_epoch"] == 6 and start["total_steps"] == 48
+    warnings = " | ".join(e["message"] for e in of_kind(events, "warning"))
+    assert "broken.mp4" in warnings and "nocaption.png" in warnings and "1 files have no .txt caption" in warnings
+    caches = of_kind(events, "cache")
+    assert caches[-1]["done"] == caches[-1]["total"] == 6
+
+    steps = of_kind(events, "step")
+    assert [s["step"] for s in steps] == list(range(1, 49))
+    for s in steps:
+        assert {"loss", "lr", "grad_norm", "samples_per_s", "elapsed_s", "eta_s", "epoch", "total_steps"} <= set(s)
+        assert np.isfinite(s["loss"]) and s["grad_norm"] > 0
+    losses = [s["loss"] for s in steps]
+    assert np.mean(losses[-12:]) < 0.9 * np.mean(losses[:6]), losses
+    epochs = of_kind(events, "epoch")
+    assert [e["epoch"] for e in epochs] == list(range(1, 9)) and epochs[-1]["step"] == 48
+    saves = of_kind(events, "save")
+    assert [Path(s["path"]).name for s in saves] == ["epoch4", "epoch8"]
+    assert events[-1]["event"] == "done" and events[-1]["step"] == 48
+
+    for name in ("epoch4", "epoch8"):
+        assert (run_dir / name / "adapter_model.safetensors").is_file()
+        assert json.loads((run_dir / name / "adapter_config.json").read_text())["r"] == 8
+    run_toml = (run_dir / "run.toml").read_text()
+    assert "[dataset]" in run_toml and str(dataset) in run_toml
+
+    # The saved LoRA loads in diffusers and changes what the model generates.
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(tiny_model))
+    kwargs = dict(prompt="a purple square", num_frames=1, height=32, width=32, num_inference_steps=3,
+                  output_type="pt")
+    base = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    pipe.load_lora_weights(str(run_dir / "epoch8" / "adapter_model.safetensors"), adapter_name="trained")
+    tuned = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    assert (tuned - base).abs().mean() > 1e-3
+
+    # A second run reuses the cache: nothing left to encode at the start.
+    again = run_trainer(trainer_cmd(write_config(tmp_path, tiny_model, dataset, epochs=1), tmp_path / "run2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    first_cache = of_kind(read_events(tmp_path / "run2"), "cache")[0]
+    assert first_cache["done"] == first_cache["total"] == 6
+
+
+@pytest.mark.slow
+def test_sigterm_stops_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model: Path) -> None:
+    data = make_dataset(tmp_path / "data", video=False, corrupt_video=False, uncaptioned=False)
+    config = write_config(tmp_path, tiny_model, data, epochs=6, lr_scheduler="cosine", warmup_steps=3,
+                          gradient_accumulation_steps=2, **{"adapter.dropout": 0.1,
+                                                            "model.timestep_sample_method": "logit_normal"})
+    # 4 samples, accumulation 2 -> 2 steps per epoch, 12 steps.
+    full = tmp_path / "full"
+    result = run_trainer(trainer_cmd(config, full))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = {e["step"]: e for e in of_kind(read_events(full), "step")}
+    assert len(reference) == 12
+
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen(trainer_cmd(config, run), cwd=REPO_ROOT, env=trainer_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run, 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    events = read_events(run)
+    stopped = of_kind(events, "stopped")
+    assert stopped, "no stopped event"
+    stop_step = stopped[0]["step"]
+    assert 3 <= stop_step < 12, f"stopped at {stop_step}: too late to test resume"
+    saved = [e for e in of_kind(events, "save") if e["step"] == stop_step]
+    assert saved and (Path(saved[0]["path"]) / "adapter_model.safetensors").is_file()  # epochN/ or stepN/
+    assert (run / f"global_step{stop_step}" / "complete.json").is_file()
+    assert of_kind(events, "checkpoint")[-1]["step"] == stop_step
+
+    # A partial checkpoint (crash mid-save: no completion marker) must be ignored.
+    (run / "global_step99").mkdir()
+    (run / "global_step99" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (run / "latest").write_text("global_step99")
+
+    resumed = run_trainer(trainer_cmd(config, run, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = read_events(run)
+    starts = of_kind(events, "start")
+    assert starts[-1]["resumed_from_step"] == stop_step
+    after = [e for e in of_kind(events, "step") if e["time"] >= starts[-1]["time"]]
+    assert [e["step"] for e in after] == list(range(stop_step + 1, 13))
+    for e in after:
+        ref = reference[e["step"]]
+        assert e["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5), e["step"]
+        assert e["lr"] == pytest.approx(ref["lr"], rel=1e-6)
+    assert events[-1]["event"] == "done"
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "epoch6" / "adapter_model.safetensors"))
+    b = load_file(str(run / "epoch6" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-4)
+
+
+def test_bad_config_value_exits_2_with_the_key_path(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
+    config = write_config(tmp_path, tiny_model, dataset, **{"optimizer.lr": -1.0, "dataset.frame_buckets": [1, 6]})
+    result = run_trainer(trainer_cmd(config, tmp_path / "run"))
+    assert result.returncode == 2
+    errors = of_kind(read_events(tmp_path / "run"), "error")
+    assert errors and "optimizer.lr: must be > 0" in errors[0]["message"]
+    assert "dataset.frame_buckets[1]" in errors[0]["message"]
+    assert "optimizer.lr" in result.stderr
+
+
+def test_empty_dataset_is_a_clear_error_before_model_work(tmp_path: Path, tiny_model: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no media here")
+    config = write_config(tmp_path, tiny_model, empty)
+    run_dir = tmp_path / "run"
+    result = run_trainer(trainer_cmd(config, run_dir))
+    assert result.returncode == 2, result.stderr[-2000:]
+    events = read_events(run_dir)
+    assert [e["event"] for e in events] == ["error"]
+    assert "dataset is empty" in events[0]["message"] and str(empty) in events[0]["message"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path, dataset: Path) -> None:
+    config = write_config(tmp_path, tmp_path / "no_such_model", dataset)
+    result = run_trainer(trainer_cmd(config, tmp_path / "run"))
+    assert result.returncode == 2
+    (error,) = of_kind(read_events(tmp_path / "run"), "error")
+    assert "no_such_model" in error["message"] and "neither 'demo'" in error["message"]
