@@ -606,7 +606,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "latest").is_file() or any(run_dir.glob("global_step*"))
+    """A complete DeepSpeed checkpoint (the trainer's marker) exists: --resume can succeed."""
+    from engine.trainer.runfiles import latest_complete_checkpoint  # stdlib-only module
+
+    return latest_complete_checkpoint(run_dir) is not None
 
 
 def _create_time(pid: int) -> float | None:

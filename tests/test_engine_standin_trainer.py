@@ -64,6 +64,8 @@ def main() -> int:
              grad_norm=1.0, samples_per_s=10.0, elapsed_s=step * args.step_s,
              eta_s=(args.steps - step) * args.step_s)
         (run_dir / "latest").write_text(str(step))
+        (run_dir / "global_step1").mkdir(exist_ok=True)  # what the scheduler checks before --resume
+        (run_dir / "global_step1" / "complete.json").write_text("{}")
     emit(run_dir, "done", step=args.steps)
     return 0
 

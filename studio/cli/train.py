@@ -1,0 +1,64 @@
+"""`python -m studio train CONFIG.toml [--gpus 0,1 | --num-gpus N] [--follow] [--owner NAME]`.
+
+Queues a training job in the studio's database. When no studio runs, this process launches it
+(the trainer then runs on in its own session); otherwise the running studio does.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from engine.config import ConfigError, TrainConfig
+from engine.jobs import JobError
+from studio.cli.jobs import launch_and_report, open_scheduler
+from studio.settings import StudioSettings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="queue a LoRA training run from a TOML config")
+    parser.add_argument("config", help="training config TOML (diffusion-pipe style)")
+    devices = parser.add_mutually_exclusive_group()
+    devices.add_argument("--gpus", help="explicit GPU indices, e.g. 0,1")
+    devices.add_argument("--num-gpus", dest="num_gpus", type=int,
+                         help="how many GPUs (or CPU ranks on a machine without GPUs); default 1")
+    parser.add_argument("--follow", action="store_true", help="show progress until the job ends; "
+                        "the exit status is the job's")
+    parser.add_argument("--owner", default=None, help="owner of the job (default: your login name)")
+    parser.add_argument("--name", default=None, help="job name (default: the output_dir's name)")
+    parser.add_argument("--priority", type=int, default=0, help="higher starts first")
+    parser.set_defaults(func=run)
+
+
+def parse_gpus(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise JobError(f"--gpus: expected indices like 0,1, got {text!r}") from None
+
+
+def run(args: argparse.Namespace, settings: StudioSettings) -> int:
+    try:
+        config_toml = TrainConfig.from_toml_file(args.config).validate().to_toml()
+    except ConfigError as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    sched = open_scheduler(settings)
+    try:
+        job = sched.submit_training(config_toml, args.owner or _login(),
+                                    gpus=parse_gpus(args.gpus) if args.gpus else None,
+                                    num_gpus=args.num_gpus, name=args.name, priority=args.priority)
+        print(f"job {job.id} queued: {job.name} -> {job.run_dir}")
+        return launch_and_report(sched, job, args.follow, sys.stdout)
+    except (JobError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        sched.shutdown()
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        return "cli"
