@@ -1,0 +1,206 @@
+"""Inference bench: the studio's warm worker against a plain diffusers `WanPipeline` call, same run.
+
+    python bench/infer.py                 # CPU, the demo model (a tiny random Wan if it is missing)
+    python bench/infer.py --gpu           # GPU, random-weight Wan2.1-1.3B shape, 480x832x81, 50 steps, CFG
+
+Measures seconds per video (end to end through the service, and its denoise/decode/encode parts),
+model load time on the first vs the second request, LoRA load and LoRA switch time, and the plain
+diffusers call (load + generate) on the same model and settings. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from engine.inference.random_lora import random_lora  # noqa: E402
+from engine.inference.request import InferRequest, LoraSpec  # noqa: E402
+
+GPU_DEFAULTS = dict(width=832, height=480, frames=81, steps=50, guidance=5.0, lora_rank=32)
+CPU_DEFAULTS = dict(width=64, height=64, frames=9, steps=4, guidance=5.0, lora_rank=4)
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+
+def cpu_model(workdir: Path) -> tuple[Path, str]:
+    from engine.families.wan_random import build_random_wan
+    from engine.models import ModelNotFoundError, resolve_model
+
+    try:
+        return resolve_model("demo"), "demo"
+    except ModelNotFoundError:
+        return build_random_wan(workdir / "tiny", preset="tiny"), "random tiny Wan (demo model missing)"
+
+
+def gpu_model(workdir: Path) -> tuple[Path, str]:
+    """A WanPipeline folder with a random Wan2.1-1.3B transformer and the real Wan2.1 VAE shape.
+
+    The text encoder keeps UMT5-XXL's width (4096) but only 2 layers: it runs once per request, so the
+    timing of the steps that matter (denoise, decode) is that of the real model."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from engine.families.wan_random import build_tokenizer, random_transformer
+
+    path = workdir / "wan13b_random"
+    tokenizer = build_tokenizer(path / "tokenizer")
+    with torch.device("cuda"):
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    text_encoder.to(torch.bfloat16).save_pretrained(str(path / "text_encoder"))
+    del text_encoder
+    random_transformer("1.3B", device="cuda", dtype=torch.bfloat16).save_pretrained(str(path / "transformer"))
+    with torch.device("cuda"):
+        vae = AutoencoderKLWan()  # defaults = Wan2.1 VAE (base_dim 96, z_dim 16, dim_mult 1,2,4,4)
+    vae.save_pretrained(str(path / "vae"))
+    del vae
+    torch.cuda.empty_cache()
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                            num_train_timesteps=1000).save_pretrained(str(path / "scheduler"))
+    index = {"_class_name": "WanPipeline", "boundary_ratio": None, "expand_timesteps": False,
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
+             "vae": ["diffusers", "AutoencoderKLWan"]}
+    (path / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    return path, "random Wan2.1-1.3B shape (2-layer 4096-wide text encoder, Wan2.1 VAE)"
+
+
+# ---- the two ways to generate ----------------------------------------------------------------------
+
+
+def plain_diffusers(model: Path, req: InferRequest, device: str) -> dict[str, float]:
+    """What a user would write by hand: from_pretrained + one pipe(...) call (float32 VAE, as Wan does)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    started = time.perf_counter()
+    vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(model, vae=vae, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    _sync(device)
+    load_s = time.perf_counter() - started
+    calls = []
+    for _ in range(2):  # the first call pays one-off warm-up; the second compares with a warm worker
+        started = time.perf_counter()
+        with torch.inference_mode():
+            pipe(prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
+                 num_frames=req.num_frames, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                 generator=torch.Generator("cpu").manual_seed(req.seed or 0), output_type="np")
+        _sync(device)
+        calls.append(time.perf_counter() - started)
+    del pipe, vae
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"load_s": load_s, "first_generate_s": calls[0], "generate_s": calls[1]}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def studio_runs(model: Path, req: InferRequest, loras: list[Path], home: Path) -> dict[str, Any]:
+    """The service path: a worker process kept warm across five requests."""
+    from engine.gallery import Gallery
+    from engine.inference.service import InferenceService
+    from engine.paths import DataLayout
+    from engine.store.db import Database
+
+    layout = DataLayout(home).ensure()
+    db = Database(layout.db_path)
+    service = InferenceService(db, layout, None, Gallery(db, layout), idle_timeout_s=3600)
+    plan = [("first", []), ("second", []), ("lora_a", [LoraSpec(str(loras[0]), 1.0)]),
+            ("switch_to_b", [LoraSpec(str(loras[1]), 1.0)]),
+            ("mix_a_b", [LoraSpec(str(loras[0]), 0.7), LoraSpec(str(loras[1]), 0.5)]),
+            ("mix_fused", [LoraSpec(str(loras[0]), 0.7), LoraSpec(str(loras[1]), 0.5)])]
+    runs: dict[str, Any] = {}
+    try:
+        for name, stack in plan:
+            r = InferRequest(**{**req.to_dict(), "loras": stack, "fuse_loras": name == "mix_fused"})
+            started = time.perf_counter()
+            status = service.wait(service.submit(r, "bench"), timeout_s=3600)
+            if status["state"] != "succeeded":
+                raise RuntimeError(f"{name}: {status['state']}: {status['error']}")
+            timings = {k: round(v, 4) for k, v in status["timings"].items() if isinstance(v, float)}
+            runs[name] = {"wall_s": round(time.perf_counter() - started, 4), **timings}
+    finally:
+        service.shutdown()
+        db.close()
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="random Wan2.1-1.3B shape on CUDA")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--out", type=Path, help="also append the JSON line to this file")
+    args = parser.parse_args(argv)
+    defaults = GPU_DEFAULTS if args.gpu else CPU_DEFAULTS
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs CUDA")
+    with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
+        workdir = Path(tmp)
+        build_started = time.perf_counter()
+        model, model_desc = gpu_model(workdir) if args.gpu else cpu_model(workdir)
+        loras = [random_lora(model, workdir / f"lora_{i}", rank=defaults["lora_rank"], seed=i) for i in (1, 2)]
+        build_s = time.perf_counter() - build_started
+        req = InferRequest(model=str(model), prompt="a purple star spins over a green field",
+                           negative_prompt="blurry", width=args.width or defaults["width"],
+                           height=args.height or defaults["height"], num_frames=args.frames or defaults["frames"],
+                           steps=args.steps or defaults["steps"], guidance_scale=defaults["guidance"], seed=1).validate()
+        plain = plain_diffusers(model, req, device)
+        runs = studio_runs(model, req, loras, workdir / "home")
+    second = runs["second"]
+    record = {
+        "bench": "infer", "device": device, "card": _card(args.gpu), "host": platform.node(), "model": model_desc,
+        "width": req.width, "height": req.height, "frames": req.num_frames, "steps": req.steps,
+        "guidance": req.guidance_scale, "lora_rank": defaults["lora_rank"], "build_s": round(build_s, 2),
+        "plain_diffusers_load_s": round(plain["load_s"], 4),
+        "plain_diffusers_first_generate_s": round(plain["first_generate_s"], 4),
+        "plain_diffusers_generate_s": round(plain["generate_s"], 4),
+        "studio_seconds_per_video": second["wall_s"],
+        "studio_generate_s": round(second["text_encode_s"] + second["denoise_s"] + second["decode_s"], 4),
+        "studio_denoise_s_per_step": round(second["denoise_s"] / req.steps, 4),
+        "load_first_s": runs["first"]["load_s"], "load_second_s": second["load_s"],
+        "lora_load_s": runs["lora_a"]["lora_s"], "lora_switch_s": runs["switch_to_b"]["lora_s"],
+        "lora_mix_s": runs["mix_a_b"]["lora_s"], "lora_fuse_s": runs["mix_fused"]["lora_s"],
+        "fused_denoise_s": runs["mix_fused"]["denoise_s"], "unfused_denoise_s": runs["mix_a_b"]["denoise_s"],
+        "runs": runs,
+    }
+    line = json.dumps(record)
+    print(line)
+    if args.out:
+        with args.out.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    return 0
+
+
+def _card(gpu: bool) -> str:
+    if gpu:
+        return torch.cuda.get_device_name(0)
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
