@@ -9,7 +9,9 @@ A case is written `LOOP[+key=value|+flag...]`:
   attn=     default | cudnn | flash | efficient          (engine.families.wan_perf)
   ckpt=     full | attn (save self-attention outputs) | off
   compile   compile the transformer blocks
-  lora=     fp32 | bf16   dtype of the LoRA weights in the module (plain: fp32 as diffusers' scripts)
+  lora=     fp32 | bf16 | act   LoRA weights fp32 (as diffusers' scripts) | bf16 weights and bf16
+            AdamW (what adapter.dtype = "bfloat16" does) | fp32 weights, bf16 matmuls
+            (performance.lora_compute_dtype = "activation")
 The first case of a run is the baseline for the ratios (put `plain` first).
 
   python bench/train_step.py --preset 1.3B --frames 81 --cases plain,plain+attn=cudnn+ckpt=attn+compile
@@ -68,7 +70,17 @@ class Case:
             attention_backend=self.attn,  # type: ignore[arg-type]
             compile_blocks=self.compile,
             checkpointing="save_attention" if self.ckpt == "attn" else "full",
+            lora_compute_dtype="activation" if self.lora_dtype == "act" else "adapter",
         )
+
+    @property
+    def lora_param_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.lora_dtype == "bf16" else torch.float32
+
+    @property
+    def options_key(self) -> str:
+        """The spec without its loop: the plain and trainer cases with the same options share it."""
+        return self.spec.partition("+")[2]
 
 
 def parse_case(spec: str) -> Case:
@@ -87,8 +99,8 @@ def parse_case(spec: str) -> Case:
                 raise ValueError(f"{spec}: ckpt must be full, attn or off")
             case.ckpt = value
         elif key == "lora":
-            if value not in ("fp32", "bf16"):
-                raise ValueError(f"{spec}: lora must be fp32 or bf16")
+            if value not in ("fp32", "bf16", "act"):
+                raise ValueError(f"{spec}: lora must be fp32, bf16 or act")
             case.lora_dtype = value
         else:
             case.extra[key] = value
@@ -142,7 +154,7 @@ def add_lora(model: torch.nn.Module, dtype: torch.dtype) -> list[torch.nn.Parame
 
 def plain_step_fn(case: Case, preset: str, batch: Batch) -> tuple[Callable[[], float], dict[str, Any]]:
     model = real_shape_transformer(preset)
-    params = add_lora(model, torch.float32 if case.lora_dtype == "fp32" else torch.bfloat16)
+    params = add_lora(model, case.lora_param_dtype)
     applied = apply(model, case.perf, activation_checkpointing=case.ckpt != "off")
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)
@@ -177,6 +189,7 @@ def run_case(case: Case, args: argparse.Namespace, baseline: dict[str, float]) -
         "bench": "train_step", "case": case.spec, "preset": args.preset,
         "clip": f"{args.height}x{args.width}x{args.frames}", "tokens": tokens,
         "card": card_name(), "commit": args.commit, "date": time.strftime("%Y-%m-%d"),
+        "world_size": getattr(args, "world_size", 1),
     }
     try:
         batch = make_batch(args.height, args.width, args.frames)
@@ -199,6 +212,13 @@ def run_case(case: Case, args: argparse.Namespace, baseline: dict[str, float]) -
         else:
             baseline["s"] = s
             record["baseline"] = True
+        plain_key = "plain:" + case.options_key
+        if case.loop == "plain":
+            baseline[plain_key] = s
+        elif plain_key in baseline:
+            record["overhead_vs_plain_same_options"] = round(s / baseline[plain_key] - 1, 4)
+        if args.profile:
+            record["profile_ms"] = profile_step(step)
     except Exception as exc:  # one failing case must not lose the others
         record["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
         record["trace"] = traceback.format_exc()[-1500:]
@@ -209,6 +229,43 @@ def run_case(case: Case, args: argparse.Namespace, baseline: dict[str, float]) -
         torch._dynamo.reset()
         free_cuda()
     return record
+
+
+# ---- where the time goes -------------------------------------------------------------------------
+_KERNEL_GROUPS = (
+    ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_")),
+    ("triton_fused", ("triton",)),
+    ("copy_cast", ("copy", "cast", "convert")),
+    ("elementwise_reduce", ("elementwise", "vectorized", "reduce", "norm", "unrolled")),
+)
+
+
+def profile_step(step: Callable[[], Any]) -> dict[str, float]:
+    """GPU kernel time of one step by kind (ms), plus the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    groups: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if us <= 0:
+            continue
+        name = evt.key.lower()
+        group = next((g for g, keys in _KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + us / 1e3
+        top.append((us / 1e3, evt.key[:90]))
+    out = {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+    out["gpu_total"] = round(sum(groups.values()), 1)
+    out["wall"] = round(wall * 1e3, 1)
+    out["top"] = [f"{ms:.1f} {name}" for ms, name in sorted(top, reverse=True)[:8]]  # type: ignore[assignment]
+    return out
 
 
 # ---- SDPA micro-bench -----------------------------------------------------------------------------
@@ -285,21 +342,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     p.add_argument("--attention-micro", action="store_true")
+    p.add_argument("--profile", action="store_true", help="add GPU time by kernel kind for one step")
     args = p.parse_args(argv)
     args.commit = os.environ.get("BENCH_COMMIT") or git_commit()
     if not torch.cuda.is_available():
         emit({"bench": "train_step", "error": "no CUDA device"}, args.out)
         return 1
+    # Under torchrun / the deepspeed launcher every rank runs the same cases; rank 0 reports.
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    is_main = int(os.environ.get("RANK", "0")) == 0
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.attention_micro:
         attention_micro(args)
         return 0
-    baseline: dict[str, float] = {}
+    baseline: dict[str, float] = {}  # "s": the first case; "plain:<options>": plain cases
     failures = 0
     for spec in args.cases.split(","):
-        record = run_case(parse_case(spec), args, baseline)
+        case = parse_case(spec)
+        if args.world_size > 1 and case.loop != "trainer":
+            raise SystemExit(f"{spec}: only trainer cases run on several ranks")
+        record = run_case(case, args, baseline)
         failures += "error" in record
-        emit(record, args.out)
+        if is_main:
+            emit(record, args.out)
     return 1 if failures else 0
 
 

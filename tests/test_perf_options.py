@@ -108,7 +108,7 @@ def test_gpu_only_options_fall_back_on_cpu():
 
 
 def test_reset_restores_every_sdpa_backend():
-    wan_perf._set_sdp_order([torch.nn.attention.SDPBackend.MATH])
+    wan_perf._set_sdp_order([int(torch.nn.attention.SDPBackend.MATH)])
     assert not torch.backends.cuda.flash_sdp_enabled()
     wan_perf.reset_attention_backend()
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
@@ -131,3 +131,34 @@ def test_bench_case_grammar():
         parse_case("plain+ckpt=sometimes")
     with pytest.raises(ValueError):
         parse_case("other")
+
+
+def test_lora_in_activation_dtype_keeps_fp32_weights_and_bf16_matmuls():
+    from peft import LoraConfig
+
+    def lora_model():
+        model = _tiny_wan().to(torch.bfloat16).requires_grad_(False)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "ffn.net.2"], init_lora_weights=False))
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        return model
+
+    reference, fast = lora_model(), lora_model()
+    applied = apply(fast, PerfOptions(lora_compute_dtype="activation"), activation_checkpointing=False)
+    assert applied.lora_layers_in_activation_dtype == 3 * len(fast.blocks)  # to_q in attn1 and attn2, ffn.net.2
+    seen: list[torch.dtype] = []
+    fast.blocks[0].attn1.to_q.lora_A["default"].register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    latents, text = _inputs()
+    outs = []
+    for model in (reference, fast):
+        out = model(hidden_states=latents.bfloat16(), timestep=torch.tensor([500.0]),
+                    encoder_hidden_states=text.bfloat16(), return_dict=False)[0]
+        out.float().square().mean().backward()
+        outs.append(out.float())
+    assert seen == [torch.bfloat16]  # peft no longer upcasts the layer input
+    lora = [p for n, p in fast.named_parameters() if "lora_" in n]
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+    assert float((outs[1] - outs[0]).norm() / outs[0].norm()) < 2e-2
+    assert set(fast.state_dict()) == set(reference.state_dict())

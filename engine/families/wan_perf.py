@@ -13,6 +13,9 @@ Why these options (numbers in bench/RESULTS.md):
   and recomputes only the cheap linears, norms and RoPE.
 - `compile_blocks` compiles each block (or the checkpointed block), fusing Wan's many fp32
   elementwise steps (norm + modulation + gated residual) into few kernels.
+- With fp32 LoRA weights, peft casts every LoRA input (up to tokens x 8960) to fp32 and runs the
+  LoRA matmuls in fp32. `lora_compute_dtype = "activation"` runs them in the activations' dtype
+  (bf16) from a cast of the weights, so the weights and the optimizer state stay fp32.
 """
 
 from __future__ import annotations
@@ -37,13 +40,17 @@ __all__ = [
     "save_attention_policy",
     "ATTENTION_BACKENDS",
     "CHECKPOINT_POLICIES",
+    "LORA_COMPUTE_DTYPES",
+    "lora_in_activation_dtype",
 ]
 
 AttentionBackend = Literal["default", "cudnn", "flash", "efficient"]
 CheckpointPolicyName = Literal["full", "save_attention"]
+LoraComputeDtype = Literal["adapter", "activation"]
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("default", "cudnn", "flash", "efficient")
 CHECKPOINT_POLICIES: tuple[str, ...] = ("full", "save_attention")
+LORA_COMPUTE_DTYPES: tuple[str, ...] = ("adapter", "activation")
 
 # aten ops that compute fused attention; their outputs are what `save_attention` keeps.
 _ATTENTION_OP_NAMES = (
@@ -62,6 +69,7 @@ class PerfOptions:
     attention_backend: AttentionBackend = "default"
     compile_blocks: bool = False
     checkpointing: CheckpointPolicyName = "full"
+    lora_compute_dtype: LoraComputeDtype = "adapter"
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -71,6 +79,11 @@ class PerfOptions:
         if self.checkpointing not in CHECKPOINT_POLICIES:
             raise ValueError(
                 f"performance.checkpointing: {self.checkpointing!r} is not one of {', '.join(CHECKPOINT_POLICIES)}"
+            )
+        if self.lora_compute_dtype not in LORA_COMPUTE_DTYPES:
+            raise ValueError(
+                f"performance.lora_compute_dtype: {self.lora_compute_dtype!r} is not one of "
+                f"{', '.join(LORA_COMPUTE_DTYPES)}"
             )
 
     @classmethod
@@ -87,6 +100,7 @@ class PerfOptions:
             attention_backend=get("attention_backend", "default"),
             compile_blocks=bool(get("compile_blocks", False)),
             checkpointing=get("checkpointing", "full"),
+            lora_compute_dtype=get("lora_compute_dtype", "adapter"),
         )
 
 
@@ -98,6 +112,7 @@ class AppliedPerf:
     compiled: str  # "none" | "blocks" | "checkpointed_blocks"
     checkpointing: str  # "off" | "full" | "save_attention"
     notes: list[str]
+    lora_layers_in_activation_dtype: int = 0
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -116,7 +131,8 @@ def set_attention_backend(name: str) -> str:
 
     A global order, rather than a context manager around each call, also holds inside compiled
     graphs and in the recompute that activation checkpointing runs during backward.
-    Returns the backend in effect ("default" when the request cannot be met here).
+    "default" restores PyTorch's own order (which, since cuDNN 9.15 on Hopper, already puts cuDNN
+    first). Returns the backend in effect ("default" when the request cannot be met here).
     """
     if name == "default":
         reset_attention_backend()
@@ -130,34 +146,48 @@ def set_attention_backend(name: str) -> str:
     from torch.nn.attention import SDPBackend
 
     first = _sdp_backend(name)
+    _default_sdp_order()  # record PyTorch's own order before changing it
     order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH) if b != first]
-    _set_sdp_order(order)
+    _set_sdp_order([int(b) for b in order])
     return name
 
 
 def reset_attention_backend() -> None:
     """Back to PyTorch's own order with every backend enabled."""
+    _set_sdp_order(list(_default_sdp_order()))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_sdp_order() -> tuple[int, ...]:
+    """PyTorch's own SDPA order in this process.
+
+    PyTorch picks its default lazily, at the first CUDA attention call (cuDNN first on Hopper with
+    a recent cuDNN), and would then overwrite an order set earlier: run one tiny call first.
+    """
+    if torch.cuda.is_available():
+        with torch.no_grad():
+            q = torch.zeros(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    getter = getattr(torch._C, "_get_sdp_priority_order", None)
+    return tuple(int(b) for b in getter()) if getter is not None else ()
+
+
+def _set_sdp_order(order: list[int]) -> None:
+    """Enable the backends in `order` (all four when it is empty) and make it the priority order."""
     from torch.nn.attention import SDPBackend
 
-    _set_sdp_order([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
-                    SDPBackend.CUDNN_ATTENTION])
-
-
-def _set_sdp_order(order: list) -> None:
-    for flag, backend in (
-        (torch.backends.cuda.enable_flash_sdp, "FLASH_ATTENTION"),
-        (torch.backends.cuda.enable_mem_efficient_sdp, "EFFICIENT_ATTENTION"),
-        (torch.backends.cuda.enable_math_sdp, "MATH"),
-        (torch.backends.cuda.enable_cudnn_sdp, "CUDNN_ATTENTION"),
-    ):
-        flag(any(b.name == backend for b in order))
+    every = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION)
+    enabled = {int(b) for b in order} or {int(b) for b in every}
+    torch.backends.cuda.enable_flash_sdp(int(SDPBackend.FLASH_ATTENTION) in enabled)
+    torch.backends.cuda.enable_mem_efficient_sdp(int(SDPBackend.EFFICIENT_ATTENTION) in enabled)
+    torch.backends.cuda.enable_math_sdp(int(SDPBackend.MATH) in enabled)
+    torch.backends.cuda.enable_cudnn_sdp(int(SDPBackend.CUDNN_ATTENTION) in enabled)
     setter = getattr(torch._C, "_set_sdp_priority_order", None)
-    if setter is None:  # older PyTorch: enabling flags is all we can do
+    if setter is None or not order:  # older PyTorch: enabling flags is all we can do
         return
-    current = list(torch._C._get_sdp_priority_order())
-    wanted = [int(b) for b in order]
-    setter(wanted + [b for b in current if b not in wanted])
+    current = [int(b) for b in torch._C._get_sdp_priority_order()]
+    setter(order + [b for b in current if b not in order])
 
 
 # ---- checkpointing ------------------------------------------------------------------------------
@@ -201,6 +231,37 @@ def _checkpoint_fn(policy: str) -> Callable[..., Any]:
     return selective
 
 
+# ---- LoRA matmuls in the activations' dtype ---------------------------------------------------------
+class _ActivationDtypeLinear(torch.nn.Linear):
+    """An nn.Linear that multiplies in its input's dtype: the parameter (fp32 master) is cast for
+    the matmul and receives an fp32 gradient through the cast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+def lora_in_activation_dtype(model: torch.nn.Module) -> int:
+    """Make every peft LoRA linear in `model` compute in the activations' dtype; returns how many.
+
+    peft would cast the layer input to the LoRA weight dtype (fp32) first: a full copy of each
+    input at 2x its size, then fp32 matmuls. State-dict keys and parameters are unchanged.
+    """
+    changed = 0
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        lora_b = getattr(module, "lora_B", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or not isinstance(lora_b, torch.nn.ModuleDict):
+            continue
+        module.cast_input_dtype_enabled = False
+        for sub in list(lora_a.values()) + list(lora_b.values()):
+            if type(sub) is torch.nn.Linear:
+                sub.__class__ = _ActivationDtypeLinear
+        changed += 1
+    return changed
+
+
 # ---- compile -----------------------------------------------------------------------------------
 def _raise_recompile_limit(blocks: int) -> None:
     """Each block is one more guard set on the same code; let all of them stay compiled."""
@@ -238,6 +299,11 @@ def apply(transformer: torch.nn.Module, options: PerfOptions, *, activation_chec
         compile_wanted = False
 
     blocks = _blocks(transformer)
+    lora_layers = 0
+    if options.lora_compute_dtype == "activation":
+        lora_layers = lora_in_activation_dtype(transformer)
+        if lora_layers == 0:
+            notes.append("lora_compute_dtype=activation: no LoRA layers found (apply after adding the adapter)")
     checkpointing = "off"
     compiled = "none"
     if activation_checkpointing:
@@ -258,4 +324,5 @@ def apply(transformer: torch.nn.Module, options: PerfOptions, *, activation_chec
     for note in notes:
         logger.warning(note)
     logger.info("performance: attention=%s compiled=%s checkpointing=%s", backend, compiled, checkpointing)
-    return AppliedPerf(attention_backend=backend, compiled=compiled, checkpointing=checkpointing, notes=notes)
+    return AppliedPerf(attention_backend=backend, compiled=compiled, checkpointing=checkpointing, notes=notes,
+                       lora_layers_in_activation_dtype=lora_layers)
