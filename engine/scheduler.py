@@ -63,8 +63,9 @@ FAILURE_RULES: tuple[FailureRule, ...] = (
                 "Corrupt safetensors file",
                 "A .safetensors file is truncated or not a safetensors file (an interrupted "
                 "download or copy?). Replace it and resume."),
-    FailureRule(re.compile(r"NCCL (error|WARN)|ncclInternalError|ncclSystemError|ProcessGroupNCCL|"
-                           r"NCCL_", re.I),
+    # Not "NCCL_": the DeepSpeed launcher prints NCCL_* settings on every GPU run.
+    FailureRule(re.compile(r"NCCL error|nccl(Internal|System|UnhandledCuda|Invalid\w*)Error|"
+                           r"ProcessGroupNCCL.{0,80}(error|timeout|abort)|Watchdog caught collective", re.I),
                 "NCCL error",
                 "Communication between GPUs failed: check that the GPUs are healthy and visible, "
                 "try NCCL_P2P_DISABLE=1, and resume."),

@@ -65,6 +65,8 @@ MIGRATIONS: list[str] = [
         acquired_at REAL NOT NULL
     );
     """,
+    # v2: status-filtered list pages (newest first) without a sort
+    "CREATE INDEX jobs_status_id ON jobs(status, id DESC);",
 ]
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
