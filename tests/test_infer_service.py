@@ -205,6 +205,21 @@ def test_cancel_stops_running_and_queued_requests(service, assets) -> None:
     succeeded(service, request(assets, num_frames=5, steps=2))  # the worker serves on
 
 
+def test_worker_killed_mid_request_fails_it_and_a_new_worker_serves_on(service, assets) -> None:
+    import signal
+
+    long_id = service.submit(request(assets, steps=200, num_videos=8, num_frames=9), "alice")
+    deadline = time.monotonic() + WAIT_S
+    while service.status(long_id)["step"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (slot,) = service._slots
+    slot.worker.process.send_signal(signal.SIGKILL)  # as the kernel's OOM killer would
+    status = service.wait(long_id, WAIT_S)
+    assert status["state"] == "failed" and status["error_kind"] == "crash" and "exited" in status["error"]
+    after = succeeded(service, request(assets))
+    assert after["timings"]["load_s"] > 0.0  # a fresh worker loaded the model again
+
+
 def test_gallery_survives_a_restart(service, assets, home: Path) -> None:
     status = succeeded(service, request(assets, prompt="kept across restarts", num_frames=5, steps=2))
     layout = DataLayout(home)
