@@ -413,11 +413,15 @@ class Scheduler:
         return sorted(gpus) if gpus else [-(k + 1) for k in range(self.cpu_slots)]
 
     # ---- recovery ------------------------------------------------------------------------------
-    def _recover(self) -> None:
+    def _release_stale_holds(self) -> None:
+        """Device holds of a process that is gone (an app that crashed) free their devices."""
         for hold in self.store.holds():
             if not is_same_process(hold.pid, hold.pid_start_time):
                 log.info("releasing device %d of %s: its process is gone", hold.device, hold.holder)
                 self.store.release_holds_of_pid(hold.pid)
+
+    def _recover(self) -> None:
+        self._release_stale_holds()
         for job in self.store.active():
             if job.pid is None:
                 # Claimed but never spawned (crash in between): queue it again.
@@ -472,7 +476,8 @@ class Scheduler:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(run_dir / "run.toml", job.config_toml)
-            (run_dir / "stop").unlink(missing_ok=True)  # a stale stop file would end the new launch
+            if self.get(job.id).status == JobStatus.STARTING:  # keep the file of a stop asked meanwhile
+                (run_dir / "stop").unlink(missing_ok=True)  # a stale stop file would end the new launch
             resume = job.resume and _has_checkpoint(run_dir)
             spec = LaunchSpec(job_id=job.id, job_name=job.name, run_dir=run_dir,
                               devices=tuple(job.gpus_assigned), master_port=int(job.master_port or 0),
@@ -509,6 +514,7 @@ class Scheduler:
 
     # ---- supervision ---------------------------------------------------------------------------
     def _supervise(self) -> None:
+        self._release_stale_holds()
         jobs = {job.id: job for job in self.store.active()}
         for job_id, watched in list(self._watched.items()):
             job = jobs.get(job_id)

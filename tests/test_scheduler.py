@@ -260,3 +260,12 @@ def test_second_scheduler_only_enqueues_while_the_first_leads(make_scheduler, tm
     wait_status(follower, job.id, JobStatus.STOPPED)
     leader.shutdown()
     wait_for(lambda: follower.is_leader, 10, "the follower to take over")
+
+
+def test_holds_of_a_dead_process_are_released(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler(cpu_slots=1)
+    assert sched.store.hold_devices("crashed-app-worker", [-1], pid=os.getpid(), pid_start_time=1.0)
+    assert sched.acquire_devices("new-worker") is None  # the slot looks taken...
+    sched.start()  # ...until the leader sees its holder is not the process that took it
+    wait_for(lambda: not sched.store.holds(), 20, "the stale hold to go")
+    assert sched.acquire_devices("new-worker") == [-1]
