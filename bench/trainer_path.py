@@ -68,7 +68,7 @@ def build_step(case: Any, preset: str, batch: Any) -> tuple[Callable[[], Any], d
         preset, device=str(dist.device), dtype=trainer.model_dtype)
     module, params = trainer.build_model(run_dir)
     if _has_performance_section(cfg):
-        applied = {"via": "trainer config [performance]"}
+        applied = {"via": "trainer config [performance]", **vars(cfg.performance)}
     else:  # the trainer does not call wan_perf yet: apply the options the way it will
         applied = apply(trainer.transformer, case.perf, activation_checkpointing=cfg.activation_checkpointing).__dict__
     engine, _ = trainer.build_engine(module, params, total_steps=10_000)

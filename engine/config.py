@@ -29,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "AdapterConfig",
     "OptimizerConfig",
+    "PerformanceConfig",
     "TrainConfig",
     "FieldSpec",
     "config_fields",
@@ -153,6 +154,30 @@ class OptimizerConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Speed options (engine/families/wan_perf.py); the defaults change nothing."""
+
+    attention_backend: Literal["default", "cudnn", "flash", "efficient"] = field(
+        default="default",
+        metadata=_meta("Attention kernel tried first; 'default' keeps PyTorch's choice (cuDNN on Hopper).",
+                       ("default", "cudnn", "flash", "efficient")),
+    )
+    compile_blocks: bool = field(
+        default=False, metadata=_meta("torch.compile each transformer block (GPU; first step ~30 s slower).")
+    )
+    checkpointing: Literal["full", "save_attention"] = field(
+        default="full",
+        metadata=_meta("With activation checkpointing: recompute whole blocks, or keep self-attention outputs "
+                       "(faster, a little more memory).", ("full", "save_attention")),
+    )
+    lora_compute_dtype: Literal["adapter", "activation"] = field(
+        default="adapter",
+        metadata=_meta("LoRA matmuls in adapter.dtype, or in the model dtype (bf16) with fp32 weights kept.",
+                       ("adapter", "activation")),
+    )
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = field(metadata=_meta("Where run directories are created (output_dir/<timestamp>)."))
     dataset: DatasetConfig = field(
@@ -161,6 +186,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_meta("[model] table."))
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata=_meta("[adapter] table."))
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata=_meta("[optimizer] table."))
+    performance: PerformanceConfig = field(
+        default_factory=PerformanceConfig, metadata=_meta("[performance] table: GPU speed options.")
+    )
     epochs: int = field(default=10, metadata=_meta("Passes over the dataset."))
     max_steps: int | None = field(default=None, metadata=_meta("Stop after this many optimizer steps (optional)."))
     micro_batch_size_per_gpu: int = field(default=1, metadata=_meta("Samples per rank per forward."))

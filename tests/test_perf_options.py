@@ -162,3 +162,15 @@ def test_lora_in_activation_dtype_keeps_fp32_weights_and_bf16_matmuls():
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
     assert float((outs[1] - outs[0]).norm() / outs[0].norm()) < 2e-2
     assert set(fast.state_dict()) == set(reference.state_dict())
+
+
+def test_train_config_performance_table_reaches_the_options():
+    from engine.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig.from_toml_string(
+        'output_dir = "o"\n[performance]\nattention_backend = "cudnn"\ncompile_blocks = true\n'
+        'checkpointing = "save_attention"\nlora_compute_dtype = "activation"\n')
+    assert PerfOptions.from_config(cfg.performance) == PerfOptions("cudnn", True, "save_attention", "activation")
+    assert PerfOptions.from_config(TrainConfig(output_dir="o").performance) == PerfOptions()
+    with pytest.raises(ConfigError, match="performance.checkpointing"):
+        TrainConfig.from_toml_string('output_dir = "o"\n[performance]\ncheckpointing = "most"\n')

@@ -227,6 +227,11 @@ class Trainer:
                 params.append(param)
         if cfg.activation_checkpointing:
             self.family.enable_activation_checkpointing(transformer)
+        if self.family.name == "wan":  # speed options ([performance]); defaults change nothing
+            from engine.families.wan_perf import PerfOptions, apply as apply_performance
+
+            apply_performance(transformer, PerfOptions.from_config(cfg.performance),
+                              activation_checkpointing=cfg.activation_checkpointing)
         self.targets = targets
         self.transformer = transformer
         self.lora_params = params
