@@ -87,10 +87,14 @@ def build_tokenizer(path: Path | None = None):
     return fast
 
 
-def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
+                     transformer_preset: str | None = None,
+                     transformer_dtype: torch.dtype = torch.float32) -> Path:
     """Write a complete diffusers WanPipeline folder with random weights at `path`; returns it.
 
-    "tiny" loads and runs a training step in about a second on a CPU core.
+    "tiny" loads and runs a training step in about a second on a CPU core. `transformer_preset`
+    ("1.3B", "14B") swaps in a transformer of real shape (with a text encoder of matching width)
+    for GPU runs of the whole trainer.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -102,7 +106,10 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> P
     torch.manual_seed(seed)
 
     tokenizer = build_tokenizer(path / "tokenizer")
-    text_cfg = _TEXT_ENCODER_PRESETS[preset]
+    text_cfg = dict(_TEXT_ENCODER_PRESETS[preset])
+    t_cfg = transformer_config(transformer_preset or preset)
+    if transformer_preset:
+        text_cfg.update(d_model=t_cfg["text_dim"], d_kv=t_cfg["text_dim"] // text_cfg["num_heads"])
     text_encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=len(tokenizer), relative_attention_num_buckets=8, relative_attention_max_distance=32,
                    dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
@@ -110,10 +117,10 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> P
     )
     text_encoder.save_pretrained(str(path / "text_encoder"))
 
-    t_cfg = transformer_config(preset)
     t_cfg["text_dim"] = text_cfg["d_model"]
-    transformer = WanTransformer3DModel(**t_cfg)
+    transformer = WanTransformer3DModel(**t_cfg).to(transformer_dtype)
     transformer.save_pretrained(str(path / "transformer"))
+    del transformer
 
     vae = AutoencoderKLWan(z_dim=16, **_VAE_PRESETS[preset])
     vae.save_pretrained(str(path / "vae"))

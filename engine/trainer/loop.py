@@ -389,6 +389,7 @@ class Trainer:
                     samples_per_s=cfg.micro_batch_size_per_gpu * ga * world / max(step_times[-1], 1e-9),
                     elapsed_s=round(elapsed_before + time.monotonic() - t_start, 3),
                     eta_s=round(mean_time * (total_steps - step), 1),
+                    **_memory_fields(dist.device),
                 )
             save, ckpt, stop = self.poll_control(step, epoch_end, epoch)
             elapsed = elapsed_before + time.monotonic() - t_start
@@ -444,6 +445,12 @@ class Trainer:
             reported = engine.get_global_grad_norm()
             norm = None if reported is None else float(reported.item() if torch.is_tensor(reported) else reported)
         return float(loss.detach().float().item()), norm
+
+
+def _memory_fields(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
 
 
 def _param_grad_norm(params: list[torch.nn.Parameter]) -> float:
