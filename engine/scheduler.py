@@ -248,7 +248,14 @@ class Scheduler:
             return False
         self._leader = True
         log.info("scheduler %d leads the queue in %s", os.getpid(), self.layout.home)
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:
+            # Half a recovery would leave running jobs unwatched: give the lead up, retry next tick.
+            self._watched.clear()
+            self._lock_file.release()
+            self._leader = False
+            raise
         return True
 
     # ---- public operations ---------------------------------------------------------------------
@@ -423,7 +430,10 @@ class Scheduler:
     def _recover(self) -> None:
         self._release_stale_holds()
         for job in self.store.active():
-            if job.pid is None:
+            if job.pid is None and job.status == JobStatus.STOPPING:
+                self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.STOPPED, event="stopped before launch",
+                                      ended_at=time.time(), gpus_assigned=[], master_port=None)
+            elif job.pid is None:
                 # Claimed but never spawned (crash in between): queue it again.
                 self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.QUEUED, event="requeued after restart",
                                       gpus_assigned=[], master_port=None)
@@ -436,7 +446,7 @@ class Scheduler:
 
     def _finish_unwatched(self, job: Job) -> None:
         """The process ended while no scheduler watched: decide from the trainer's last event."""
-        final = last_final_event(job.run_dir) if job.run_dir else None
+        final = self._final_event_of_this_launch(job)
         if final is None:
             tail = read_log_tail(job.log_path)
             self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.LOST, event="process gone",
@@ -445,6 +455,14 @@ class Scheduler:
                                   failure_hint="Resume the job to continue from its last checkpoint.")
             return
         self._record_outcome(job, exit_code=None, final=final)
+
+    @staticmethod
+    def _final_event_of_this_launch(job: Job) -> dict | None:
+        """The trainer's last final event, unless it predates this launch (an earlier attempt's)."""
+        final = last_final_event(job.run_dir) if job.run_dir else None
+        if final is not None and job.started_at and float(final.get("time") or 0) < job.started_at - 1:
+            return None
+        return final
 
     # ---- launching -----------------------------------------------------------------------------
     def _start_queued(self) -> None:
@@ -577,8 +595,8 @@ class Scheduler:
 
     def _record_outcome(self, job: Job, exit_code: int | None, final: dict | None,
                         final_known: bool = False) -> None:
-        if final is None and not final_known and job.run_dir:
-            final = last_final_event(job.run_dir)
+        if final is None and not final_known:
+            final = self._final_event_of_this_launch(job)
         kind = final.get("event") if final else None
         stop_requested = job.status == JobStatus.STOPPING or job.stop_requested_at is not None
         values: dict = {"ended_at": time.time(), "exit_code": exit_code}

@@ -269,3 +269,20 @@ def test_holds_of_a_dead_process_are_released(make_scheduler, tmp_path: Path) ->
     sched.start()  # ...until the leader sees its holder is not the process that took it
     wait_for(lambda: not sched.store.holds(), 20, "the stale hold to go")
     assert sched.acquire_devices("new-worker") == [-1]
+
+
+@pytest.mark.parametrize("event_age_s, expected", [(0, JobStatus.STOPPED), (100, JobStatus.LOST)])
+def test_outcome_after_restart_uses_only_this_launchs_final_event(make_scheduler, tmp_path: Path,
+                                                                  event_age_s: float, expected) -> None:
+    """A trainer that ended while no studio ran: its own `stopped` event counts, an older one does not."""
+    sched = make_scheduler()
+    job = sched.submit_training(config_toml(tmp_path), "u", name="ok")
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True)
+    started = time.time() - 10
+    (run_dir / "metrics.jsonl").write_text(
+        f'{{"event": "stopped", "time": {started + 5 - event_age_s}, "step": 3}}\n')
+    sched.store.transition(job.id, [JobStatus.QUEUED], JobStatus.RUNNING, pid=2**22 + 7, pid_start_time=started,
+                           started_at=started)  # a pid that no longer exists
+    sched.start()
+    assert sched.get(job.id).status == expected
