@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from engine.launcher import (LaunchSpec, build_deepspeed_command, build_env, is_
 from engine.metrics import METRICS_FILE, FINAL_EVENTS, MetricsReader, last_final_event
 from engine.paths import REPO_ROOT, DataLayout
 from engine.store.db import Database
-from engine.store.jobs import JobStore
+from engine.store.jobs import JobEvent, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class _Watched:
     run_dir: Path
     log_path: Path
     reader: MetricsReader
-    popen: object | None = None  # subprocess.Popen when we launched it ourselves
+    popen: subprocess.Popen | None = None  # when we launched it ourselves (exit code known)
     final_event: dict | None = None
     stop_thread: threading.Thread | None = None
     progress: tuple = ()
@@ -311,7 +312,8 @@ class Scheduler:
     def count_jobs(self, owner: str | None = None, statuses: Iterable[JobStatus | str] | None = None) -> int:
         return self.store.count(owner=owner, statuses=statuses)
 
-    def events(self, job_id: int):
+    def events(self, job_id: int) -> list[JobEvent]:
+        """The job's state history, oldest first."""
         return self.store.events(int(job_id))
 
     def stop(self, job_id: int, force: bool = False) -> Job:
@@ -519,7 +521,7 @@ class Scheduler:
         self.store.transition(job.id, [JobStatus.STARTING], JobStatus.RUNNING, event=f"pid {popen.pid}")
         self._watch(self.get(job.id), popen=popen, reattach=False)
 
-    def _watch(self, job: Job, popen, reattach: bool) -> None:
+    def _watch(self, job: Job, popen: subprocess.Popen | None, reattach: bool) -> None:
         run_dir = Path(job.run_dir or "")
         reader = MetricsReader(run_dir / METRICS_FILE)
         if reattach:
