@@ -159,6 +159,7 @@ class InferenceService:
         """Validate, fill in the seed, queue; returns the request id. Bad input raises ConfigError."""
         if self._stopping.is_set():
             raise RuntimeError("the inference service is shut down")
+        req.validate()  # field ranges first: no file is touched for a malformed request
         model_path, spatial, temporal = self._check_model(req)
         req.validate(spatial_multiple=spatial, temporal_stride=temporal)
         lora_files = self._check_loras(req)
@@ -339,8 +340,11 @@ class _Slot(threading.Thread):
             return
         worker = self.worker
         assert worker is not None
+        with svc._lock:  # a cancel while the worker was starting ends the request here
+            if tracked.state in TERMINAL_STATES:
+                return
+            tracked.state, tracked.started_at, tracked.worker = "loading", time.time(), self.holder
         staging = svc.gallery.staging_dir(tracked.id)
-        svc._update(tracked, state="loading", started_at=time.time(), worker=self.holder)
         worker.send({"op": "generate", "id": tracked.id, "request": tracked.request.to_dict(),
                      "model_path": tracked.model_path, "lora_files": tracked.lora_files, "out_dir": str(staging)})
         outcome = self._follow(tracked, worker)
