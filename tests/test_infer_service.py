@@ -169,8 +169,9 @@ def test_bad_lora_files_fail_before_queueing(service, assets, tmp_path: Path) ->
         service.submit(request(assets, loras=[LoraSpec(str(flux), 1.0)]), "alice")
     with pytest.raises(ConfigError, match="width"):
         service.submit(request(assets, width=50), "alice")
-    with pytest.raises(ConfigError, match="model"):
-        service.submit(request(assets, model=str(tmp_path / "nowhere")), "alice")
+    with pytest.raises(ConfigError) as err:
+        service.submit(request(assets, model=str(tmp_path / "nowhere"), num_frames=6), "alice")
+    assert err.value.paths == ["model", "num_frames"]  # every problem at once
 
 
 def test_lora_that_does_not_fit_fails_that_request_only(service, assets, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from engine.config import ConfigError
 from engine.gallery import Gallery
-from engine.inference.request import InferRequest, resolve_lora_path
+from engine.inference.request import SPATIAL_MULTIPLE, TEMPORAL_STRIDE, InferRequest, resolve_lora_path
 from engine.models import ModelNotFoundError, resolve_model
 from engine.paths import REPO_ROOT, DataLayout
 from engine.store.db import Database
@@ -159,9 +159,18 @@ class InferenceService:
         """Validate, fill in the seed, queue; returns the request id. Bad input raises ConfigError."""
         if self._stopping.is_set():
             raise RuntimeError("the inference service is shut down")
-        req.validate()  # field ranges first: no file is touched for a malformed request
-        model_path, spatial, temporal = self._check_model(req)
-        req.validate(spatial_multiple=spatial, temporal_stride=temporal)
+        errors: list[tuple[str, str]] = []
+        model_path, spatial, temporal = None, SPATIAL_MULTIPLE, TEMPORAL_STRIDE
+        try:  # reads the model's config files only: sizes depend on its VAE stride and patch
+            model_path, spatial, temporal = self._check_model(req)
+        except ConfigError as exc:
+            errors += exc.errors
+        try:
+            req.validate(spatial_multiple=spatial, temporal_stride=temporal)
+        except ConfigError as exc:
+            errors += exc.errors
+        if errors:
+            raise ConfigError(errors)
         lora_files = self._check_loras(req)
         req = req.with_seed()
         tracked = _Tracked(id=uuid.uuid4().hex[:12], owner=owner, request=req, model_path=str(model_path),
