@@ -221,7 +221,7 @@ class TrainConfig:
     save_dtype: DType = field(
         default="bfloat16", metadata=_meta("Dtype of saved LoRA files.", ("bfloat16", "float16", "float32"))
     )
-    caching_batch_size: int = field(default=1, metadata=_meta("Batch size when encoding the cache."))
+    caching_batch_size: int = field(default=1, metadata=_meta("Accepted for diffusion-pipe configs; caching encodes one file at a time."))
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from engine.config import ConfigError
 from engine.families import Encoders, ModelFamily
+from engine.models import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class WanFamily(ModelFamily):
         model_dir = Path(model_dir)
         index = _read_json(model_dir / "model_index.json")
         if index.get("_class_name") not in ("WanPipeline", None):
-            raise ValueError(
+            raise ModelNotFoundError(
                 f"{model_dir}: model_index.json describes {index.get('_class_name')!r}, not a Wan text-to-video "
                 "pipeline (WanPipeline)"
             )
@@ -102,7 +104,7 @@ class WanFamily(ModelFamily):
 
         folder = Path(model_dir) / subfolder
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no transformer here (model.transformer_subfolder = {subfolder!r})")
+            raise ConfigError("model.transformer_subfolder", f"{folder} holds no transformer (config.json missing)")
         # torch_dtype at load time keeps host RAM at the target size (no fp32 copy of a 14B model).
         model = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=True)
         model.to(device)
@@ -117,7 +119,7 @@ class WanFamily(ModelFamily):
             if any(name.endswith("." + s) for s in suffixes):
                 names.append(name)
         if not names:
-            raise ValueError(f"adapter.target_modules {suffixes} match no linear layer in the Wan blocks")
+            raise ConfigError("adapter.target_modules", f"{suffixes} match no linear layer in the Wan blocks")
         return names
 
     def pad_text(self, embeds: list[torch.Tensor]) -> torch.Tensor:
@@ -140,5 +142,5 @@ class WanFamily(ModelFamily):
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a complete diffusers Wan folder")
+        raise ModelNotFoundError(f"{path} is missing: not a complete diffusers Wan folder")
     return json.loads(path.read_text(encoding="utf-8"))

@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.trainer.loop import Trainer, broadcast_object, init_distributed
 
     dist = init_distributed()
-    try:
-        run_dir = broadcast_object(_choose_run_dir(cfg, args) if dist.is_main else None, dist)
-    except FileNotFoundError as exc:
-        return early_error(str(exc))
+    # Rank 0 picks the run directory (a timestamp or a resumable run) and tells the others.
+    choice = broadcast_object(_choose_run_dir(cfg, args) if dist.is_main else None, dist)
+    if isinstance(choice, str):
+        return early_error(choice)
+    run_dir = choice
     assert isinstance(run_dir, Path)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CRASH
 
 
-def _choose_run_dir(cfg: TrainConfig, args: argparse.Namespace) -> Path:
+def _choose_run_dir(cfg: TrainConfig, args: argparse.Namespace) -> Path | str:
+    """The run directory, or an error message (every rank must learn about the failure)."""
     from engine.trainer.runfiles import find_resumable_run, new_run_dir
 
     if args.run_dir is not None:
@@ -83,7 +85,7 @@ def _choose_run_dir(cfg: TrainConfig, args: argparse.Namespace) -> Path:
     if args.resume:
         found = find_resumable_run(output_dir)
         if found is None:
-            raise FileNotFoundError(f"--resume: no run with a complete checkpoint under {output_dir}")
+            return f"--resume: no run with a complete checkpoint under {output_dir}"
         return found
     return new_run_dir(output_dir)
 
@@ -92,8 +94,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from engine.lora import LoraError
     from engine.models import ModelNotFoundError
     from engine.trainer.data import DatasetError
+    from engine.trainer.runfiles import ResumeError
 
-    return (ConfigError, DatasetError, ModelNotFoundError, LoraError)
+    return (ConfigError, DatasetError, ModelNotFoundError, LoraError, ResumeError)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from engine.trainer.order import Sample, epoch_microbatches, lr_factor, microbat
 from engine.trainer.runfiles import (
     RUN_CONFIG_FILE,
     MetricsWriter,
+    ResumeError,
     latest_complete_checkpoint,
     mark_checkpoint_complete,
     take_control_request,
@@ -293,7 +294,7 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
         self.signal_stop = True
 
-    def poll_control(self, step: int, epoch_end: bool, epoch: int) -> tuple[bool, bool, bool]:
+    def poll_control(self, step: int) -> tuple[bool, bool, bool]:
         """(save_lora, checkpoint, stop) agreed by all ranks."""
         cfg = self.cfg
         save = ckpt = stop = False
@@ -331,7 +332,7 @@ class Trainer:
         if self.resume:
             found = latest_complete_checkpoint(self.run_dir)
             if found is None:
-                raise FileNotFoundError(f"--resume: no complete checkpoint (global_stepN/) in {self.run_dir}")
+                raise ResumeError(f"--resume: no complete checkpoint (global_stepN/ with complete.json) in {self.run_dir}")
             tag, _ = found
             _, client = engine.load_checkpoint(str(self.run_dir), tag=tag, load_module_strict=False,
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -379,7 +380,6 @@ class Trainer:
             epoch_losses.append(loss_value)
             step_times.append(time.monotonic() - t0)
             epoch = epoch_index + 1
-            epoch_end = step % spe == 0 or step == total_steps
             if dist.is_main:
                 recent = step_times[-20:]
                 mean_time = sum(recent) / len(recent)
@@ -391,9 +391,9 @@ class Trainer:
                     eta_s=round(mean_time * (total_steps - step), 1),
                     **_memory_fields(dist.device),
                 )
-            save, ckpt, stop = self.poll_control(step, epoch_end, epoch)
+            save, ckpt, stop = self.poll_control(step)
             elapsed = elapsed_before + time.monotonic() - t_start
-            if epoch_end and step % spe == 0:
+            if step % spe == 0:  # end of an epoch
                 if dist.is_main:
                     self.events.emit("epoch", epoch=epoch, step=step,
                                      mean_loss=sum(epoch_losses) / max(1, len(epoch_losses)))

@@ -21,6 +21,10 @@ STOP_FILES = ("stop", "save_quit")
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
 
 
+class ResumeError(RuntimeError):
+    """--resume found nothing to resume from."""
+
+
 class MetricsWriter:
     """Appends one JSON object per line; only rank 0 writes. Every line has `event` and `time`."""
 
