@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     emit = EventWriter(protocol)
     reader = CommandReader(sys.stdin, emit)
-    reader.start()
     try:
-        Worker(args.device, args.idle_timeout, emit, reader).serve()
+        worker = Worker(args.device, args.idle_timeout, emit, reader)
+        reader.start()  # after start-up: "ready" is always the first event
+        worker.serve()
     except Exception as exc:  # start-up failure (no torch, no CUDA): tell the service, then exit
         emit("fatal", message=f"{type(exc).__name__}: {exc}")
         log.exception("worker failed")
