@@ -41,17 +41,17 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
             upload = gr.UploadButton("Upload a LoRA (.safetensors)", file_types=[".safetensors"], size="sm")
             with gr.Accordion("Parameters", open=True, elem_classes=["form-section"]):
                 with gr.Row(elem_classes=["form-grid"]):
-                    width = gr.Number(64, precision=0, step=16, label="width", **limits("width"), min_width=120)
-                    height = gr.Number(64, precision=0, step=16, label="height", **limits("height"), min_width=120)
-                    frames = gr.Number(17, precision=0, step=4, label="frames (4k+1)", **limits("num_frames"),
+                    width = gr.Number(64, precision=0, step=16, label="width", elem_id="infer-width", **limits("width"), min_width=120)
+                    height = gr.Number(64, precision=0, step=16, label="height", elem_id="infer-height", **limits("height"), min_width=120)
+                    frames = gr.Number(17, precision=0, step=4, label="frames (4k+1)", elem_id="infer-frames", **limits("num_frames"),
                                        min_width=120)
                     fps = gr.Number(16, precision=0, label="fps", **limits("fps"), min_width=120)
                 with gr.Row(elem_classes=["form-grid"]):
-                    steps = gr.Slider(value=20, step=1, label="steps", **limits("steps"))
+                    steps = gr.Slider(value=20, step=1, label="steps", elem_id="infer-steps", **limits("steps"))
                     guidance = gr.Slider(value=5.0, step=0.5, label="guidance scale", **limits("guidance_scale"))
                     shift = gr.Slider(value=3.0, step=0.1, label="flow shift", **limits("flow_shift"))
                 with gr.Row(elem_classes=["form-grid"]):
-                    seed = gr.Number(-1, precision=0, label="seed (-1 = random)", min_width=140)
+                    seed = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="infer-seed", min_width=140)
                     count = gr.Number(1, precision=0, label="videos", **limits("num_videos"), min_width=120)
                     fuse = gr.Checkbox(False, label="fuse LoRAs (faster, fixed weights)", min_width=160)
             with gr.Row():

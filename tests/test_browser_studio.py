@@ -1,0 +1,123 @@
+"""A person's path through all four tabs in headless chromium: load a TOML, start training, watch the
+loss chart gain points, generate with the trained LoRA, see the video play, find it in the gallery."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.test_ui_support import REPO_ROOT, start_server, stop_server, train_toml
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run"]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+LONG = 240_000  # ms: a loaded 2-core machine trains and renders slowly
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = start_server(tmp_path_factory.mktemp("browser"), free_port(), auth=False)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture
+def page():
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.fail("chromium is missing: run scripts/install-chromium.sh")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(60_000)
+        yield page
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+
+
+def loss_points(page) -> int:
+    return page.evaluate("""() => {
+        const plot = document.querySelector('#train-loss .js-plotly-plot');
+        if (!plot || !plot.data || !plot.data.length) return 0;
+        return (plot.data[0].x || []).length;
+    }""")
+
+
+def test_train_watch_generate_and_find(server, page, tmp_path: Path) -> None:
+    try:
+        walk_through(server, page, tmp_path)
+    except Exception:
+        shot(page, "failure")
+        raise
+
+
+def walk_through(server, page, tmp_path: Path) -> None:
+    page.goto(server.url)
+    page.wait_for_selector("#train-start")
+    # ---- Train: load a TOML file into the form, start, watch the chart
+    toml_file = tmp_path / "browser_run.toml"
+    toml_file.write_text(train_toml(server.model, server.dataset, epochs=3))
+    page.locator("input[type=file][accept*='.toml']").set_input_files(str(toml_file))
+    page.wait_for_function("(p) => document.querySelector('#train-folder input')?.value === p",
+                           arg=str(server.dataset))
+    page.locator("#train-check").click()
+    page.wait_for_selector("text=4 files in shapes")
+    page.get_by_label("Run name").fill("browser-run")
+    page.locator("#train-start").click()
+    page.wait_for_selector("text=queued run #")
+    page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot')?.data?.[0]?.x?.length >= 1",
+                           timeout=LONG)
+    first = loss_points(page)
+    page.wait_for_function(f"() => document.querySelector('#train-loss .js-plotly-plot').data[0].x.length > {first}",
+                           timeout=LONG)
+    page.wait_for_selector("#train-job-status .status-badge:text('succeeded')", timeout=LONG)
+    assert loss_points(page) > first
+    shot(page, "1-train")
+
+    # ---- Infer: the trained LoRA, small size, Generate, the video plays
+    page.get_by_role("tab", name="Infer").click()
+    model = page.locator("#infer-model input")
+    model.fill(server.model)
+    model.press("Enter")
+    page.locator("#lora-add").click()
+    page.locator("#lora-ref-0 input").click()
+    page.get_by_role("option", name="epoch3").first.click()
+    for field, value in (("#infer-width", "64"), ("#infer-height", "48"), ("#infer-frames", "9"),
+                         ("#infer-seed", "5")):
+        page.locator(f"{field} input").fill(value)
+    page.locator("#infer-steps input[type=number]").fill("3")
+    page.locator("#infer-steps input[type=number]").press("Enter")
+    page.locator("#infer-generate").click()
+    page.wait_for_selector("#infer-video video", timeout=LONG)
+    page.wait_for_function("""() => { const v = document.querySelector('#infer-video video');
+        return v && v.readyState >= 2 && v.videoWidth === 64; }""", timeout=60_000)
+    page.evaluate("() => { const v = document.querySelector('#infer-video video'); v.muted = true; return v.play(); }")
+    page.wait_for_function("() => document.querySelector('#infer-video video').currentTime > 0", timeout=30_000)
+    assert "seed 5" in page.locator("#infer-gallery-link").inner_text()
+    shot(page, "2-infer")
+
+    # ---- Gallery: the video is there with its parameters
+    page.get_by_role("tab", name="Gallery").click()
+    page.locator("#gallery-search input, #gallery-search textarea").first.fill("purple star")
+    page.locator("#gallery-search input, #gallery-search textarea").first.press("Enter")
+    page.wait_for_selector("#gallery-grid .gallery-item button", timeout=60_000)
+    page.locator("#gallery-grid .gallery-item button").first.click()
+    page.wait_for_selector("#gallery-details >> text=seed", timeout=60_000)
+    assert "epoch3" in page.locator("#gallery-details").inner_text()
+    shot(page, "3-gallery")
+
+    # ---- GPUs: a plain message on this CPU machine, host RAM and disk
+    page.get_by_role("tab", name="GPUs").click()
+    page.wait_for_selector("#gpus-host >> text=Host RAM", timeout=60_000)
+    assert page.locator("#gpus-none").is_visible()
+    shot(page, "4-gpus")
