@@ -1,0 +1,107 @@
+"""Studio helpers without a browser: safe zip import, dataset confinement and checks, the config form
+binding by key path, and the loss chart."""
+from __future__ import annotations
+
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from engine.config import TrainConfig, config_fields
+from studio.datasets import (DatasetError, check_dataset, confine, import_uploads, safe_extract_zip, save_caption,
+                             scan_dataset)
+from studio.plots import ema_smooth, loss_figure
+from studio.widgets import value_to_widget, widget_to_value
+
+
+def make_zip(path: Path, entries: dict[str, bytes], link: str | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        if link:
+            info = zipfile.ZipInfo(link)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "/abs/x.png", "a/../../b.png", "C:/win.png"])
+def test_zip_with_unsafe_entry_is_refused_before_writing(tmp_path: Path, bad: str) -> None:
+    archive = make_zip(tmp_path / "bad.zip", {"ok.png": b"x", bad: b"y"})
+    dest = tmp_path / "out"
+    with pytest.raises(DatasetError, match="unsafe entry"):
+        safe_extract_zip(archive, dest, max_bytes=10_000)
+    assert not dest.exists() or not any(dest.rglob("*"))
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_zip_symlink_and_size_limit_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="symbolic link"):
+        safe_extract_zip(make_zip(tmp_path / "l.zip", {"a.txt": b"x"}, link="link.png"), tmp_path / "o", 10_000)
+    with pytest.raises(DatasetError, match="over the"):
+        safe_extract_zip(make_zip(tmp_path / "big.zip", {"a.png": b"0" * 5000}), tmp_path / "o2", 1000)
+
+
+def test_import_scan_and_check(tmp_path: Path) -> None:
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (32, 24), "red").save(src / "red.png")
+    (src / "red.txt").write_text("a red square")
+    Image.new("RGB", (8, 8), "blue").save(src / "blue.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in src.iterdir():
+            zf.write(f, f"inner/{f.name}")
+    dest = tmp_path / "root" / "ds"
+    written = import_uploads([str(archive)], dest, max_bytes=1 << 20)
+    assert {p.name for p in written} == {"red.png", "red.txt", "blue.png", "broken.png"}
+    with pytest.raises(DatasetError, match="not an image"):
+        import_uploads([str(tmp_path / "x.exe")], dest, 1 << 20)
+    files = {f.name: f for f in scan_dataset(dest)}
+    assert files["inner/red.png"].caption == "a red square" and files["inner/red.png"].width == 32
+    problems = check_dataset(list(files.values()), [1, 17])
+    assert any("blue.png: missing caption" in p for p in problems)
+    assert any("broken.png: unreadable" in p for p in problems)
+    save_caption(dest, "inner/blue.png", "a blue square")
+    assert (dest / "inner" / "blue.txt").read_text().strip() == "a blue square"
+    with pytest.raises(DatasetError):
+        save_caption(dest, "../../etc/passwd.png", "x")
+
+
+def test_dataset_folder_confined_to_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "ds").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (root / "escape").symlink_to(tmp_path / "other")
+    assert confine(str(root / "ds"), (root.resolve(),)) == (root / "ds").resolve()
+    for outside in (tmp_path / "other", root / "ds" / ".." / "..", root / "escape", Path("/etc")):
+        with pytest.raises(DatasetError, match="outside the allowed"):
+            confine(str(outside), (root.resolve(),))
+
+
+def test_form_values_round_trip_by_key_path() -> None:
+    cfg = TrainConfig(output_dir="runs").with_value("optimizer.lr", 3e-4).with_value("dataset.frame_buckets", [1, 33])
+    rebuilt = TrainConfig(output_dir="runs")
+    for spec in config_fields():
+        if spec.path == "output_dir":
+            continue
+        shown = value_to_widget(spec, cfg.get(spec.path))
+        rebuilt = rebuilt.with_value(spec.path, widget_to_value(spec, shown))
+    assert rebuilt.to_toml() == cfg.to_toml()
+    lists = {s.path: s for s in config_fields()}
+    assert widget_to_value(lists["dataset.frame_buckets"], "1, 17,33") == [1, 17, 33]
+    assert widget_to_value(lists["max_steps"], "") is None
+
+
+def test_loss_figure_has_raw_smoothed_lr_and_epoch_marks() -> None:
+    series = {"step": [1, 2, 3, 4], "loss": [1.0, 0.5, 0.4, 0.2], "lr": [1e-4] * 4, "epoch_steps": [2, 4]}
+    fig = loss_figure(series)
+    assert [t.name for t in fig.data] == ["loss", "smoothed", "lr"]
+    assert fig.data[2].yaxis == "y2" and len(fig.layout.shapes) == 2
+    smoothed = ema_smooth([1.0, 1.0, 1.0])
+    assert smoothed == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards zero
+    assert len(loss_figure(None).data) == 0
