@@ -145,6 +145,29 @@ def test_two_loras_mix_by_weight(service, assets) -> None:
     assert a_plus_zero_b == only_a
 
 
+ORIGINAL_WAN_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                      "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                      "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0",
+                      "ffn.net.2": "ffn.2"}
+
+
+def test_lora_with_original_wan_module_names_gives_the_same_video(service, assets, tmp_path: Path) -> None:
+    # ComfyUI / musubi LoRAs name modules as Wan's own code does (self_attn.q, ffn.0).
+    from safetensors.torch import load_file, save_file
+
+    renamed = {}
+    for key, value in load_file(str(assets["lora_a"])).items():
+        for ours, theirs in ORIGINAL_WAN_NAMES.items():
+            key = key.replace(f".{ours}.lora_", f".{theirs}.lora_")
+        renamed[key] = value
+    assert any(".self_attn.q." in key for key in renamed)
+    comfy_file = tmp_path / "comfy_named.safetensors"
+    save_file(renamed, str(comfy_file))
+    ours = succeeded(service, request(assets, loras=[LoraSpec(str(assets["lora_a"]), 0.9)]))
+    theirs = succeeded(service, request(assets, loras=[LoraSpec(str(comfy_file), 0.9)]))
+    assert digest(service, theirs) == digest(service, ours)
+
+
 def test_fused_loras_match_unfused(service, assets) -> None:
     stack = [LoraSpec(str(assets["lora_a"]), 0.7), LoraSpec(str(assets["lora_b"]), -0.5)]
     plain = succeeded(service, request(assets, loras=stack))
