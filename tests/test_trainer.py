@@ -187,16 +187,20 @@ def test_single_process_run_learns_and_writes_the_run_directory(tmp_path: Path, 
 
     # A second run reuses the cache (nothing left to encode) and starts from the saved LoRA: with a
     # negligible lr its own saved LoRA equals the one it started from.
-    again_cfg = write_config(tmp_path, tiny_model, dataset, epochs=1, **{
+    again_cfg = write_config(tmp_path, tiny_model, dataset, epochs=1, max_steps=4, **{
         "adapter.init_from_existing": str(run_dir / "epoch8"), "optimizer.lr": 1e-12})
     again = run_trainer(trainer_cmd(again_cfg, tmp_path / "run2"))
     assert again.returncode == 0, again.stderr[-3000:]
-    first_cache = of_kind(read_events(tmp_path / "run2"), "cache")[0]
+    events2 = read_events(tmp_path / "run2")
+    first_cache = of_kind(events2, "cache")[0]
     assert first_cache["done"] == first_cache["total"] == 6
+    # max_steps cuts the epoch short; the final LoRA is then a step folder.
+    assert of_kind(events2, "start")[0]["total_steps"] == 4 and len(of_kind(events2, "step")) == 4
+    assert [Path(e["path"]).name for e in of_kind(events2, "save")] == ["step4"]
     from safetensors.torch import load_file
 
     before = load_file(str(run_dir / "epoch8" / "adapter_model.safetensors"))
-    after = load_file(str(tmp_path / "run2" / "epoch1" / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "run2" / "step4" / "adapter_model.safetensors"))
     assert before.keys() == after.keys()
     for key in before:
         torch.testing.assert_close(after[key].float(), before[key].float(), rtol=1e-2, atol=1e-3)

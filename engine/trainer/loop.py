@@ -148,6 +148,7 @@ class Trainer:
         self.adapter_dtype = _DTYPES[cfg.adapter.dtype] if on_gpu else torch.float32
         self.signal_stop = False
         self.last_checkpoint_time = time.monotonic()
+        self.last_saved_step = -1
 
     # -- setup ----------------------------------------------------------------------------------
     def prepare_samples(self, model_dir: Path) -> list[Sample]:
@@ -268,6 +269,7 @@ class Trainer:
 
     # -- saving -----------------------------------------------------------------------------------
     def save_lora(self, name: str, step: int, epoch: int) -> None:
+        self.last_saved_step = step
         if not self.dist.is_main:
             return
         from peft import get_peft_model_state_dict
@@ -350,14 +352,12 @@ class Trainer:
                    start_step: int, elapsed_before: float) -> int:
         cfg, dist = self.cfg, self.dist
         ga, world = cfg.gradient_accumulation_steps, dist.world_size
-        save_epochs = cfg.effective_save_every_n_epochs
         t_start = time.monotonic()
         step_times: list[float] = []
         epoch_losses: list[float] = []
         batches: list[list[int]] = []
         batches_epoch = -1
         step = start_step
-        last_saved_step = -1
         engine.train()
         while step < total_steps:
             epoch_index = step // spe
@@ -391,33 +391,38 @@ class Trainer:
                     eta_s=round(mean_time * (total_steps - step), 1),
                     **_memory_fields(dist.device),
                 )
-            save, ckpt, stop = self.poll_control(step)
             elapsed = elapsed_before + time.monotonic() - t_start
-            if step % spe == 0:  # end of an epoch
-                if dist.is_main:
-                    self.events.emit("epoch", epoch=epoch, step=step,
-                                     mean_loss=sum(epoch_losses) / max(1, len(epoch_losses)))
-                if save_epochs and epoch % save_epochs == 0:
-                    self.save_lora(f"epoch{epoch}", step, epoch)
-                    last_saved_step = step
-                if cfg.checkpoint_every_n_epochs and epoch % cfg.checkpoint_every_n_epochs == 0:
-                    ckpt = True
-            if (save or stop) and last_saved_step != step:
-                self.save_lora(f"step{step}", step, epoch)
-                last_saved_step = step
-            if (ckpt or stop) and step < total_steps:
-                self.save_checkpoint(engine, step, epoch, elapsed)
-            if stop:
+            if step % spe == 0 and dist.is_main:  # end of an epoch
+                self.events.emit("epoch", epoch=epoch, step=step,
+                                 mean_loss=sum(epoch_losses) / max(1, len(epoch_losses)))
+            if self._save_and_checkpoint(engine, step, epoch, spe, total_steps, elapsed):
                 if dist.is_main:
                     self.events.emit("stopped", step=step)
                 return 0
-        if last_saved_step != step:
+        if self.last_saved_step != step:
             epoch = (step - 1) // spe + 1
             self.save_lora(f"epoch{epoch}" if step % spe == 0 else f"step{step}", step, epoch)
         barrier(dist)
         if dist.is_main:
             self.events.emit("done", step=step)
         return 0
+
+    def _save_and_checkpoint(self, engine, step: int, epoch: int, spe: int, total_steps: int,
+                             elapsed: float) -> bool:
+        """Scheduled and requested LoRA saves and checkpoints after a step; True = stop now."""
+        cfg = self.cfg
+        save, ckpt, stop = self.poll_control(step)
+        if step % spe == 0:
+            save_epochs = cfg.effective_save_every_n_epochs
+            if save_epochs and epoch % save_epochs == 0:
+                self.save_lora(f"epoch{epoch}", step, epoch)
+            if cfg.checkpoint_every_n_epochs and epoch % cfg.checkpoint_every_n_epochs == 0:
+                ckpt = True
+        if (save or stop) and self.last_saved_step != step:
+            self.save_lora(f"step{step}", step, epoch)
+        if (ckpt or stop) and step < total_steps:  # the final step needs no checkpoint
+            self.save_checkpoint(engine, step, epoch, elapsed)
+        return stop
 
     def _micro_step(self, engine, samples: list[Sample], indices: list[int], step: int,
                     accum: int) -> tuple[float, float | None]:
