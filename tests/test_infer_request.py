@@ -61,6 +61,13 @@ def test_round_trip_through_dict_and_unknown_fields_rejected() -> None:
         InferRequest.from_dict({**req.to_dict(), "colour": "red"})
 
 
+def test_whole_floats_from_widgets_become_ints() -> None:
+    req = InferRequest.from_dict({"prompt": "x", "width": 512.0, "seed": 42.0, "steps": 20.0})
+    assert (req.width, req.seed, req.steps) == (512, 42, 20) and isinstance(req.seed, int)
+    with pytest.raises(ConfigError, match="steps"):
+        InferRequest.from_dict({"prompt": "x", "steps": 20.5}).validate()
+
+
 def test_lora_spec_parses_cli_form() -> None:
     assert LoraSpec.parse("style.safetensors:0.8") == LoraSpec("style.safetensors", 0.8)
     assert LoraSpec.parse("runs/7/epoch2") == LoraSpec("runs/7/epoch2", 1.0)

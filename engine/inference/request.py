@@ -144,6 +144,10 @@ class InferRequest:
         if unknown:
             raise ConfigError([(name, "unknown field") for name in unknown])
         values = dict(data)
+        for name in _INT_FIELDS:  # widgets hand numbers over as floats (42.0): keep whole ones
+            value = values.get(name)
+            if isinstance(value, float) and value.is_integer():
+                values[name] = int(value)
         values["loras"] = [
             spec if isinstance(spec, LoraSpec) else
             LoraSpec(path=str(spec["path"]), weight=spec.get("weight", 1.0)) if isinstance(spec, dict) else
@@ -180,6 +184,9 @@ def resolve_lora_path(path: str | Path) -> Path:
         newest = max(saves, key=lambda p: (p.name.startswith("epoch"), _save_number(p.name)))
         return resolve_lora_path(newest)
     raise FileNotFoundError(f"{path}: no .safetensors LoRA in this folder (nor in epochN/stepN subfolders)")
+
+
+_INT_FIELDS = ("width", "height", "num_frames", "steps", "seed", "fps", "num_videos")
 
 
 def _save_number(name: str) -> int | None:
