@@ -43,7 +43,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_one_rank_under_deepspeed_with_zero1(tmp_path: Path, tiny_model: Path) -> None:
     data = make_dataset(tmp_path / "data", images=2, video=False, corrupt_video=False, uncaptioned=False)
-    config = write_config(tmp_path, tiny_model, data, epochs=2, zero_stage=1, checkpoint_every_n_minutes=1e-5)
+    config = write_config(tmp_path, tiny_model, data, epochs=2, zero_stage=1, checkpoint_every_n_minutes=1e-5,
+                          save_every_n_steps=3, activation_checkpointing=True)
     result = run_trainer(deepspeed_cmd(1, config, tmp_path / "run"))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     events = read_events(tmp_path / "run")
@@ -52,6 +53,8 @@ def test_one_rank_under_deepspeed_with_zero1(tmp_path: Path, tiny_model: Path) -
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(s["grad_norm"] is not None and s["grad_norm"] > 0 for s in steps)
     assert events[-1]["event"] == "done"
+    # save_every_n_steps replaces the per-epoch default; the final LoRA is always written.
+    assert [Path(e["path"]).name for e in of_kind(events, "save")] == ["step3", "epoch2"]
     assert (tmp_path / "run" / "epoch2" / "adapter_model.safetensors").is_file()
     # A checkpoint every ~1 ms of wall time: one after every step but the last.
     assert [c["step"] for c in of_kind(events, "checkpoint")] == [1, 2, 3]
