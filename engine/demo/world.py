@@ -201,13 +201,15 @@ def sample_specs(
 
 def render_clip(spec: ClipSpec) -> np.ndarray:
     """Render a clip as uint8 frames of shape (num_frames, height, width, 3)."""
-    frames = np.empty((spec.num_frames, spec.height, spec.width, 3), dtype=np.uint8)
+    coverage = render_coverage(spec)[..., None]
     background = np.array(BACKGROUNDS[spec.background], dtype=np.float32)
     foreground = np.array(COLORS[spec.color], dtype=np.float32)
-    for index in range(spec.num_frames):
-        coverage = _coverage(spec, *spec.center(index))[..., None]
-        frames[index] = np.rint(background * (1 - coverage) + foreground * coverage).astype(np.uint8)
-    return frames
+    return np.rint(background * (1 - coverage) + foreground * coverage).astype(np.uint8)
+
+
+def render_coverage(spec: ClipSpec) -> np.ndarray:
+    """Per-pixel shape coverage in [0, 1], shape (num_frames, height, width): colors can be composed later."""
+    return np.stack([_coverage(spec, *spec.center(index)) for index in range(spec.num_frames)])
 
 
 def _coverage(spec: ClipSpec, cx: float, cy: float) -> np.ndarray:

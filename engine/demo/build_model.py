@@ -1,0 +1,486 @@
+"""Build the embedded demo model: a tiny pipeline of the real Wan2.1 architecture, trained on the shapes world.
+
+Stages (each resumable, all state in --work-dir):
+  text        word-level tokenizer from the caption vocabulary + a small random UMT5 encoder (kept frozen)
+  vae         AutoencoderKLWan (4x spatial, 4x temporal) trained to reconstruct shapes-world clips
+  latents     encode a pool of base-split clips, record per-channel latent mean/std in the VAE config
+  transformer WanTransformer3DModel trained with Wan's flow-matching objective (EMA weights kept)
+  export      WanPipeline(...).save_pretrained(out): loads with plain WanPipeline.from_pretrained
+
+The held-out concept (purple, star) never appears in the transformer's data. The VAE sees random
+foreground/background colors so it reconstructs any color, like a real video VAE.
+
+    python -m engine.demo.build_model --out assets/demo_model --preset cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.demo import world
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default: embeddings are zero-padded to this length
+TEXT_DIM = 64
+Z_DIM = 8
+FLOW_SHIFT = 2.0
+
+VAE_CONFIG = dict(
+    base_dim=24,
+    z_dim=Z_DIM,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[True, True],
+    scale_factor_temporal=4,
+    scale_factor_spatial=4,
+)
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=Z_DIM,
+    out_channels=Z_DIM,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    ffn_dim=512,
+    num_layers=6,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+SCHEDULER_CONFIG = dict(
+    prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
+)
+STAGES = ("text", "vae", "latents", "transformer", "export")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    seed: int = 0
+    pool_clips: int = 2000
+    vae_steps: int = 600
+    vae_batch: int = 4
+    vae_lr: float = 1e-3
+    vae_clip_frames: int = 5  # the causal VAE is trained on short crops: same model, ~3x cheaper steps
+    transformer_steps: int = 3000
+    transformer_batch: int = 16
+    transformer_lr: float = 5e-4
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    workers: int = 1
+    vae_minutes: float = 0.0  # wall-clock budget per stage; 0 = none (stops early, saves what it has)
+    transformer_minutes: float = 0.0
+
+
+PRESETS: dict[str, BuildSettings] = {
+    "smoke": BuildSettings(pool_clips=64, vae_steps=20, transformer_steps=30, checkpoint_every=10, ema_decay=0.9),
+    "cpu": BuildSettings(),
+    "gpu": BuildSettings(
+        pool_clips=16000,
+        vae_steps=4000,
+        vae_batch=64,
+        transformer_steps=12000,
+        transformer_batch=128,
+        checkpoint_every=1000,
+        ema_decay=0.999,
+        workers=14,
+    ),
+}
+
+
+# ---------------------------------------------------------------- text
+
+
+def build_tokenizer():
+    """Word-level tokenizer over the caption vocabulary, shaped like UMT5's (pad 0, eos 1, unk 2, eos appended)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in world.caption_vocabulary():
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=MAX_SEQUENCE_LENGTH,
+        padding_side="right",
+    )
+
+
+def build_text_encoder(vocab_size: int, seed: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def stage_text(work: Path, settings: BuildSettings) -> None:
+    tokenizer = build_tokenizer()
+    encoder = build_text_encoder(len(tokenizer), settings.seed)
+    tokenizer.save_pretrained(work / "text" / "tokenizer")
+    encoder.save_pretrained(work / "text" / "text_encoder")
+
+
+def encode_captions(work: Path, prompts: list[str]) -> torch.Tensor:
+    """Embeddings exactly as WanPipeline computes them (its own method, on our text parts)."""
+    from diffusers import WanPipeline
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+
+    pipe = WanPipeline(
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(work / "text" / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(work / "text" / "text_encoder"),
+        transformer=None,
+        vae=None,
+        scheduler=None,
+    )
+    with torch.no_grad():
+        return pipe._get_t5_prompt_embeds(prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, device=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- data
+
+
+def _coverage_and_labels(spec: world.ClipSpec) -> tuple[np.ndarray, str]:
+    return world.render_coverage(spec).astype(np.float16), spec.caption.text()
+
+
+def render_pool(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[world.ClipSpec]]:
+    """Coverage maps (N, T, H, W) float16 of base-split clips; colors are composed later."""
+    specs = world.sample_specs(count, seed)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_coverage_and_labels, specs, chunksize=64)
+    else:
+        results = [_coverage_and_labels(s) for s in specs]
+    return np.stack([r[0] for r in results]), specs
+
+
+def compose(coverage: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W) coverage + (B, 3) colors in [0, 255] -> (B, 3, T, H, W) video in [-1, 1]."""
+    cov = coverage.float().unsqueeze(1)
+    fg = foreground.view(-1, 3, 1, 1, 1) / 127.5 - 1
+    bg = background.view(-1, 3, 1, 1, 1) / 127.5 - 1
+    return bg * (1 - cov) + fg * cov
+
+
+def palette_colors(specs: list[world.ClipSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+    fg = torch.tensor([world.COLORS[s.color] for s in specs], dtype=torch.float32)
+    bg = torch.tensor([world.BACKGROUNDS[s.background] for s in specs], dtype=torch.float32)
+    return fg, bg
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash mid-save keeps the previous checkpoint
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def _deadline(minutes: float) -> float:
+    return time.time() + minutes * 60 if minutes > 0 else math.inf
+
+
+def _lr_factor(step: int, total: int, started: float, minutes: float, warmup: int = 200) -> float:
+    """Linear warmup, then cosine to 10% over whichever ends first: the steps or the time budget."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    if minutes > 0:
+        progress = max(progress, (time.time() - started) / (minutes * 60))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---------------------------------------------------------------- vae
+
+
+def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None:
+    from diffusers import AutoencoderKLWan
+
+    coverage, specs = _load_pool(work, settings)  # before CUDA starts: the pool forks workers
+    torch.manual_seed(settings.seed + 1)
+    vae = _initial(AutoencoderKLWan, work, "vae", VAE_CONFIG).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    ckpt_path = work / "vae_ckpt.pt"
+    start = _resume(ckpt_path, vae, optimizer)
+    started, deadline = time.time(), _deadline(settings.vae_minutes)
+    generator = torch.Generator().manual_seed(settings.seed + 2 + start)
+    fg_palette, bg_palette = palette_colors(specs)
+    for step in range(start, settings.vae_steps):
+        index = torch.randint(len(specs), (settings.vae_batch,), generator=generator)
+        fg, bg = fg_palette[index].clone(), bg_palette[index].clone()
+        random_colors = torch.rand(settings.vae_batch, generator=generator) < 0.5
+        fg[random_colors] = torch.rand(int(random_colors.sum()), 3, generator=generator) * 255
+        bg[random_colors] = torch.rand(int(random_colors.sum()), 3, generator=generator) * 255
+        first = int(torch.randint(coverage.shape[1] - settings.vae_clip_frames + 1, (1,), generator=generator))
+        crop = coverage[index.numpy(), first : first + settings.vae_clip_frames]
+        video = compose(torch.from_numpy(crop), fg, bg).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.vae_lr * _lr_factor(step, settings.vae_steps, started, settings.vae_minutes)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            posterior = vae.encode(video).latent_dist
+            recon = vae.decode(posterior.sample()).sample.float()
+        loss = (recon - video).abs().mean() + (recon - video).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            log.info("vae step %d/%d loss %.4f", step + 1, settings.vae_steps, loss.item())
+        out_of_time = time.time() > deadline
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.vae_steps or out_of_time:
+            _save_checkpoint(ckpt_path, {"step": step + 1, "model": vae.state_dict(), "optimizer": optimizer.state_dict()})
+        if out_of_time:
+            log.info("vae: time budget reached at step %d", step + 1)
+            break
+    vae.eval().to("cpu").save_pretrained(work / "vae")
+
+
+def _initial(model_class, work: Path, name: str, config: dict) -> torch.nn.Module:
+    """Fresh weights, or work/init/<name> when present (continue an earlier build's weights)."""
+    init = work / "init" / name
+    if (init / "config.json").is_file():
+        log.info("%s starts from %s", name, init)
+        return model_class.from_pretrained(init)
+    return model_class(**config)
+
+
+def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema=None) -> int:
+    state = _load_checkpoint(path)
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
+    log.info("resumed %s at step %d", path.name, state["step"])
+    return int(state["step"])
+
+
+def _load_pool(work: Path, settings: BuildSettings) -> tuple[np.ndarray, list[world.ClipSpec]]:
+    """The rendered pool is cached in the work dir so every stage and every resume sees the same clips."""
+    path = work / "pool.npy"
+    specs = world.sample_specs(settings.pool_clips, settings.seed)
+    if path.exists():
+        coverage = np.load(path, mmap_mode="r")
+        if len(coverage) == len(specs):
+            return coverage, specs
+    started = time.time()
+    coverage, specs = render_pool(settings.pool_clips, settings.seed, settings.workers)
+    np.save(path, coverage)
+    log.info("rendered %d clips in %.1f s", len(specs), time.time() - started)
+    return np.load(path, mmap_mode="r"), specs
+
+
+# ---------------------------------------------------------------- latents
+
+
+def stage_latents(work: Path, settings: BuildSettings, device: torch.device) -> None:
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(work / "vae").to(device).eval()
+    coverage, specs = _load_pool(work, settings)
+    fg, bg = palette_colors(specs)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(specs), 64):
+            stop = min(start + 64, len(specs))
+            video = compose(torch.from_numpy(np.asarray(coverage[start:stop])), fg[start:stop], bg[start:stop])
+            chunks.append(vae.encode(video.to(device)).latent_dist.mode().cpu())
+    latents = torch.cat(chunks)
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    vae.to("cpu").save_pretrained(work / "vae")
+    normalized = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    prompts = sorted({s.caption.text() for s in specs})
+    caption_index = torch.tensor([prompts.index(s.caption.text()) for s in specs])
+    embeds = encode_captions(work, prompts + [""])  # the last row is the empty (unconditional) prompt
+    torch.save({"latents": normalized, "caption_index": caption_index, "embeds": embeds}, work / "latents.pt")
+
+
+# ---------------------------------------------------------------- transformer
+
+
+def stage_transformer(work: Path, settings: BuildSettings, device: torch.device) -> None:
+    from diffusers import WanTransformer3DModel
+
+    data = torch.load(work / "latents.pt")
+    latents, caption_index = data["latents"].to(device), data["caption_index"].to(device)
+    embeds = data["embeds"].to(device)
+    empty = embeds.shape[0] - 1
+    torch.manual_seed(settings.seed + 3)
+    model = _initial(WanTransformer3DModel, work, "transformer", TRANSFORMER_CONFIG).to(device).train()
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(settings.ema_decay)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.transformer_lr, weight_decay=0.01)
+    ckpt_path = work / "transformer_ckpt.pt"
+    start = _resume(ckpt_path, model, optimizer, ema)
+    started, deadline = time.time(), _deadline(settings.transformer_minutes)
+    generator = torch.Generator(device=device).manual_seed(settings.seed + 4 + start)
+    batch = settings.transformer_batch
+    for step in range(start, settings.transformer_steps):
+        index = torch.randint(len(latents), (batch,), generator=generator, device=device)
+        x0 = latents[index]
+        text = caption_index[index].clone()
+        text[torch.rand(batch, generator=generator, device=device) < settings.caption_dropout] = empty
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        sigma = _sample_sigmas(batch, generator, device)
+        noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
+        for group in optimizer.param_groups:
+            group["lr"] = settings.transformer_lr * _lr_factor(
+                step, settings.transformer_steps, started, settings.transformer_minutes
+            )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            prediction = model(noisy, timestep=sigma * 1000, encoder_hidden_states=embeds[text], return_dict=False)[0]
+        loss = (prediction.float() - (noise - x0)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update_parameters(model)
+        if (step + 1) % 100 == 0:
+            log.info("transformer step %d/%d loss %.4f", step + 1, settings.transformer_steps, loss.item())
+        out_of_time = time.time() > deadline
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.transformer_steps or out_of_time:
+            _save_checkpoint(
+                ckpt_path,
+                {"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict()},
+            )
+        if out_of_time:
+            log.info("transformer: time budget reached at step %d", step + 1)
+            break
+    ema.module.eval().to("cpu").save_pretrained(work / "transformer")
+
+
+def _sample_sigmas(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Half uniform, half logit-normal (Wan trainers' default): all noise levels, more weight mid-range."""
+    uniform = torch.rand(batch, generator=generator, device=device)
+    logit_normal = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    pick = torch.rand(batch, generator=generator, device=device) < 0.5
+    return torch.where(pick, uniform, logit_normal).clamp(1e-3, 1 - 1e-3)
+
+
+# ---------------------------------------------------------------- export
+
+
+def stage_export(work: Path, out: Path) -> None:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
+
+    pipe = WanPipeline(
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(work / "text" / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(work / "text" / "text_encoder"),
+        transformer=WanTransformer3DModel.from_pretrained(work / "transformer"),
+        vae=AutoencoderKLWan.from_pretrained(work / "vae"),
+        scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    log.info("saved the demo pipeline to %s", out)
+
+
+# ---------------------------------------------------------------- main
+
+
+def run(stages: list[str], work: Path, out: Path | None, settings: BuildSettings, device: torch.device) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    for stage in stages:
+        started = time.time()
+        log.info("stage %s on %s", stage, device)
+        if stage == "text":
+            stage_text(work, settings)
+        elif stage == "vae":
+            stage_vae(work, settings, device)
+        elif stage == "latents":
+            stage_latents(work, settings, device)
+        elif stage == "transformer":
+            stage_transformer(work, settings, device)
+        elif stage == "export":
+            if out is None:
+                raise SystemExit("stage export needs --out")
+            stage_export(work, out)
+        timings[stage] = {"seconds": round(time.time() - started, 1), "device": str(device)}
+        timings_path.write_text(json.dumps({**timings, "settings": asdict(settings)}, indent=2))
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="diffusers folder to write (e.g. assets/demo_model)")
+    parser.add_argument("--work-dir", type=Path, default=Path(".demo_build"), help="checkpoints and caches")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--transformer-steps", type=int, help="override the preset")
+    parser.add_argument("--vae-steps", type=int, help="override the preset")
+    parser.add_argument("--vae-minutes", type=float, help="wall-clock budget of the vae stage")
+    parser.add_argument("--transformer-minutes", type=float, help="wall-clock budget of the transformer stage")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = PRESETS[args.preset]
+    if args.transformer_steps:
+        settings = replace(settings, transformer_steps=args.transformer_steps)
+    if args.vae_steps:
+        settings = replace(settings, vae_steps=args.vae_steps)
+    if args.vae_minutes:
+        settings = replace(settings, vae_minutes=args.vae_minutes)
+    if args.transformer_minutes:
+        settings = replace(settings, transformer_minutes=args.transformer_minutes)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    timings = run(stages, args.work_dir, args.out, settings, torch.device(args.device))
+    print(json.dumps(timings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""Generate shapes-world clips with a Wan pipeline and score them with the pixel evaluator.
+
+    python -m engine.demo.sampling --model assets/demo_model --count 24 [--held-out] [--lora FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.demo import world
+from engine.demo.evaluate import ClipScore, accuracy, evaluate_clip
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 5.0
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    width: int = world.WIDTH
+    height: int = world.HEIGHT
+    num_frames: int = world.NUM_FRAMES
+
+
+def load_demo_pipeline(model: str = "demo", *, lora: Path | None = None, device: str = "cpu"):
+    """WanPipeline.from_pretrained on a resolved model name (same path as real Wan models), optional LoRA."""
+    from diffusers import WanPipeline
+
+    from engine.models import resolve_model
+
+    pipe = WanPipeline.from_pretrained(str(resolve_model(model))).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    return pipe
+
+
+def evaluation_prompts(count: int, *, held_out: bool, seed: int = 1234) -> list[str]:
+    """A fixed, seed-shuffled list of prompts from one split (cycles when count exceeds the split)."""
+    captions = world.all_captions(held_out=held_out)
+    order = np.random.default_rng(seed).permutation(len(captions))
+    return [captions[order[i % len(captions)]].text() for i in range(count)]
+
+
+def generate_clip(pipe, prompt: str, seed: int, settings: SampleSettings = SampleSettings()) -> np.ndarray:
+    """One clip as uint8 frames (T, H, W, 3)."""
+    device = getattr(pipe, "_execution_device", torch.device("cpu"))
+    output = pipe(
+        prompt,
+        negative_prompt="",
+        height=settings.height,
+        width=settings.width,
+        num_frames=settings.num_frames,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        output_type="np",
+    )
+    frames = np.asarray(output.frames[0])
+    return np.clip(np.rint(frames * 255), 0, 255).astype(np.uint8)
+
+
+def score_prompts(pipe, prompts: list[str], settings: SampleSettings = SampleSettings(), seed: int = 0) -> list[ClipScore]:
+    return [evaluate_clip(generate_clip(pipe, p, seed + i, settings), p) for i, p in enumerate(prompts)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="'demo' or a diffusers folder")
+    parser.add_argument("--count", type=int, default=24)
+    parser.add_argument("--held-out", action="store_true")
+    parser.add_argument("--lora", type=Path, help="LoRA .safetensors to load first")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    pipe = load_demo_pipeline(args.model, lora=args.lora, device=args.device)
+    prompts = evaluation_prompts(args.count, held_out=args.held_out)
+    for guidance in args.guidance:
+        started = time.time()
+        scores = score_prompts(pipe, prompts, SampleSettings(steps=args.steps, guidance_scale=guidance))
+        result = {"guidance": guidance, "held_out": args.held_out, "n": len(scores), **accuracy(scores)}
+        result["seconds_per_clip"] = round((time.time() - started) / len(scores), 3)
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The committed demo model: a real diffusers Wan pipeline, loaded by name, generating the requested clip."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import WanPipeline
+
+from engine.demo.evaluate import read_clip
+from engine.demo.setup import DEMO_DATASET_CLIPS, demo_lora_config_text, ensure_demo_assets
+from engine.models import resolve_model
+
+
+def test_demo_model_is_a_small_standard_wan_folder():
+    path = resolve_model("demo")
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline"
+    assert index["transformer"] == ["diffusers", "WanTransformer3DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLWan"]
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert total <= 20 * 1024 * 1024, f"demo model is {total / 2**20:.1f} MiB"
+
+
+def test_demo_model_generates_the_requested_size_and_length():
+    pipe = WanPipeline.from_pretrained(str(resolve_model("demo")))
+    pipe.set_progress_bar_config(disable=True)
+    output = pipe(
+        "a red circle moving left on a black background",
+        height=48,
+        width=64,
+        num_frames=9,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    frames = np.asarray(output.frames[0])
+    assert frames.shape == (9, 48, 64, 3)
+    assert np.isfinite(frames).all() and frames.std() > 0.01  # a picture, not a constant
+    assert read_clip(frames).background is not None
+
+
+def test_demo_dataset_is_created_once_and_config_points_at_it(tmp_path: Path):
+    folder = ensure_demo_assets(tmp_path)
+    clips = sorted(folder.glob("*.mp4"))
+    assert len(clips) == DEMO_DATASET_CLIPS
+    assert {c.with_suffix(".txt").read_text().split(" moving")[0] for c in clips} == {"a purple star"}
+    stamp = clips[0].stat().st_mtime_ns
+    assert ensure_demo_assets(tmp_path) == folder and clips[0].stat().st_mtime_ns == stamp  # idempotent
+    clips[0].unlink()  # an incomplete folder is rebuilt
+    assert len(list(ensure_demo_assets(tmp_path).glob("*.mp4"))) == DEMO_DATASET_CLIPS
+
+    from engine.config import TrainConfig
+
+    config = TrainConfig.from_toml_string(demo_lora_config_text(tmp_path)).validate()
+    assert Path(config.dataset.directory[0].path) == folder.resolve()
+    assert config.model.ckpt_path == "demo"
