@@ -177,8 +177,10 @@ class Trainer:
                                      cache_mod.model_fingerprint(model_dir), pairs, cfg.dataset.video_clip_mode)
         progress = self._cache_progress if dist.is_main else None
         cache_dtype = self.model_dtype
-        cache_mod.fill_cache(plans, self.family, model_dir, rank=dist.rank, world_size=dist.world_size,
-                             device=dist.device, dtype=cache_dtype, progress=progress)
+        encoded = cache_mod.fill_cache(plans, self.family, model_dir, rank=dist.rank, world_size=dist.world_size,
+                                       device=dist.device, dtype=cache_dtype, progress=progress)
+        if encoded and dist.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the encoders' memory back before the transformer loads
         barrier(dist)
         samples = []
         for plan in plans:
@@ -340,8 +342,10 @@ class Trainer:
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
             start_step = int(client["step"])
             elapsed_before = float(client.get("elapsed_s", 0.0))
-        if dist.is_main and not (self.run_dir / RUN_CONFIG_FILE).exists():
-            (self.run_dir / RUN_CONFIG_FILE).write_text(cfg.to_toml(), encoding="utf-8")
+        if dist.is_main:  # the config as read (dataset inlined, absolute paths); may replace --config itself
+            tmp = self.run_dir / f".{RUN_CONFIG_FILE}.tmp"
+            tmp.write_text(cfg.to_toml(), encoding="utf-8")
+            tmp.replace(self.run_dir / RUN_CONFIG_FILE)
         if dist.is_main:
             self.events.emit("start", total_steps=total_steps, epochs=cfg.epochs, world_size=world,
                              steps_per_epoch=spe, resumed_from_step=start_step, num_samples=len(samples),
