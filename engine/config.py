@@ -425,6 +425,22 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+# diffusion-pipe keys this trainer does not take, with what to do instead.
+_NO_EVAL = "evaluation runs are not supported by this trainer; remove the key"
+_FOREIGN_KEYS = {
+    "video_clip_mode": "set it in the dataset ([dataset] video_clip_mode)",
+    "eval_every_n_epochs": _NO_EVAL,
+    "eval_before_first_step": _NO_EVAL,
+    "eval_micro_batch_size_per_gpu": _NO_EVAL,
+    "eval_gradient_accumulation_steps": _NO_EVAL,
+    "eval_datasets": _NO_EVAL,
+    "partition_method": "not used (no pipeline parallelism); remove the key",
+    "steps_per_print": "not used (every step is written to metrics.jsonl); remove the key",
+    "blocks_to_swap": "block swapping is not supported; use activation_checkpointing and zero_stage",
+    "compile": "use the [performance] table (compile_blocks)",
+}
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(prefix.rstrip(".") or "", "expected a table")
@@ -433,9 +449,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     errors: list[tuple[str, str]] = []
     for key in data:
         if key not in names:
+            path = f"{prefix}{key}"
+            if path in _FOREIGN_KEYS:
+                errors.append((path, _FOREIGN_KEYS[path]))
+                continue
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append((f"{prefix}{key}", f"unknown key{hint}"))
+            errors.append((path, f"unknown key{hint}"))
     if errors:
         raise ConfigError(errors)
     kwargs: dict[str, Any] = {}

@@ -94,6 +94,13 @@ def test_bad_values_name_the_key_path(toml: str, path: str) -> None:
     assert str(err.value).startswith(path) or f"; {path}" in str(err.value)
 
 
+def test_diffusion_pipe_keys_we_do_not_take_say_what_to_do() -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_toml_string('output_dir="o"\neval_every_n_epochs = 1\nvideo_clip_mode = "single_middle"\n')
+    assert "eval_every_n_epochs: evaluation runs are not supported" in str(err.value)
+    assert "video_clip_mode: set it in the dataset" in str(err.value)
+
+
 def test_validate_collects_every_error() -> None:
     cfg = TrainConfig(output_dir="o").with_value("epochs", 0).with_value("optimizer.lr", -1.0)
     with pytest.raises(ConfigError) as err:
