@@ -245,6 +245,10 @@ def test_sigterm_stops_then_resume_reproduces_the_uninterrupted_run(tmp_path: Pa
     (run / "global_step99" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     (run / "latest").write_text("global_step99")
 
+    # A stop file left over from before this process must not stop the resumed run.
+    (run / "stop").touch()
+    os.utime(run / "stop", (time.time() - 60, time.time() - 60))
+
     resumed = run_trainer(trainer_cmd(config, run, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     events = read_events(run)

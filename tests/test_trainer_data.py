@@ -125,6 +125,9 @@ def test_cache_is_reused_and_invalidated_by_content_and_settings(tmp_path: Path)
 
     progress: list[tuple] = []
     first = plan(cfg)
+    stopped = cache_mod.fill_cache(first, family, model, rank=0, world_size=1, device=torch.device("cpu"),
+                                   dtype=torch.float32, should_stop=lambda: True)
+    assert stopped == 0 and not any(p.latent_path.exists() for p in first)  # a stop request ends caching
     assert fill(first) == 3
     assert progress[0] == (0, 3, "start")
     image_plan = next(p for p in first if p.item.path.name == "square0.png")

@@ -88,17 +88,23 @@ def fill_cache(
     device: torch.device,
     dtype: torch.dtype,
     progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
-    """Encode this rank's share of missing entries. Returns the number encoded by this rank."""
+    """Encode this rank's share of missing entries (until `should_stop()` says so).
+    Returns the number encoded by this rank."""
     todo = [p for i, p in enumerate(plans) if i % world_size == rank and not _is_done(p)]
     total = len(plans)
     if progress:
         progress(sum(_is_done(p) for p in plans), total, "start")
-    if not todo:
+    if not todo or (should_stop is not None and should_stop()):
         return 0
     encoders = family.load_encoders(model_dir, device, dtype)
     last_report = 0.0
+    encoded = 0
     for plan in todo:
+        if should_stop is not None and should_stop():
+            break
+        encoded += 1
         if not plan.text_path.is_file():
             (embed,) = family.encode_text(encoders, [plan.item.caption])
             _atomic_save({"text": embed.contiguous()}, plan.text_path)
@@ -116,7 +122,7 @@ def fill_cache(
             last_report = time.monotonic()
             progress(sum(_is_done(p) for p in plans), total, "latents")
     del encoders
-    return len(todo)
+    return encoded
 
 
 def load_latents(path: Path) -> torch.Tensor:

@@ -24,6 +24,7 @@ from engine.trainer.runfiles import (
     RUN_CONFIG_FILE,
     MetricsWriter,
     ResumeError,
+    discard_stale_control_files,
     latest_complete_checkpoint,
     mark_checkpoint_complete,
     take_control_request,
@@ -147,6 +148,7 @@ class Trainer:
         self.model_dtype = _DTYPES[cfg.model.transformer_dtype or cfg.model.dtype] if on_gpu else torch.float32
         self.adapter_dtype = _DTYPES[cfg.adapter.dtype] if on_gpu else torch.float32
         self.signal_stop = False
+        self.stop_while_caching = False
         self.last_checkpoint_time = time.monotonic()
         self.last_saved_step = -1
 
@@ -178,10 +180,13 @@ class Trainer:
         progress = self._cache_progress if dist.is_main else None
         cache_dtype = self.model_dtype
         encoded = cache_mod.fill_cache(plans, self.family, model_dir, rank=dist.rank, world_size=dist.world_size,
-                                       device=dist.device, dtype=cache_dtype, progress=progress)
+                                       device=dist.device, dtype=cache_dtype, progress=progress,
+                                       should_stop=self._stop_requested_while_caching)
         if encoded and dist.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the encoders' memory back before the transformer loads
         barrier(dist)
+        if self._any_rank(self.stop_while_caching or self.signal_stop):
+            raise StopRequested()
         samples = []
         for plan in plans:
             reason = cache_mod.failure_reason(plan)
@@ -195,6 +200,18 @@ class Trainer:
         if not samples:
             raise DatasetError("the dataset is empty: every file failed to decode")
         return samples
+
+    def _stop_requested_while_caching(self) -> bool:
+        if self.dist.is_main and not self.stop_while_caching:
+            self.stop_while_caching = take_control_request(self.run_dir)[1]
+        return self.signal_stop or self.stop_while_caching
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.dist.world_size == 1:
+            return flag
+        tensor = torch.tensor([int(flag)], dtype=torch.int32)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
 
     def _cache_progress(self, done: int, total: int, stage: str) -> None:
         self.events.emit("cache", done=done, total=total, stage=stage)
@@ -320,8 +337,16 @@ class Trainer:
     def run(self) -> int:
         cfg, dist = self.cfg, self.dist
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        if dist.is_main:
+            discard_stale_control_files(self.run_dir, _process_start_time())
         model_dir = resolve_model(cfg.model.ckpt_path)
-        samples = self.prepare_samples(model_dir)
+        try:
+            samples = self.prepare_samples(model_dir)
+        except StopRequested:  # stopped while encoding the cache: nothing new to save
+            found = latest_complete_checkpoint(self.run_dir) if self.resume else None
+            if dist.is_main:
+                self.events.emit("stopped", step=found[1] if found else 0)
+            return 0
         micro_bs, ga, world = cfg.micro_batch_size_per_gpu, cfg.gradient_accumulation_steps, dist.world_size
         first_epoch = epoch_microbatches(samples, micro_bs, cfg.seed, 0)
         spe = steps_per_epoch(len(first_epoch), world, ga)
@@ -454,6 +479,12 @@ class Trainer:
             reported = engine.get_global_grad_norm()
             norm = None if reported is None else float(reported.item() if torch.is_tensor(reported) else reported)
         return float(loss.detach().float().item()), norm
+
+
+def _process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _memory_fields(device: torch.device) -> dict[str, float]:

@@ -105,6 +105,19 @@ def take_control_request(run_dir: Path) -> tuple[bool, bool]:
     return save, stop
 
 
+def discard_stale_control_files(run_dir: Path, older_than: float) -> None:
+    """Remove save/stop files left by an earlier process (made before `older_than`, unix time),
+    so a resumed run does not stop at once; newer ones are requests for this process."""
+    for name in (SAVE_FILE, *STOP_FILES):
+        path = run_dir / name
+        try:
+            if path.stat().st_mtime < older_than:
+                path.unlink()
+                logger.info("removed stale control file %s", path)
+        except OSError:
+            pass
+
+
 def _consume(path: Path) -> bool:
     if path.exists():
         try:
