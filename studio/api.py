@@ -180,6 +180,22 @@ class StudioApi:
     def job_lora_files(self, user: User, job_id: int | str) -> list[tuple[str, Path]]:
         return run_loras(self.own_job(user, job_id).run_dir)
 
+    def lora_download(self, user: User, job_id: int | str, label: str) -> Path:
+        """A saved LoRA under a telling name ('<run>-epoch3.safetensors'): a hard link in the run folder."""
+        job = self.own_job(user, job_id)
+        source = dict(run_loras(job.run_dir)).get(label)
+        if source is None:
+            raise FileNotFoundError(f"job {job_id} has no save {label!r}")
+        target = Path(job.run_dir) / "downloads" / f"{safe_name(Path(job.run_dir).name)}-{label}.safetensors"
+        if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
+            target.parent.mkdir(exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                target.hardlink_to(source)
+            except OSError:  # another filesystem: a copy
+                shutil.copyfile(source, target)
+        return target
+
     def control_job(self, user: User, job_id: int | str, action: str) -> dict[str, Any]:
         job = self.own_job(user, job_id)
         scheduler = self.ctx.scheduler

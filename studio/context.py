@@ -53,16 +53,6 @@ class GpuHistory:
             return {index: list(samples) for index, samples in self._samples.items()}
 
 
-def _ensure_demo(layout: DataLayout) -> None:
-    """The demo dataset the demo preset trains on (built once, quick on later starts)."""
-    try:
-        from engine.demo.setup import ensure_demo_assets
-    except ImportError:  # an older engine without the demo set-up: the presets still work
-        log.warning("engine.demo.setup is missing: the demo dataset is not prepared")
-        return
-    ensure_demo_assets(layout.home)
-
-
 @dataclass
 class StudioContext:
     settings: StudioSettings
@@ -79,6 +69,7 @@ class StudioContext:
 
     @classmethod
     def create(cls, settings: StudioSettings, *, start: bool = True) -> "StudioContext":
+        from engine.demo.setup import ensure_demo_assets
         from engine.gallery import Gallery
         from engine.gpus import GpuInventory
         from engine.inference.service import InferenceService
@@ -87,7 +78,7 @@ class StudioContext:
 
         layout = DataLayout(settings.home.resolve()).ensure()
         db = Database(layout.db_path)
-        _ensure_demo(layout)
+        ensure_demo_assets(layout.home)  # the demo preset's dataset (quick when already there)
         users = UsersFile(settings.auth_file) if settings.auth_file else None
         gpus = GpuInventory(ttl_s=2.0)
         scheduler = Scheduler(JobStore(db), layout, gpus, cpu_slots=settings.cpu_slots,

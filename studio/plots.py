@@ -64,7 +64,7 @@ def loss_figure(series: Mapping[str, Sequence] | None, title: str = "") -> go.Fi
         title=dict(text=title, font=dict(size=14)),
         xaxis=dict(title="step", rangemode="tozero"),
         yaxis=dict(title="loss"),
-        yaxis2=dict(title="lr", overlaying="y", side="right", showgrid=False, exponentformat="e"),
+        yaxis2=dict(title="lr", overlaying="y", side="right", showgrid=False, exponentformat="e", rangemode="tozero"),
     )
     return fig
 

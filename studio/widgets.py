@@ -16,6 +16,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("LoRA", ("adapter.",)),
     ("Optimizer", ("optimizer.", "lr_scheduler", "warmup_steps", "gradient_clipping")),
     ("Data", ("dataset.", "caching_batch_size")),
+    ("Performance", ("performance.", "activation_checkpointing", "zero_stage")),
 )
 # The studio decides where files go; a multi-stage pipeline is not supported.
 HIDDEN_FIELDS = frozenset({"output_dir", "cache_dir", "pipeline_stages"})
@@ -63,11 +64,18 @@ class ConfigForm:
         titles = ["Training"] + [t for t, _ in SECTIONS]
         for title in titles:
             members = [s for s in specs if _section_of(s.path) == title]
+            if not members:
+                continue
+            # Switches go in their own row: squeezed between inputs they become unreadable.
+            fields_first = [s for s in members if s.type != "bool"] + [s for s in members if s.type == "bool"]
             with gr.Accordion(title, open=title in OPEN_SECTIONS, elem_classes=["form-section"]):
-                with gr.Row(equal_height=False, elem_classes=["form-grid"]):
-                    for spec in members:
-                        form.specs[spec.path] = spec
-                        form.components[spec.path] = _component(spec, defaults.get(spec.path))
+                for row in ([s for s in fields_first if s.type != "bool"], [s for s in fields_first if s.type == "bool"]):
+                    if not row:
+                        continue
+                    with gr.Row(equal_height=False, elem_classes=["form-grid"]):
+                        for spec in row:
+                            form.specs[spec.path] = spec
+                            form.components[spec.path] = _component(spec, defaults.get(spec.path))
         return form
 
     @property

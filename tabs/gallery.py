@@ -1,6 +1,7 @@
 """The Gallery tab: a grid of generated videos, search and filters, details, reuse, favorite, delete."""
 from __future__ import annotations
 
+import html
 import json
 import time
 from typing import Any
@@ -21,22 +22,27 @@ def _caption(item: dict[str, Any]) -> str:
     return f"{star}{item['prompt'][:80]}" + (f" [{loras}]" if loras else "")
 
 
+HIDDEN_PARAMS = {"prompt", "negative_prompt", "loras", "lora_files", "model_path"}
+
+
 def _details(item: dict[str, Any]) -> str:
+    """Every parameter of an item as a two-column HTML table (server paths left out)."""
     rows = [("id", item["id"]), ("owner", item["owner"]),
             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["created_at"]))),
             ("model", item["model"]), ("prompt", item["prompt"]), ("negative prompt", item["negative_prompt"] or "—"),
-            ("seed", item["seed"]), ("size", f"{item['width']}x{item['height']}, {item['num_frames']} frames @ "
+            ("seed", item["seed"]), ("size", f"{item['width']}×{item['height']}, {item['num_frames']} frames @ "
                                             f"{item['fps']} fps")]
     for lora in item.get("loras") or []:
         rows.append(("LoRA", f"{lora.get('name', '?')} × {lora.get('weight', 1):g}"))
-    params = {k: v for k, v in (item.get("params") or {}).items() if k not in {"prompt", "negative_prompt", "loras"}}
-    rows.append(("parameters", json.dumps(params, sort_keys=True)))
+    for key, value in sorted((item.get("params") or {}).items()):
+        if key not in HIDDEN_PARAMS and key not in {"model", "seed", "width", "height", "num_frames", "fps"}:
+            rows.append((key.replace("_", " "), value))
     timings = item.get("timings") or {}
     if timings:
-        rows.append(("timings", ", ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
-                                          for k, v in timings.items())))
-    lines = [f"| **{key}** | {str(value).replace('|', '/')} |" for key, value in rows]
-    return "| | |\n|---|---|\n" + "\n".join(lines)
+        rows.append(("timings (s)", ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in timings.items()
+                                              if isinstance(v, (int, float)))))
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table class='details'>{body}</table>"
 
 
 def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs) -> None:
@@ -49,15 +55,15 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
         refresh = gr.Button("Refresh", size="sm", scale=1)
     with gr.Row(equal_height=False):
         with gr.Column(scale=6):
-            grid = gr.Gallery(label="Videos", columns=4, height=560, allow_preview=False, elem_id="gallery-grid",
-                              object_fit="contain")
+            grid = gr.Gallery(label="Videos", columns=4, height="auto", allow_preview=False, preview=False,
+                              elem_id="gallery-grid", object_fit="contain")
             with gr.Row():
                 prev_page = gr.Button("◀ Prev", size="sm")
                 page_info = gr.Markdown("", elem_id="gallery-page")
                 next_page = gr.Button("Next ▶", size="sm")
         with gr.Column(scale=4, elem_classes=["panel"]):
             video = gr.Video(label="Selected", interactive=False, autoplay=True, loop=True, elem_id="gallery-video")
-            details = gr.Markdown(elem_id="gallery-details")
+            details = gr.HTML(elem_id="gallery-details")
             with gr.Row():
                 reuse = gr.Button("Reuse in Infer", size="sm", variant="primary", elem_id="gallery-reuse")
                 favorite = gr.Button("☆ Favorite", size="sm", elem_id="gallery-favorite")
@@ -82,8 +88,10 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
             return gr.skip(), gr.skip(), gr.skip(), last_sig
         media = []
         for item in items:
-            path = api.own_item(user, item["id"]).video_path
-            media.append((str(path), _caption(item)))
+            record = api.own_item(user, item["id"])
+            # Posters keep the grid light; the selected video plays in the detail panel.
+            shown = record.poster_path if record.poster_path.is_file() else record.video_path
+            media.append((str(shown), _caption(item)))
         info = f"page {pg} of {pages} · {result['total']} videos"
         return media, [i["id"] for i in items], info, sig
 
@@ -114,6 +122,10 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
         return id_list[evt.index] if evt.index is not None and evt.index < len(id_list) else None
 
     grid.select(pick, ids, selected, queue=False, api_visibility="private").then(
+        show, selected, [video, details, favorite, download], api_visibility="private")
+    # "Open in Gallery" under a finished generation in the Infer tab.
+    infer.open_in_gallery.click(lambda item_id: (item_id, gr.Tabs(selected="gallery")), infer.last_item,
+                                [selected, tabs], queue=False, api_visibility="private").then(
         show, selected, [video, details, favorite, download], api_visibility="private")
 
     def toggle_favorite(item_id: str | None, request: gr.Request):

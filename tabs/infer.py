@@ -20,6 +20,8 @@ class InferHandles:
 
     params: dict[str, gr.components.Component]
     loras: LoraStack
+    open_in_gallery: gr.Button
+    last_item: gr.State
     tab_id: str = "infer"
 
 
@@ -62,10 +64,14 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
             gr.Markdown("### Result")
             progress = gr.HTML(progress_bar(None, "idle"), elem_id="infer-progress")
             video = gr.Video(label="Video", interactive=False, autoplay=True, loop=True, elem_id="infer-video")
-            gallery_link = gr.HTML(elem_id="infer-gallery-link")
+            with gr.Row(equal_height=True):
+                gallery_link = gr.HTML(elem_id="infer-gallery-link")
+                open_in_gallery = gr.Button("Open in Gallery", size="sm", visible=False, scale=0, min_width=140,
+                                            elem_id="infer-open-gallery")
             timings = gr.JSON(label="Timings", visible=False)
     request_id = gr.State(None)
     shown = gr.State(None)
+    last_item = gr.State(None)
     timer = gr.Timer(ctx.settings.poll_interval_s)
 
     params = {"model": model, "prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
@@ -106,10 +112,10 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         req["loras"] = LoraStack.read(values[stack.visible], lora_values)
         with user_errors():
             rid = api.generate(user, req)["request_id"]
-        return rid, progress_bar(0.0, "queued"), "", message(f"request {rid} queued", "ok")
+        return rid, progress_bar(0.0, "queued"), "", message(f"request {rid} queued", "ok"), gr.update(visible=False)
 
     generate.click(submit, {*params.values(), stack.visible, *stack.refs, *stack.weights},
-                   [request_id, progress, gallery_link, request_msg], api_visibility="private")
+                   [request_id, progress, gallery_link, request_msg, open_in_gallery], api_visibility="private")
 
     def stop(rid: str | None, request: gr.Request):
         user = request_user(api, request)
@@ -123,31 +129,32 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
 
     def poll(rid: str | None, last_shown: str | None, request: gr.Request):
         user = request_user(api, request)
+        unchanged = (gr.skip(),) * 4
         if not rid or rid == last_shown:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last_shown
+            return (*unchanged, last_shown, gr.skip(), gr.skip())
         try:
             status = api.generation_status(user, rid)
         except gr.Error:
-            return progress_bar(None, "request not found"), gr.skip(), gr.skip(), gr.skip(), rid
+            return progress_bar(None, "request not found"), gr.skip(), gr.skip(), gr.skip(), rid, gr.skip(), \
+                gr.skip()
         state = status["state"]
         total = status.get("total_steps") or 0
         text = f"{state} · step {status.get('step', 0)}/{total}" if total else state
         if status.get("eta_s") and state == "running":
             text += f" · ETA {status['eta_s']:.0f}s"
         if state not in TERMINAL:
-            return progress_bar(status.get("step", 0) / total if total else None, text), gr.skip(), gr.skip(), \
-                gr.skip(), last_shown
+            fraction = status.get("step", 0) / total if total else None
+            return progress_bar(fraction, text), gr.skip(), gr.skip(), gr.skip(), last_shown, gr.skip(), gr.skip()
         if state != "succeeded":
             return progress_bar(None, f"{state}: {status.get('error') or ''}"), gr.skip(), \
-                message(status.get("error") or state, "error"), gr.skip(), rid
+                message(status.get("error") or state, "error"), gr.skip(), rid, gr.skip(), gr.skip()
         item_id = status["gallery_ids"][0]
         item = api.own_item(user, item_id)
-        link = (f"<a class='gallery-link' href='#' data-item='{item_id}' "
-                f"onclick=\"document.querySelector('#tab-gallery-button, button[id$=gallery-button]')?.click();"
-                f"return false;\">Gallery entry {item_id} (seed {item.seed})</a>")
+        link = f"<span class='gallery-link'>Gallery entry {item_id} (seed {item.seed})</span>"
         return progress_bar(1.0, f"done · seed {item.seed}"), str(item.video_path), link, \
-            gr.update(value=status.get("timings"), visible=True), rid
+            gr.update(value=status.get("timings"), visible=True), rid, item_id, gr.update(visible=True)
 
-    timer.tick(poll, [request_id, shown], [progress, video, gallery_link, timings, shown], queue=False,
+    timer.tick(poll, [request_id, shown],
+               [progress, video, gallery_link, timings, shown, last_item, open_in_gallery], queue=False,
                show_progress="hidden", api_visibility="private")
-    return InferHandles(params=params, loras=stack)
+    return InferHandles(params=params, loras=stack, open_in_gallery=open_in_gallery, last_item=last_item)

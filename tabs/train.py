@@ -41,11 +41,12 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         # ---------------------------------------------------------------- new run
         with gr.Column(scale=5, elem_classes=["panel"]):
             gr.Markdown("### New training run")
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False):
                 preset = gr.Dropdown(list(PRESET_NAMES), value=DEMO_PRESET, label="Preset", scale=3,
                                      elem_id="train-preset")
-                load_toml = gr.UploadButton("Load TOML", file_types=[".toml"], size="sm", scale=1)
-                save_toml = gr.DownloadButton("Save TOML", size="sm", scale=1)
+                with gr.Column(scale=1, min_width=130):
+                    load_toml = gr.UploadButton("Load TOML", file_types=[".toml"], size="sm")
+                    save_toml = gr.DownloadButton("Save TOML", size="sm")
             with gr.Accordion("Dataset", open=True, elem_classes=["form-section"]):
                 with gr.Row(equal_height=True):
                     folder = gr.Dropdown(ds.list_dataset_folders(roots), value=start_dir.path if start_dir else None,
@@ -55,7 +56,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
                                         label="num repeats", scale=1, min_width=100)
                 with gr.Row(equal_height=True):
                     uploads = gr.File(file_count="multiple", label="…or upload images/videos/captions or a .zip",
-                                      file_types=[*sorted(ds.MEDIA_EXTS), ".txt", ".zip"], scale=4, height=110)
+                                      file_types=[*sorted(ds.MEDIA_EXTS), ".txt", ".zip"], scale=4, height=150)
                     with gr.Column(scale=1, min_width=140):
                         upload_name = gr.Textbox(label="new dataset name", placeholder="my-dataset")
                         upload_btn = gr.Button("Import", size="sm")
@@ -240,10 +241,11 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         bar = progress_bar(fraction, job["progress"] or job["status"])
         series = api.job_metrics(user, job_id)
         sig = f"{job_id}:{len(series['step'])}:{series['step'][-1] if series['step'] else ''}:{job['status']}"
-        plot = loss_figure(series, f"#{job['id']} {job['name']}") if sig != last_plot else gr.skip()
+        plot = loss_figure(series) if sig != last_plot else gr.skip()
         saves = api.job_lora_files(user, job_id)
         fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
-        file_update = [str(f) for _, f in saves] if fsig != last_files else gr.skip()
+        file_update = [str(api.lora_download(user, job_id, label)) for label, _ in saves] \
+            if fsig != last_files else gr.skip()
         return header, bar, plot, api.job_log(user, job_id)[-6000:], file_update, sig, fsig
 
     timer.tick(refresh_job, [job_pick, plot_sig, files_sig],

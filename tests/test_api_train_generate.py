@@ -8,14 +8,16 @@ import pytest
 from gradio_client import Client
 
 from tests.conftest import free_port
-from tests.test_ui_support import PASSWORDS, start_server, stop_server, train_toml, wait_for
+from tests.test_ui_support import PASSWORDS, start_server, stop_app, stop_server, train_toml, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = start_server(tmp_path_factory.mktemp("api"), free_port())
+    root = tmp_path_factory.mktemp("api")
+    srv = start_server(root, free_port())
+    srv.root = root
     yield srv
     stop_server(srv)
 
@@ -101,3 +103,17 @@ def test_one_user_cannot_see_or_stop_another_users_job(server) -> None:
         final = root.predict(job["id"], api_name="/stop_job")  # the admin may stop anyone's job
         assert final["status"] in {"stopping", "stopped", "cancelled", "succeeded", "failed"} or final["terminal"]
     wait_for(lambda: alice.predict(job["id"], api_name="/job_status")["terminal"], 120, "the stopped job to end")
+
+
+def test_app_restart_loses_nothing(server) -> None:
+    before = client(server, "alice")
+    jobs = before.predict("", 50, 0, api_name="/list_jobs")
+    videos = before.predict("", "", "", False, 1, 24, api_name="/gallery_list")
+    assert jobs and videos["items"]
+    stop_app(server)
+    restarted = start_server(server.root, free_port())
+    server.process, server.url = restarted.process, restarted.url  # the fixture stops the new one
+    after = client(server, "alice")
+    assert [(j["id"], j["status"]) for j in after.predict("", 50, 0, api_name="/list_jobs")] == \
+        [(j["id"], j["status"]) for j in jobs]
+    assert after.predict("", "", "", False, 1, 24, api_name="/gallery_list")["items"] == videos["items"]

@@ -106,8 +106,10 @@ def walk_through(server, page, tmp_path: Path) -> None:
     assert "seed 5" in page.locator("#infer-gallery-link").inner_text()
     shot(page, "2-infer")
 
-    # ---- Gallery: the video is there with its parameters
-    page.get_by_role("tab", name="Gallery").click()
+    # ---- Gallery: "Open in Gallery" shows the entry; search finds it in the grid
+    page.locator("#infer-open-gallery").click()
+    page.wait_for_selector("#gallery-details >> text=epoch3", timeout=60_000)
+    assert page.get_by_role("tab", name="Gallery").get_attribute("aria-selected") == "true"
     page.locator("#gallery-search input, #gallery-search textarea").first.fill("purple star")
     page.locator("#gallery-search input, #gallery-search textarea").first.press("Enter")
     page.wait_for_selector("#gallery-grid .gallery-item button", timeout=60_000)

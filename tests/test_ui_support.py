@@ -78,16 +78,19 @@ num_repeats = 1
 
 
 def start_server(root: Path, port: int, *, auth: bool = True, extra_env: dict[str, str] | None = None) -> StudioServer:
+    """A studio on `root/home`; a second call on the same root restarts it on the same data."""
     home = root / "home"
+    fresh = not home.exists()
     home.mkdir(parents=True, exist_ok=True)
-    model = base_model(root)
-    dataset = write_dataset(home)
+    model = base_model(root) if fresh else str(root / "tiny_wan")
+    dataset = write_dataset(home) if fresh else home / "datasets" / "shapes"
     args = [sys.executable, "app.py", "--port", str(port), "--home", str(home)]
     if auth:
         users = UsersFile(root / "users.toml")
-        users.add("alice", PASSWORDS["alice"])
-        users.add("bob", PASSWORDS["bob"])
-        users.add("root", PASSWORDS["root"], admin=True)
+        if fresh:
+            users.add("alice", PASSWORDS["alice"])
+            users.add("bob", PASSWORDS["bob"])
+            users.add("root", PASSWORDS["root"], admin=True)
         args += ["--auth-file", str(users.path)]
     log = root / "app.out"
     env = {**os.environ, "STUDIO_HOME": str(home), **(extra_env or {})}
@@ -104,6 +107,15 @@ def start_server(root: Path, port: int, *, auth: bool = True, extra_env: dict[st
 
     wait_for(up, 180, "the studio to serve its page")
     return server
+
+
+def stop_app(server: StudioServer) -> None:
+    """Stop the app process only (trainers keep running, as after a crash or an upgrade)."""
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
 
 
 def stop_server(server: StudioServer) -> None:
