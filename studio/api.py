@@ -348,7 +348,15 @@ class StudioApi:
 
     # ---- machine -------------------------------------------------------------------------------
     def gpu_status(self, user: User) -> dict[str, Any]:
-        return self.ctx.machine_status()
+        """The machine status with other users' jobs shown only as 'in use' (admins see them)."""
+        status = self.ctx.machine_status()
+        for gpu in status["gpus"]:
+            if gpu["job"] and not user.can_access(gpu["job_owner"]):
+                gpu["job"] = "in use (another user)"
+            gpu.pop("job_owner", None)
+        status["cpu_jobs"] = [h["job"] if user.can_access(h["owner"]) else "in use (another user)"
+                              for h in status["cpu_jobs"]]
+        return status
 
 
 def _wrap(api: StudioApi, method: Callable[..., Any]) -> Callable[..., Any]:

@@ -105,10 +105,10 @@ class StudioContext:
         """GPUs with the job on each, host RAM and free disk of the data directory."""
         gpus = self.gpus.list()
         self.gpu_history.record(gpus)
-        holders: dict[int, str] = {}
+        holders: dict[int, dict[str, Any]] = {}
         for job in self.scheduler.list_jobs(statuses=["starting", "running", "stopping"], limit=200):
             for index in job.gpus_assigned:
-                holders[index] = f"#{job.id} {job.name} ({job.owner})"
+                holders[index] = {"job": f"#{job.id} {job.name} ({job.owner})", "owner": job.owner}
         memory = psutil.virtual_memory()
         disk = shutil.disk_usage(self.layout.home)
         return {
@@ -116,7 +116,7 @@ class StudioContext:
                 "index": g.index, "name": g.name,
                 "memory_used_mib": g.memory_used_mib, "memory_total_mib": g.memory_total_mib,
                 "utilization_pct": g.utilization_pct, "temperature_c": g.temperature_c, "power_w": g.power_w,
-                "job": holders.get(g.index, ""),
+                "job": holders.get(g.index, {}).get("job", ""), "job_owner": holders.get(g.index, {}).get("owner"),
             } for g in gpus],
             "cpu_jobs": [holder for index, holder in sorted(holders.items()) if index < 0],
             "host_ram_total_gib": memory.total / 2**30,

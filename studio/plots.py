@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 LOSS_COLOR = "rgba(99, 110, 250, 0.35)"
 SMOOTH_COLOR = "#3b4cca"
 LR_COLOR = "#e4572e"
+GPU_COLORS = ("#4f46e5", "#0891b2", "#16a34a", "#ca8a04", "#dc2626", "#9333ea", "#db2777", "#475569")
 _LAYOUT = dict(
     template="plotly_white",
     margin=dict(l=50, r=50, t=36, b=40),
@@ -75,17 +76,22 @@ def gpu_history_figure(history: Mapping[int, Sequence[Mapping[str, float]]]) -> 
     `history` maps a GPU index to samples `{"time": unix_s, "util": pct, "mem": pct}`.
     """
     fig = go.Figure()
-    for index, samples in sorted(history.items()):
+    for n, (index, samples) in enumerate(sorted(history.items())):
         if not samples:
             continue
         t0 = samples[-1]["time"]
         xs = [round(s["time"] - t0, 1) for s in samples]
-        fig.add_trace(go.Scatter(x=xs, y=[s["util"] for s in samples], name=f"GPU {index} util", mode="lines"))
+        color = GPU_COLORS[n % len(GPU_COLORS)]
+        # One legend entry per GPU; its memory line (dashed, same color) toggles with it.
+        fig.add_trace(go.Scatter(x=xs, y=[s["util"] for s in samples], name=f"GPU {index}", mode="lines",
+                                 legendgroup=str(index), line=dict(color=color),
+                                 hovertemplate="util %{y:.0f}%"))
         fig.add_trace(go.Scatter(x=xs, y=[s["mem"] for s in samples], name=f"GPU {index} memory", mode="lines",
-                                 line=dict(dash="dash")))
+                                 legendgroup=str(index), showlegend=False, line=dict(color=color, dash="dash"),
+                                 hovertemplate="memory %{y:.0f}%"))
     if not fig.data:
         fig.add_annotation(text="no GPU samples", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
                            font=dict(size=14, color="#888"))
     fig.update_layout(**_LAYOUT, xaxis=dict(title="seconds ago (0 = now)"),
-                      yaxis=dict(title="%", range=[0, 100]))
+                      yaxis=dict(title="% (solid: utilization, dashed: memory)", range=[0, 100]))
     return fig

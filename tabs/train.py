@@ -1,7 +1,9 @@
 """The Train tab: dataset, config form (by key path), presets, TOML, GPU picker, jobs and live charts."""
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -87,10 +89,10 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
             job_progress = gr.HTML(progress_bar(None, ""), elem_id="train-job-progress")
             loss_plot = gr.Plot(loss_figure(None), label="Loss", elem_id="train-loss")
             with gr.Row():
-                stop_btn = gr.Button("Stop", size="sm", elem_id="job-stop")
-                save_btn = gr.Button("Save now", size="sm", elem_id="job-save")
-                resume_btn = gr.Button("Resume", size="sm", elem_id="job-resume")
-                cancel_btn = gr.Button("Cancel", size="sm", variant="stop", elem_id="job-cancel")
+                stop_btn = gr.Button("Stop", size="sm", min_width=80, elem_id="job-stop")
+                save_btn = gr.Button("Save now", size="sm", min_width=80, elem_id="job-save")
+                resume_btn = gr.Button("Resume", size="sm", min_width=80, elem_id="job-resume")
+                cancel_btn = gr.Button("Cancel", size="sm", min_width=80, variant="stop", elem_id="job-cancel")
             job_msg = gr.HTML()
             lora_files = gr.File(label="Saved LoRAs", file_count="multiple", interactive=False, height=120)
             with gr.Accordion("Log", open=False):
@@ -108,7 +110,8 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         cfg = form.to_config(values, TrainConfig(output_dir=str(ctx.layout.runs_dir)))
         return _dataset_dir(cfg, values.get(folder) or "", values.get(repeats))
 
-    def render(values: dict):
+    def render(values: dict, request: gr.Request):
+        request_user(api, request)
         try:
             cfg = current_config(values)
         except ConfigError as exc:
@@ -131,13 +134,15 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         updates[repeats] = directory.num_repeats if directory else 1
         return updates
 
-    def apply_preset(name: str):
+    def apply_preset(name: str, request: gr.Request):
+        request_user(api, request)
         with user_errors():
             return show_config(load_preset(name, ctx.layout.runs_dir, ctx.layout.home))
 
     preset.input(apply_preset, preset, list(form_inputs), api_visibility="private")
 
-    def apply_toml_file(file: str | None):
+    def apply_toml_file(file: str | None, request: gr.Request):
+        request_user(api, request)
         if not file:
             return gr.skip()
         with user_errors():
@@ -145,8 +150,10 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
 
     load_toml.upload(apply_toml_file, load_toml, list(form_inputs), api_visibility="private")
 
-    def export_toml(text: str):
-        target = ctx.layout.exports_dir / f"train-{time.strftime('%Y%m%d-%H%M%S')}.toml"
+    def export_toml(text: str, request: gr.Request):
+        request_user(api, request)
+        # A temp folder: Gradio hands out files from there, and nothing else lives in it.
+        target = Path(tempfile.mkdtemp(prefix="studio-toml-")) / f"train-{time.strftime('%Y%m%d-%H%M%S')}.toml"
         target.write_text(text, encoding="utf-8")
         return str(target)
 
@@ -274,8 +281,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         button.click(control(action), job_pick, job_msg, api_visibility="private")
 
     def refresh_gpus(last: str, request: gr.Request):
-        request_user(api, request)
-        status = ctx.machine_status()
+        status = api.gpu_status(request_user(api, request))
         choices = [(f"GPU {g['index']} · {g['name']} · "
                     + (f"busy: {g['job']}" if g["job"] else
                        f"free {((g['memory_total_mib'] or 0) - (g['memory_used_mib'] or 0)) / 1024:.0f} GiB"),

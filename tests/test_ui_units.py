@@ -105,3 +105,35 @@ def test_loss_figure_has_raw_smoothed_lr_and_epoch_marks() -> None:
     smoothed = ema_smooth([1.0, 1.0, 1.0])
     assert smoothed == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards zero
     assert len(loss_figure(None).data) == 0
+
+
+def test_gpu_status_lists_gpus_and_hides_other_users_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.jobs import JobStatus
+    from engine.store.jobs import JobStore
+    from studio.api import StudioApi
+    from studio.auth import User
+    from studio.context import StudioContext
+    from studio.settings import StudioSettings
+    from tabs.gpus import _gpu_row
+
+    fixture = Path(__file__).parent / "fixtures" / "nvidia_smi" / "h100_x8.txt"
+    fake = tmp_path / "bin" / "nvidia-smi"  # the external tool, replayed from a recorded output
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ncat '{fixture}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    ctx = StudioContext.create(StudioSettings(home=tmp_path / "home").validate(), start=False)
+    try:
+        JobStore(ctx.db).insert(kind="train", name="big", owner="alice", status=JobStatus.RUNNING,
+                                gpus_assigned=[0, 1])
+        api = StudioApi(ctx)
+        mine = api.gpu_status(User("alice"))
+        theirs = api.gpu_status(User("bob"))
+        assert len(mine["gpus"]) == 8 and mine["host_ram_total_gib"] > 0 and mine["disk_free_gib"] > 0
+        assert mine["gpus"][0]["job"].endswith("big (alice)")
+        assert theirs["gpus"][1]["job"] == "in use (another user)" and theirs["gpus"][2]["job"] == ""
+        row = _gpu_row(theirs["gpus"][2])
+        assert row[0] == 2 and "H100" in row[1] and row[-1] == "free"
+        assert len(ctx.gpu_history.snapshot()) == 8
+    finally:
+        ctx.close()
