@@ -1,4 +1,4 @@
-"""End to end: InferenceService -> real worker process -> real WanPipeline on a tiny random Wan model
+"""End to end: InferenceService -> real worker process -> real WanPipeline on the demo model
 -> H.264 files -> gallery records in SQLite. One warm worker serves the whole module."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from engine.inference.random_lora import random_lora
 from engine.inference.request import InferRequest, LoraSpec
 from engine.inference.service import TERMINAL_STATES, InferenceService
 from engine.lora import save_lora
+from engine.models import resolve_model
 from engine.paths import DataLayout
 from engine.store.db import Database
 
@@ -27,7 +28,7 @@ WAIT_S = 240.0  # a loaded 2-core machine: generous, with polling
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("infer_assets")
-    model = build_random_wan(root / "tiny", preset="tiny", seed=0)
+    model = resolve_model("demo")  # the embedded demo model (a real trained Wan of tiny size)
     return {
         "model": model,
         "lora_a": random_lora(model, root / "run" / "epoch1", seed=1, scale=1.0),
@@ -51,7 +52,7 @@ def service(home: Path):
 
 
 def request(assets: dict[str, Path], **changes) -> InferRequest:
-    values = dict(model=str(assets["model"]), prompt="a purple star spins", negative_prompt="blurry", width=48,
+    values = dict(model="demo", prompt="a purple star spins", negative_prompt="blurry", width=32,
                   height=32, num_frames=5, steps=2, guidance_scale=4.0, flow_shift=3.0, seed=11, fps=8)
     values.update(changes)
     return InferRequest(**values)
@@ -172,9 +173,12 @@ def test_fused_loras_match_unfused(service, assets) -> None:
     stack = [LoraSpec(str(assets["lora_a"]), 0.7), LoraSpec(str(assets["lora_b"]), -0.5)]
     plain = succeeded(service, request(assets, loras=stack))
     fused = succeeded(service, request(assets, loras=stack, fuse_loras=True))
-    frames = [read_mp4_frames(service.gallery.get(s["gallery_ids"][0]).video_path)[0].astype(int)
-              for s in (plain, fused)]
-    assert np.abs(frames[0] - frames[1]).mean() < 1.0  # float rounding only
+    base = succeeded(service, request(assets))
+    plain_f, fused_f, base_f = (read_mp4_frames(service.gallery.get(s["gallery_ids"][0]).video_path)[0].astype(int)
+                                for s in (plain, fused, base))
+    lora_effect = np.abs(plain_f - base_f).mean()
+    # Merged weights differ from the unmerged sum only by float rounding (grown a little by the sampler).
+    assert np.abs(fused_f - plain_f).mean() < 0.25 * lora_effect
 
 
 def test_bad_lora_files_fail_before_queueing(service, assets, tmp_path: Path) -> None:
