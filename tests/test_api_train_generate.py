@@ -8,7 +8,7 @@ import pytest
 from gradio_client import Client
 
 from tests.conftest import free_port
-from tests.test_ui_support import PASSWORDS, start_server, stop_app, stop_server, train_toml, wait_for
+from tests.test_ui_support import PASSWORDS, call_ui_event, start_server, stop_app, stop_server, train_toml, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +103,19 @@ def test_one_user_cannot_see_or_stop_another_users_job(server) -> None:
         final = root.predict(job["id"], api_name="/stop_job")  # the admin may stop anyone's job
         assert final["status"] in {"stopping", "stopped", "cancelled", "succeeded", "failed"} or final["terminal"]
     wait_for(lambda: alice.predict(job["id"], api_name="/job_status")["terminal"], 120, "the stopped job to end")
+
+
+def test_hidden_ui_events_check_the_user_too(server) -> None:
+    """Page events are HTTP endpoints as well: bob fires them by hand against alice's job and /etc."""
+    alice = client(server, "alice")
+    job = alice.predict("", 50, 0, api_name="/list_jobs")[0]
+    stop = call_ui_event(server.url, "bob", "job-stop", [job["id"]])
+    assert stop["success"] is False
+    assert alice.predict(job["id"], api_name="/job_status")["status"] == job["status"]
+    check = call_ui_event(server.url, "bob", "train-check", ["/etc", "1, 17"])
+    assert check["success"] is False and "outside the allowed dataset folders" in check["output"]["error"]
+    own = call_ui_event(server.url, "alice", "train-check", [str(server.dataset), "1, 17"])
+    assert own["success"] is True and "4 files in shapes" in own["output"]["data"][0]
 
 
 def test_app_restart_loses_nothing(server) -> None:

@@ -136,3 +136,29 @@ def stop_server(server: StudioServer) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
     db.close()
+
+
+def call_ui_event(url: str, user: str, elem_id: str, data: list[Any], event: str = "click") -> dict:
+    """Fire the event behind a page element as a raw HTTP client would (login, queue/join, SSE);
+    returns the final queue message ({'success': bool, 'output': ...})."""
+    import json
+    import uuid
+
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert http.post("/login", data={"username": user, "password": PASSWORDS[user]}).status_code == 200
+        config = http.get("/config").json()
+        target = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
+        dep = next(d for d in config["dependencies"] if [target, event] in d["targets"])
+        session = uuid.uuid4().hex[:12]
+        joined = http.post("/gradio_api/queue/join", json={"data": data, "event_data": None, "fn_index": dep["id"],
+                                                           "trigger_id": target, "session_hash": session})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    message = json.loads(line[5:])
+                    if message.get("msg") == "process_completed":
+                        return message
+    raise AssertionError(f"no result for the {event} event of #{elem_id}")
