@@ -69,13 +69,9 @@ def read_clip(frames: np.ndarray) -> Reading:
     """Read color, shape, direction and background from frames (T, H, W, 3)."""
     video = _as_float_rgb(frames)
     background_rgb = np.median(_border_pixels(video), axis=0)
-    distance = np.linalg.norm(video - background_rgb, axis=-1)
-    strong = distance > _MIN_CONTRAST
-    if strong.sum() < _MIN_AREA:
+    foreground_rgb = _foreground_rgb(video, background_rgb)
+    if foreground_rgb is None:
         return Reading(None, None, None, _nearest(background_rgb, BACKGROUNDS))
-    # The color is read from the core of the silhouette, away from blended edges.
-    core = distance > max(_MIN_CONTRAST, 0.7 * np.percentile(distance[strong], 90))
-    foreground_rgb = np.median(video[core], axis=0)
     alpha = _coverage(video, background_rgb, foreground_rgb)
     return Reading(
         color=_nearest(foreground_rgb, COLORS),
@@ -83,6 +79,25 @@ def read_clip(frames: np.ndarray) -> Reading:
         direction=_read_direction(alpha),
         background=_nearest(background_rgb, BACKGROUNDS),
     )
+
+
+def color_distance(frames: np.ndarray, color: str) -> float:
+    """RGB distance between the clip's foreground and a palette color (a continuous score: lower is closer)."""
+    video = _as_float_rgb(frames)
+    foreground = _foreground_rgb(video, np.median(_border_pixels(video), axis=0))
+    if foreground is None:
+        return float(np.linalg.norm([255.0, 255.0, 255.0]))
+    return float(np.linalg.norm(foreground - np.array(COLORS[color], dtype=np.float32)))
+
+
+def _foreground_rgb(video: np.ndarray, background_rgb: np.ndarray) -> np.ndarray | None:
+    distance = np.linalg.norm(video - background_rgb, axis=-1)
+    strong = distance > _MIN_CONTRAST
+    if strong.sum() < _MIN_AREA:
+        return None
+    # The color is read from the core of the silhouette, away from blended edges.
+    core = distance > max(_MIN_CONTRAST, 0.7 * np.percentile(distance[strong], 90))
+    return np.median(video[core], axis=0)
 
 
 def accuracy(scores: list[ClipScore]) -> dict[str, float]:

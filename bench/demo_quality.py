@@ -1,0 +1,101 @@
+"""Demo model quality and speed on CPU; prints ONE JSON line.
+
+base accuracy (color, shape, motion) on held-in prompts, held-out "purple star" accuracy before and
+after the demo LoRA (trained through the real trainer: python -m engine.trainer), the LoRA's
+training wall time, and one 64x64x17, 20-step generation's wall time.
+
+    python bench/demo_quality.py [--held-in 24] [--held-out 12] [--lora-steps N] [--home DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from engine.demo.evaluate import accuracy  # noqa: E402
+from engine.demo.sampling import (  # noqa: E402
+    SampleSettings,
+    evaluation_prompts,
+    generate_clip,
+    load_demo_pipeline,
+    score_prompts,
+)
+from engine.demo.setup import demo_lora_config_text, ensure_demo_assets  # noqa: E402
+
+
+def train_demo_lora(home: Path, max_steps: int | None) -> tuple[Path, float]:
+    """Run examples/demo_lora.toml through the trainer program; returns (last LoRA file, wall seconds)."""
+    ensure_demo_assets(home)
+    text = demo_lora_config_text(home)
+    if max_steps:
+        text = f"max_steps = {max_steps}\n" + text
+    config = home / "demo_lora.toml"
+    config.write_text(text, encoding="utf-8")
+    run_dir = home / "runs" / f"bench-{int(time.time())}"
+    started = time.time()
+    subprocess.run(
+        [sys.executable, "-m", "engine.trainer", "--config", str(config), "--run-dir", str(run_dir)],
+        cwd=REPO,
+        env={**os.environ, "STUDIO_HOME": str(home)},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    seconds = time.time() - started
+    loras = sorted(run_dir.glob("*/adapter_model.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not loras:
+        raise RuntimeError(f"the trainer saved no LoRA in {run_dir}")
+    return loras[-1], seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--held-in", type=int, default=24, help="held-in prompts to score")
+    parser.add_argument("--held-out", type=int, default=12, help="held-out prompts to score")
+    parser.add_argument("--lora-steps", type=int, default=None, help="override the config's length")
+    parser.add_argument("--home", type=Path, default=None, help="data dir (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    settings = SampleSettings()
+    pipe = load_demo_pipeline("demo")
+    started = time.time()
+    generate_clip(pipe, "a red circle moving left on a black background", 0, settings)
+    generation_s = time.time() - started
+    base = accuracy(score_prompts(pipe, evaluation_prompts(args.held_in, held_out=False), settings))
+    held_out_prompts = evaluation_prompts(args.held_out, held_out=True)
+    before = accuracy(score_prompts(pipe, held_out_prompts, settings))
+    with tempfile.TemporaryDirectory() as tmp:
+        home = args.home or Path(tmp)
+        lora, lora_s = train_demo_lora(home, args.lora_steps)
+        tuned = load_demo_pipeline("demo", lora=lora)
+        after = accuracy(score_prompts(tuned, held_out_prompts, settings))
+    result = {
+        "bench": "demo_quality",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch threads {args.threads}",
+        "settings": {"size": "64x64x17", "steps": settings.steps, "guidance": settings.guidance_scale},
+        "base_held_in": {k: round(v, 3) for k, v in base.items()},
+        "held_out_before": {k: round(v, 3) for k, v in before.items()},
+        "held_out_after": {k: round(v, 3) for k, v in after.items()},
+        "lora_train_s": round(lora_s, 1),
+        "generation_s": round(generation_s, 2),
+        "n_held_in": args.held_in,
+        "n_held_out": args.held_out,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
