@@ -80,6 +80,7 @@ class CommandReader(threading.Thread):
 
 class Worker:
     def __init__(self, device: str, idle_timeout_s: float, emit: EventWriter, reader: CommandReader) -> None:
+        import diffusers.pipelines.wan.pipeline_wan  # noqa: F401 - import once at start-up, not in load_s
         import torch
 
         from engine.inference.pipeline import PipelineCache
