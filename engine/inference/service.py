@@ -243,8 +243,8 @@ class InferenceService:
 
             info = get_family("wan").describe(path)
             return path, info.spatial_multiple, info.temporal_stride
-        except ValueError as exc:
-            raise ConfigError("model", str(exc)) from None
+        except (ValueError, OSError) as exc:  # not a Wan pipeline, or its config files are unreadable
+            raise ConfigError("model", f"{path}: {exc}") from None
 
     def _check_loras(self, req: InferRequest) -> list[str]:
         from engine.lora import LoraError, validate_lora
