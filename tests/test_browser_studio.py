@@ -3,6 +3,7 @@ loss chart gain points, generate with the trained LoRA, see the video play, find
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,22 @@ def page():
 
 def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+
+
+def pick_option(page, selector: str, text: str, timeout_s: float = 90) -> None:
+    """Open a dropdown and pick the option containing `text`; its choices may arrive a moment later."""
+    deadline = time.time() + timeout_s
+    while True:
+        page.locator(selector).click()
+        option = page.get_by_role("option", name=text).first
+        try:
+            option.wait_for(timeout=3_000)
+            option.click()
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            page.keyboard.press("Escape")
 
 
 def loss_points(page) -> int:
@@ -90,8 +107,7 @@ def walk_through(server, page, tmp_path: Path) -> None:
     model.fill(server.model)
     model.press("Enter")
     page.locator("#lora-add").click()
-    page.locator("#lora-ref-0 input").click()
-    page.get_by_role("option", name="epoch3").first.click()
+    pick_option(page, "#lora-ref-0 input", "epoch3")
     for field, value in (("#infer-width", "64"), ("#infer-height", "48"), ("#infer-frames", "9"),
                          ("#infer-seed", "5")):
         page.locator(f"{field} input").fill(value)
@@ -117,6 +133,16 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_selector("#gallery-details >> text=seed", timeout=60_000)
     assert "epoch3" in page.locator("#gallery-details").inner_text()
     shot(page, "3-gallery")
+    # "Reuse in Infer" fills the Infer tab with the same settings and LoRA stack
+    page.get_by_role("tab", name="Infer").click()
+    page.locator("#infer-seed input").fill("99")
+    page.locator("#infer-steps input[type=number]").fill("7")
+    page.get_by_role("tab", name="Gallery").click()
+    page.locator("#gallery-reuse").click()
+    page.wait_for_function("() => document.querySelector('#infer-seed input')?.value === '5'", timeout=60_000)
+    assert page.get_by_role("tab", name="Infer").get_attribute("aria-selected") == "true"
+    assert "epoch3" in page.locator("#lora-ref-0 input").input_value()
+    assert page.locator("#infer-steps input[type=number]").input_value() == "3"
 
     # ---- GPUs: a plain message on this CPU machine, host RAM and disk
     page.get_by_role("tab", name="GPUs").click()
