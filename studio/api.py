@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from engine.config import ConfigError, TrainConfig
-from engine.jobs import Job, JobError, JobStatus
+from engine.jobs import Job, JobError
 from studio.auth import AccessDenied, User
 from studio.datasets import DatasetError, confine, safe_name
 
