@@ -130,8 +130,9 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     def show_config(cfg: TrainConfig):
         directory = cfg.dataset.directory[0] if cfg.dataset.directory else None
         updates = form.updates(cfg)
-        updates[folder] = directory.path if directory else None
-        updates[repeats] = directory.num_repeats if directory else 1
+        # A preset without a dataset keeps the folder already chosen.
+        updates[folder] = directory.path if directory else gr.skip()
+        updates[repeats] = directory.num_repeats if directory else gr.skip()
         return updates
 
     def apply_preset(name: str, request: gr.Request):
