@@ -16,7 +16,8 @@ def valid(**changes) -> InferRequest:
 
 
 def test_defaults_with_a_prompt_are_valid() -> None:
-    assert InferRequest(prompt="x").validate().seed is None
+    req = InferRequest(prompt="x").validate()
+    assert req.seed is None and req.flow_shift is None  # filled in at submit, then recorded
 
 
 @pytest.mark.parametrize("changes, field, hint", [

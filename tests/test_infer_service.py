@@ -94,10 +94,11 @@ def test_video_is_browser_mp4_with_requested_shape_and_full_record(service, asse
     assert item.timings["denoise_s"] > 0 and item.timings["decode_s"] > 0 and item.timings["encode_s"] > 0
 
 
-def test_empty_seed_is_drawn_and_recorded(service, assets) -> None:
-    status = succeeded(service, request(assets, seed=None, num_frames=5, steps=2))
+def test_empty_seed_and_flow_shift_are_filled_in_and_recorded(service, assets) -> None:
+    status = succeeded(service, request(assets, seed=None, flow_shift=None))
     item = service.gallery.get(status["gallery_ids"][0])
     assert isinstance(status["seed"], int) and item.seed == status["seed"] == item.params["seed"]
+    assert item.params["flow_shift"] == 2.0  # the demo model's scheduler config
 
 
 def test_same_seed_reproduces_frames_and_other_seed_differs(service, assets) -> None:

@@ -73,7 +73,7 @@ class InferRequest:
     num_frames: int = 81
     steps: int = 30
     guidance_scale: float = 5.0
-    flow_shift: float = 3.0
+    flow_shift: float | None = None  # None: the model's own (its scheduler config), recorded at submit
     seed: int | None = None
     fps: int = 16
     num_videos: int = 1
@@ -92,8 +92,9 @@ class InferRequest:
                 errors.append((name, f"must be at most {MAX_PROMPT_CHARS} characters"))
         for name in ("width", "height", "num_frames", "steps", "fps", "num_videos"):
             errors += _check_int(name, getattr(self, name))
-        for name in ("guidance_scale", "flow_shift"):
-            errors += _check_float(name, getattr(self, name))
+        errors += _check_float("guidance_scale", self.guidance_scale)
+        if self.flow_shift is not None:
+            errors += _check_float("flow_shift", self.flow_shift)
         for name in ("width", "height"):
             value = getattr(self, name)
             if _is_int(value) and value % spatial_multiple:

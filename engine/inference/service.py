@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -173,6 +173,8 @@ class InferenceService:
             raise ConfigError(errors)
         lora_files = self._check_loras(req)
         req = req.with_seed()
+        if req.flow_shift is None:
+            req = replace(req, flow_shift=_model_flow_shift(Path(model_path)))
         tracked = _Tracked(id=uuid.uuid4().hex[:12], owner=owner, request=req, model_path=str(model_path),
                            lora_files=lora_files, total_steps=req.steps * req.num_videos)
         with self._lock:
@@ -466,6 +468,15 @@ class _Slot(threading.Thread):
                 self.service.scheduler.release_devices(self.holder)
             except Exception:
                 log.warning("%s: could not release devices", self.holder, exc_info=True)
+
+
+def _model_flow_shift(model_path: Path, fallback: float = 3.0) -> float:
+    """The flow shift a model ships with (scheduler/scheduler_config.json), Wan2.1's 3.0 if absent."""
+    try:
+        config = json.loads((model_path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        return float(config.get("flow_shift") or fallback)
+    except (OSError, ValueError, TypeError):
+        return fallback
 
 
 def _cuda_available() -> bool:

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--frames", type=int, default=defaults.num_frames, help="4k+1 frames (default 81)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--guidance", type=float, default=defaults.guidance_scale, help="guidance scale")
-    parser.add_argument("--flow-shift", type=float, default=defaults.flow_shift)
+    parser.add_argument("--flow-shift", type=float, default=None, help="default: the model's own (3 for Wan2.1)")
     parser.add_argument("--seed", type=int, default=None, help="random when left out (always recorded)")
     parser.add_argument("--fps", type=int, default=defaults.fps)
     parser.add_argument("--num-videos", type=int, default=1)
