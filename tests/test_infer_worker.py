@@ -41,3 +41,26 @@ def test_failure_kinds_and_messages() -> None:
     assert kind == "oom" and "lower width/height" in message
     assert describe_failure(LoraLoadError("/x/a.safetensors: truncated")) == ("lora", "/x/a.safetensors: truncated")
     assert describe_failure(RuntimeError("boom")) == ("error", "RuntimeError: boom")
+
+
+def test_split_phases_give_what_a_plain_wanpipeline_call_gives() -> None:
+    """Text encode + denoise + decode as separate timed phases change nothing in the frames."""
+    import numpy as np
+
+    from engine.inference.pipeline import PipelineCache, encode_text, generate
+    from engine.models import resolve_model
+
+    cache = PipelineCache("cpu")
+    loaded, load_s = cache.get(resolve_model("demo"))
+    assert load_s > 0 and cache.get(resolve_model("demo"))[1] == 0.0
+    device = torch.device("cpu")
+    prompt, negative = "a green circle moving down on a gray background", "blurry"
+    positive, negative_embeds, _ = encode_text(loaded, prompt, negative, 4.0, device)
+    ours = generate(loaded, prompt_embeds=positive, negative_embeds=negative_embeds, width=32, height=32,
+                    num_frames=5, steps=3, guidance_scale=4.0, flow_shift=2.0, seed=7, device=device).frames
+    with torch.inference_mode():
+        plain = loaded.pipe(prompt=prompt, negative_prompt=negative, width=32, height=32, num_frames=5,
+                            num_inference_steps=3, guidance_scale=4.0,
+                            generator=torch.Generator("cpu").manual_seed(7)).frames[0]
+    assert ours.shape == plain.shape == (5, 32, 32, 3)
+    np.testing.assert_allclose(ours, plain, atol=1e-5)
