@@ -2,7 +2,7 @@
 linears LoRA targets, the training target and the forward call.
 
 `get_family("wan")` returns the family object; new families (Wan I2V, HunyuanVideo, LTX-Video)
-implement `ModelFamily` and register in `_FAMILIES`.
+implement `ModelFamily` and are added to `get_family` and `family_names`.
 """
 
 from __future__ import annotations
