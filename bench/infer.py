@@ -91,8 +91,8 @@ def plain_diffusers(model: Path, req: InferRequest, device: str, calls: int) -> 
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     started = time.perf_counter()
-    vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(model, vae=vae, torch_dtype=dtype).to(device)
+    vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(model, vae=vae, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     _sync(device)
     load_s = time.perf_counter() - started

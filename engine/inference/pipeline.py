@@ -89,8 +89,8 @@ class PipelineCache:
 
         log.info("loading %s on %s (%s)", path, self.device, self.dtype)
         # The Wan VAE is kept in float32 (as Wan's own examples do): bf16 decoding bands colours.
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        pipe = WanPipeline.from_pretrained(path, vae=vae, torch_dtype=self.dtype)
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
+        pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=self.dtype)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         num_blocks = int(pipe.transformer.config.num_layers)
