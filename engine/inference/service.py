@@ -1,7 +1,8 @@
 """InferenceService: queues generation requests and runs them on warm worker processes.
 
-Each worker slot holds devices from the scheduler (`acquire_devices(holder, 1)`; `[-1]` = a CPU
-slot), so a generation never lands on a GPU a training job holds. The worker process stays up while
+One worker slot per device the scheduler can hand out (`max_workers`). A slot holds devices from
+the scheduler (`acquire_devices(holder, 1)`; `[-1]` = a CPU slot) only while its worker runs, so a
+generation never lands on a GPU a training job holds. The worker process stays up while
 requests keep coming and keeps its pipeline warm; after `idle_timeout_s` without work the slot stops
 it and gives the devices back. Request states: queued, waiting (for a device), loading, running,
 succeeded, failed, cancelled. Finished videos become gallery items.
@@ -136,7 +137,7 @@ class _WorkerProcess:
 
 class InferenceService:
     def __init__(self, store: Database, layout: DataLayout, scheduler: DeviceScheduler | None,
-                 gallery: Gallery, *, idle_timeout_s: float = 600.0, max_workers: int = 1,
+                 gallery: Gallery, *, idle_timeout_s: float = 600.0, max_workers: int | None = None,
                  python: str = sys.executable, history: int = 500) -> None:
         self.store = store
         self.layout = layout
@@ -150,7 +151,9 @@ class InferenceService:
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
-        self._slots = [_Slot(self, f"infer-{uuid.uuid4().hex[:6]}-{n}") for n in range(max_workers)]
+        if max_workers is None:  # one worker per device the scheduler can hand out; idle slots hold nothing
+            max_workers = _device_count(scheduler)
+        self._slots = [_Slot(self, f"infer-{uuid.uuid4().hex[:6]}-{n}") for n in range(max(1, max_workers))]
         for slot in self._slots:
             slot.start()
 
@@ -468,6 +471,14 @@ class _Slot(threading.Thread):
                 self.service.scheduler.release_devices(self.holder)
             except Exception:
                 log.warning("%s: could not release devices", self.holder, exc_info=True)
+
+
+def _device_count(scheduler: DeviceScheduler | None, cap: int = 8) -> int:
+    pool = getattr(scheduler, "device_pool", None)
+    try:
+        return max(1, min(cap, len(pool()))) if callable(pool) else 1
+    except Exception:  # no inventory right now: one worker is always safe
+        return 1
 
 
 def _model_flow_shift(model_path: Path, fallback: float = 3.0) -> float:
