@@ -76,9 +76,9 @@ def digest(service: InferenceService, status: dict) -> str:
 
 
 def test_video_is_browser_mp4_with_requested_shape_and_full_record(service, assets) -> None:
-    status = succeeded(service, request(assets, num_videos=2, seed=5, width=64, height=48, num_frames=9, steps=3))
+    status = succeeded(service, request(assets, num_videos=2, seed=5, width=64, height=48, num_frames=9, steps=2))
     assert len(status["gallery_ids"]) == 2
-    assert status["step"] == status["total_steps"] == 6
+    assert status["step"] == status["total_steps"] == 4
     items = [service.gallery.get(i) for i in status["gallery_ids"]]
     assert [item.seed for item in items] == [5, 6]  # one seed per video, recorded
     item = items[0]
@@ -88,7 +88,7 @@ def test_video_is_browser_mp4_with_requested_shape_and_full_record(service, asse
     assert item.poster_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert item.meta_path.is_file() and item.dir.parent == service.layout.gallery_dir
     assert item.owner == "alice" and item.prompt == "a purple star spins" and item.params["negative_prompt"] == "blurry"
-    assert item.params["steps"] == 3 and item.params["guidance_scale"] == 4.0 and item.params["flow_shift"] == 3.0
+    assert item.params["steps"] == 2 and item.params["guidance_scale"] == 4.0 and item.params["flow_shift"] == 3.0
     for key in ("load_s", "text_encode_s", "denoise_s", "decode_s", "encode_s"):
         assert item.timings[key] >= 0.0 and key in status["timings"]
     assert item.timings["denoise_s"] > 0 and item.timings["decode_s"] > 0 and item.timings["encode_s"] > 0
