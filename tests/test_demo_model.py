@@ -56,3 +56,23 @@ def test_demo_dataset_is_created_once_and_config_points_at_it(tmp_path: Path):
     config = TrainConfig.from_toml_string(demo_lora_config_text(tmp_path)).validate()
     assert Path(config.dataset.directory[0].path) == folder.resolve()
     assert config.model.ckpt_path == "demo"
+
+
+def test_demo_cli_prepares_and_generates(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from engine.demo.world import read_clip_mp4
+
+    repo = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "-m", "studio", "--home", str(tmp_path / "home"), "demo"]
+    prepared = subprocess.run(base + ["--prepare"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    assert (tmp_path / "home" / "demo_lora.toml").is_file()
+    out = tmp_path / "clip.mp4"
+    prompt = "a blue square moving down on a white background"
+    generated = subprocess.run(base + ["--generate", prompt, "--steps", "2", "--out", str(out)],
+                               cwd=repo, capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr
+    assert read_clip_mp4(out).shape == (17, 64, 64, 3)
+    assert json.loads(generated.stdout.strip().splitlines()[-1])["video"] == str(out)
