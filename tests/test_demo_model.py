@@ -76,3 +76,16 @@ def test_demo_cli_prepares_and_generates(tmp_path: Path):
     assert generated.returncode == 0, generated.stderr
     assert read_clip_mp4(out).shape == (17, 64, 64, 3)
     assert json.loads(generated.stdout.strip().splitlines()[-1])["video"] == str(out)
+
+
+def test_demo_tokenizer_knows_every_caption_word_including_the_held_out_ones():
+    from transformers import AutoTokenizer
+
+    from engine.demo.world import caption_vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model("demo") / "tokenizer"))
+    ids = tokenizer("a purple star moving up on a gray background").input_ids
+    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
+    assert len(ids) == 10  # one token per word + </s>
+    assert all(tokenizer.convert_tokens_to_ids(w) != tokenizer.unk_token_id for w in caption_vocabulary())
+    assert tokenizer.unk_token_id in tokenizer("a pink circle").input_ids
