@@ -27,9 +27,12 @@ def client(server, user: str) -> Client:
 
 
 def test_train_generate_and_find_in_gallery(server) -> None:
+    """The demo LoRA: the embedded `demo` model on the purple-star dataset the studio prepares."""
     alice = client(server, "alice")
     assert alice.predict(api_name="/whoami") == {"name": "alice", "admin": False}
-    job = alice.predict(train_toml(server.model, server.dataset), "", 1, "api-run", api_name="/start_training")
+    purple_star = server.home / "datasets" / "demo_purple_star"
+    assert len(list(purple_star.glob("*.mp4"))) >= 8, "the studio prepares the demo dataset at start"
+    job = alice.predict(train_toml("demo", purple_star), "", 1, "api-run", api_name="/start_training")
     assert job["owner"] == "alice" and job["status"] == "queued"
 
     def finished():
@@ -44,7 +47,7 @@ def test_train_generate_and_find_in_gallery(server) -> None:
     assert [j["id"] for j in alice.predict("succeeded", 50, 0, api_name="/list_jobs")] == [job["id"]]
 
     lora = f"job:{job['id']}/epoch2"
-    started = alice.predict("a purple star moving right on a white background", server.model,
+    started = alice.predict("a purple star moving right on a white background", "demo",
                             [{"lora": lora, "weight": 0.8}], "", 64, 48, 9, 3, 4.0, 3.0, 7, 8, 1, False,
                             api_name="/generate")
 
@@ -70,7 +73,7 @@ def test_train_generate_and_find_in_gallery(server) -> None:
         with pytest.raises(Exception, match="not found"):
             bob.predict(call[0], api_name=call[1])
     with pytest.raises(Exception, match="not found"):
-        bob.predict("a star", server.model, [{"lora": lora, "weight": 1.0}], api_name="/generate")
+        bob.predict("a star", "demo", [{"lora": lora, "weight": 1.0}], api_name="/generate")
     with pytest.raises(Exception, match="not found"):
         bob.predict(started["request_id"], api_name="/generation_status")
     assert alice.predict(item_id, api_name="/gallery_item")["id"] == item_id
