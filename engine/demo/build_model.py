@@ -84,6 +84,7 @@ class BuildSettings:
     workers: int = 1
     vae_minutes: float = 0.0  # wall-clock budget per stage; 0 = none (stops early, saves what it has)
     transformer_minutes: float = 0.0
+    keep_latent_stats: bool = False
 
 
 PRESETS: dict[str, BuildSettings] = {
@@ -329,10 +330,13 @@ def stage_latents(work: Path, settings: BuildSettings, device: torch.device) -> 
             video = compose(torch.from_numpy(np.asarray(coverage[start:stop])), fg[start:stop], bg[start:stop])
             chunks.append(vae.encode(video.to(device)).latent_dist.mode().cpu())
     latents = torch.cat(chunks)
-    mean = latents.mean(dim=(0, 2, 3, 4))
-    std = latents.std(dim=(0, 2, 3, 4))
-    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    vae.to("cpu").save_pretrained(work / "vae")
+    if settings.keep_latent_stats:  # continuing a build: the transformer was trained on these stats
+        mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+    else:
+        mean = latents.mean(dim=(0, 2, 3, 4))
+        std = latents.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        vae.to("cpu").save_pretrained(work / "vae")
     normalized = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     prompts = sorted({s.caption.text() for s in specs})
     caption_index = torch.tensor([prompts.index(s.caption.text()) for s in specs])
@@ -460,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, help="override the preset")
     parser.add_argument("--vae-minutes", type=float, help="wall-clock budget of the vae stage")
     parser.add_argument("--transformer-minutes", type=float, help="wall-clock budget of the transformer stage")
+    parser.add_argument("--transformer-lr", type=float, help="override the preset (lower when continuing)")
+    parser.add_argument("--pool-clips", type=int, help="override the preset's number of rendered clips")
+    parser.add_argument("--keep-latent-stats", action="store_true",
+                        help="keep the VAE's latents_mean/std (continuing from work-dir/init weights)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
@@ -471,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, vae_steps=args.vae_steps)
     if args.vae_minutes:
         settings = replace(settings, vae_minutes=args.vae_minutes)
+    if args.keep_latent_stats:
+        settings = replace(settings, keep_latent_stats=True)
+    if args.pool_clips:
+        settings = replace(settings, pool_clips=args.pool_clips)
+    if args.transformer_lr:
+        settings = replace(settings, transformer_lr=args.transformer_lr)
     if args.transformer_minutes:
         settings = replace(settings, transformer_minutes=args.transformer_minutes)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
