@@ -250,12 +250,13 @@ class LossSeriesCache:
         return series.update()
 
 
-_DEFAULT_CACHE = LossSeriesCache()
-
-
-def loss_series(run_dir: str | os.PathLike, max_points: int = 2000) -> dict[str, Any]:
+def loss_series(run_dir: str | os.PathLike, max_points: int = 2000,
+                cache: LossSeriesCache | None = None) -> dict[str, Any]:
     """Downsampled loss curve: lists `step`, `loss`, `lr` (<= max_points), `epoch_steps`,
-    `epoch_mean_loss`, plus `total_steps`. Only bytes added since the last call are parsed."""
+    `epoch_mean_loss`, plus `total_steps`. With a `cache` (the studio keeps one), only bytes added
+    since the last call are parsed; without one the whole file is read once."""
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2, got {max_points}")
-    return _DEFAULT_CACHE.get(run_dir, max_points)
+    if cache is None:
+        return LossSeries(Path(run_dir), max_points=int(max_points)).update()
+    return cache.get(run_dir, max_points)

@@ -175,7 +175,7 @@ class StudioApi:
         job = self.own_job(user, job_id)
         if not job.run_dir:
             return {"step": [], "loss": [], "lr": [], "epoch_steps": []}
-        return loss_series(job.run_dir, max_points=max_points)
+        return loss_series(job.run_dir, max_points=max_points, cache=self.ctx.loss_cache)
 
     def job_lora_files(self, user: User, job_id: int | str) -> list[tuple[str, Path]]:
         return run_loras(self.own_job(user, job_id).run_dir)

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from engine.metrics import LossSeriesCache
 from engine.paths import DataLayout
 from engine.store import Database
 from studio.auth import Accounts, UsersFile
@@ -64,6 +65,8 @@ class StudioContext:
     gallery: Any  # engine.gallery.Gallery
     inference: Any  # engine.inference.service.InferenceService
     gpu_history: GpuHistory = field(default_factory=GpuHistory)
+    # parsed loss curves of recently viewed runs: each poll parses only new metrics lines
+    loss_cache: LossSeriesCache = field(default_factory=LossSeriesCache)
     # request id -> owner, for services whose status does not carry the owner
     request_owners: dict[str, str] = field(default_factory=dict)
 

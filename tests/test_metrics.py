@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.metrics import LossSeries, MetricsReader, last_final_event, loss_series
+from engine.metrics import LossSeries, LossSeriesCache, MetricsReader, last_final_event, loss_series
 
 
 def append(path: Path, *events: dict) -> None:
@@ -62,12 +62,13 @@ def test_loss_series_is_bounded_and_keeps_extremes(tmp_path: Path) -> None:
     losses = {n: 0.5 for n in range(1, 20001)}
     losses[7777], losses[12345] = 9.0, 0.001  # a spike and a dip must survive downsampling
     append(path, *(step(n, losses[n]) for n in range(1, 10001)))
-    first = loss_series(tmp_path, max_points=400)
+    cache = LossSeriesCache()
+    first = loss_series(tmp_path, max_points=400, cache=cache)
     assert len(first["step"]) <= 400 and first["step"] == sorted(first["step"])
     assert 9.0 in first["loss"] and first["step"][first["loss"].index(9.0)] == 7777
     append(path, *(step(n, losses[n]) for n in range(10001, 20001)),
            {"event": "epoch", "epoch": 1, "step": 20000, "mean_loss": 0.5})
-    second = loss_series(tmp_path, max_points=400)
+    second = loss_series(tmp_path, max_points=400, cache=cache)
     assert len(second["step"]) <= 400 and second["step"][-1] == 20000
     assert 0.001 in second["loss"] and 9.0 in second["loss"]
     assert second["epoch_steps"] == [20000] and second["total_steps"] == 20000
@@ -88,8 +89,10 @@ def test_loss_series_parses_only_new_bytes(tmp_path: Path) -> None:
 def test_loss_series_drops_replayed_steps_after_resume(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     append(path, *(step(n, 1.0) for n in range(1, 11)))
-    assert loss_series(tmp_path)["step"] == list(range(1, 11))
+    cache = LossSeriesCache()
+    assert loss_series(tmp_path, cache=cache)["step"] == list(range(1, 11))
     append(path, {"event": "start"}, *(step(n, 2.0) for n in range(6, 9)))  # resumed from step 5
-    result = loss_series(tmp_path)
+    result = loss_series(tmp_path, cache=cache)
+    assert result == loss_series(tmp_path)  # a fresh read of the whole file agrees
     assert result["step"] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert result["loss"] == [1.0] * 5 + [2.0] * 3
