@@ -84,7 +84,7 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_selector("#train-start")
     # ---- Train: load a TOML file into the form, start, watch the chart
     toml_file = tmp_path / "browser_run.toml"
-    toml_file.write_text(train_toml(server.model, server.dataset, epochs=40))  # long enough to watch, then stop
+    toml_file.write_text(train_toml(server.model, server.dataset, epochs=600))  # must outlast watching + Stop on a fast idle machine (40 epochs finished first)
     page.locator("input[type=file][accept*='.toml']").set_input_files(str(toml_file))
     page.wait_for_function("(p) => document.querySelector('#train-folder input')?.value === p",
                            arg=str(server.dataset))

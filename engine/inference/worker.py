@@ -93,8 +93,10 @@ class Worker:
         self.emit = emit
         self.reader = reader
 
-    def serve(self) -> None:
+    def announce(self) -> None:
         self.emit("ready", pid=os.getpid(), device=str(self.device))
+
+    def serve(self) -> None:
         while True:
             try:
                 command = self.reader.jobs.get(timeout=min(5.0, self.idle_timeout_s))
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     reader = CommandReader(sys.stdin, emit)
     try:
         worker = Worker(args.device, args.idle_timeout, emit, reader)
-        reader.start()  # after start-up: "ready" is always the first event
+        worker.announce()
+        reader.start()  # only after "ready": the reader's protocol errors must never come first
         worker.serve()
     except Exception as exc:  # start-up failure (no torch, no CUDA): tell the service, then exit
         emit("fatal", message=f"{type(exc).__name__}: {exc}")
