@@ -47,11 +47,16 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
 
 
-def pick_option(page, selector: str, text: str | re.Pattern, timeout_s: float = 90) -> None:
-    """Open a dropdown and pick the option containing `text`; its choices may arrive a moment later."""
+def pick_option(page, selector: str, text: str | re.Pattern, timeout_s: float = 90, query: str = "") -> None:
+    """Open a dropdown and pick the option containing `text`; its choices may arrive a moment later.
+
+    `query` is typed into the dropdown first, as a user narrows a long list (a long list does not
+    render every option)."""
     deadline = time.time() + timeout_s
     while True:
         page.locator(selector).click()
+        if query:
+            page.locator(selector).fill(query)
         option = page.get_by_role("option", name=text).first
         try:
             option.wait_for(timeout=3_000)
@@ -84,7 +89,10 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_selector("#train-start")
     # ---- Train: load a TOML file into the form, start, watch the chart
     toml_file = tmp_path / "browser_run.toml"
-    toml_file.write_text(train_toml(server.model, server.dataset, epochs=600))  # must outlast watching + Stop on a fast idle machine (40 epochs finished first)
+    # Long enough to outlast watching + Stop on a fast idle machine; no periodic saves, so the run's
+    # only LoRA is the one Stop writes (a long list of saves made the LoRA picker flaky).
+    toml_file.write_text(train_toml(server.model, server.dataset, epochs=600)
+                         .replace("save_every_n_epochs = 1\n", "save_every_n_epochs = 600\n"))
     page.locator("input[type=file][accept*='.toml']").set_input_files(str(toml_file))
     page.wait_for_function("(p) => document.querySelector('#train-folder input')?.value === p",
                            arg=str(server.dataset))
@@ -96,7 +104,7 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot')?.data?.[0]?.x?.length >= 1",
                            timeout=LONG)
     first = loss_points(page)
-    # More points arrive while it runs; past step 4 the first epoch's LoRA is saved.
+    # More points arrive while it runs.
     page.wait_for_function(f"""() => {{ const n = document.querySelector('#train-loss .js-plotly-plot').data[0].x.length;
         return n > {first} && n >= 6; }}""", timeout=LONG)
     assert loss_points(page) > first
@@ -110,7 +118,9 @@ def walk_through(server, page, tmp_path: Path) -> None:
     model.fill(server.model)
     model.press("Enter")
     page.locator("#lora-add").click()
-    pick_option(page, "#lora-ref-0 input", re.compile(r"epoch1$"))
+    pick_option(page, "#lora-ref-0 input", re.compile(r"browser-run · (epoch|step)\d+$"), query="browser-run")
+    saved = page.locator("#lora-ref-0 input").input_value().rsplit("·", 1)[-1].strip()  # e.g. step121
+    assert re.fullmatch(r"(epoch|step)\d+", saved), saved
     for field, value in (("#infer-width", "64"), ("#infer-height", "48"), ("#infer-frames", "9"),
                          ("#infer-seed", "5")):
         page.locator(f"{field} input").fill(value)
@@ -127,14 +137,14 @@ def walk_through(server, page, tmp_path: Path) -> None:
 
     # ---- Gallery: "Open in Gallery" shows the entry; search finds it in the grid
     page.locator("#infer-open-gallery").click()
-    page.wait_for_selector("#gallery-details >> text=epoch1", timeout=60_000)
+    page.wait_for_selector(f"#gallery-details >> text={saved}", timeout=60_000)
     assert page.get_by_role("tab", name="Gallery").get_attribute("aria-selected") == "true"
     page.locator("#gallery-search input, #gallery-search textarea").first.fill("purple star")
     page.locator("#gallery-search input, #gallery-search textarea").first.press("Enter")
     page.wait_for_selector("#gallery-grid .gallery-item button", timeout=60_000)
     page.locator("#gallery-grid .gallery-item button").first.click()
     page.wait_for_selector("#gallery-details >> text=seed", timeout=60_000)
-    assert "epoch1" in page.locator("#gallery-details").inner_text()
+    assert saved in page.locator("#gallery-details").inner_text()
     shot(page, "3-gallery")
     # "Reuse in Infer" fills the Infer tab with the same settings and LoRA stack
     page.get_by_role("tab", name="Infer").click()
@@ -144,7 +154,7 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.locator("#gallery-reuse").click()
     page.wait_for_function("() => document.querySelector('#infer-seed input')?.value === '5'", timeout=60_000)
     assert page.get_by_role("tab", name="Infer").get_attribute("aria-selected") == "true"
-    assert page.locator("#lora-ref-0 input").input_value().endswith("epoch1")
+    assert page.locator("#lora-ref-0 input").input_value().endswith(saved)
     assert page.locator("#infer-steps input[type=number]").input_value() == "3"
 
     # ---- GPUs: a plain message on this CPU machine, host RAM and disk
