@@ -86,15 +86,21 @@ class MetricsReader:
         return events
 
 
-def last_final_event(run_dir: str | os.PathLike, tail_bytes: int = 64 << 10) -> dict[str, Any] | None:
-    """The trainer's last done/stopped/error event, reading only the end of the file."""
-    path = Path(run_dir) / METRICS_FILE
+def read_tail(path: str | os.PathLike, max_bytes: int) -> bytes | None:
+    """The last `max_bytes` of a file (None when it does not exist): logs and metrics grow large."""
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            handle.seek(max(0, size - tail_bytes))
-            data = handle.read()
+            handle.seek(max(0, size - max_bytes))
+            return handle.read()
     except FileNotFoundError:
+        return None
+
+
+def last_final_event(run_dir: str | os.PathLike, tail_bytes: int = 64 << 10) -> dict[str, Any] | None:
+    """The trainer's last done/stopped/error event, reading only the end of the file."""
+    data = read_tail(Path(run_dir) / METRICS_FILE, tail_bytes)
+    if data is None:
         return None
     for line in reversed(data.splitlines()):
         try:

@@ -26,7 +26,7 @@ from engine.gpus import GpuInventory
 from engine.jobs import (ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus)
 from engine.launcher import (LaunchSpec, build_deepspeed_command, build_env, is_same_process,
                              pick_master_port, process_identity, spawn_process, stop_process_group)
-from engine.metrics import METRICS_FILE, FINAL_EVENTS, MetricsReader, last_final_event
+from engine.metrics import METRICS_FILE, FINAL_EVENTS, MetricsReader, last_final_event, read_tail
 from engine.paths import REPO_ROOT, DataLayout
 from engine.store.db import Database
 from engine.store.jobs import JobEvent, JobStore
@@ -119,14 +119,8 @@ def _signal_name(signum: int) -> str:
 
 def read_log_tail(path: str | os.PathLike | None, lines: int = LOG_TAIL_LINES, max_bytes: int = 256 << 10) -> str:
     """Last `lines` lines of a log, reading only its end."""
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            handle.seek(max(0, size - max_bytes))
-            data = handle.read()
-    except FileNotFoundError:
+    data = read_tail(path, max_bytes) if path else None
+    if data is None:
         return ""
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
