@@ -128,10 +128,15 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
                                 [selected, tabs], queue=False, api_visibility="private").then(
         show, selected, [video, details, favorite, download], api_visibility="private")
 
-    def toggle_favorite(item_id: str | None, request: gr.Request):
+    def user_of_selection(item_id: str | None, request: gr.Request):
+        """The signed-in user, once a video is selected (the buttons act on the selection)."""
         user = request_user(api, request)
         if not item_id:
             raise gr.Error("select a video first")
+        return user
+
+    def toggle_favorite(item_id: str | None, request: gr.Request):
+        user = user_of_selection(item_id, request)
         with user_errors():
             item = api.gallery_item(user, item_id)
             api.gallery_favorite(user, item_id, not item["favorite"])
@@ -141,9 +146,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
         show, selected, [video, details, favorite, download], api_visibility="private").then(load, **listing)
 
     def remove(item_id: str | None, request: gr.Request):
-        user = request_user(api, request)
-        if not item_id:
-            raise gr.Error("select a video first")
+        user = user_of_selection(item_id, request)
         with user_errors():
             api.gallery_delete(user, item_id)
         return None, None, "", None, message(f"deleted {item_id}", "ok")
@@ -156,9 +159,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
     stack = infer.loras
 
     def reuse_item(item_id: str | None, request: gr.Request):
-        user = request_user(api, request)
-        if not item_id:
-            raise gr.Error("select a video first")
+        user = user_of_selection(item_id, request)
         with user_errors():
             record = api.own_item(user, item_id)
         params = dict(record.params or {})
