@@ -8,27 +8,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.demo.evaluate import color_distance
+from engine.demo.evaluate import color_distance, evaluate_clip
 from engine.demo.sampling import SampleSettings, evaluation_prompts, generate_clip, load_demo_pipeline
 from engine.demo.setup import demo_lora_config_text, ensure_demo_assets
 from engine.demo.world import HELD_OUT_COLOR
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = SampleSettings(steps=10)
+SHORT_RUN_STEPS = 60  # a fifth of the demo preset; enough to pull colors towards purple, not to finish
 
 
-def _distance_to_purple(pipe, prompts: list[str]) -> float:
-    return float(np.mean([color_distance(generate_clip(pipe, p, i, QUICK), HELD_OUT_COLOR) for i, p in enumerate(prompts)]))
+def _readings(pipe, prompts: list[str]) -> tuple[float, int]:
+    """(median RGB distance of the foreground to purple, clips whose foreground reads as purple)."""
+    distances, purple = [], 0
+    for seed, prompt in enumerate(prompts):
+        frames = generate_clip(pipe, prompt, seed, SampleSettings())
+        distances.append(color_distance(frames, HELD_OUT_COLOR))
+        purple += evaluate_clip(frames, prompt).observed.color == HELD_OUT_COLOR
+    return float(np.median(distances)), purple
 
 
 @pytest.mark.slow
 def test_short_demo_lora_moves_generations_towards_the_held_out_color(tmp_path: Path):
     ensure_demo_assets(tmp_path)
     config = tmp_path / "demo_lora.toml"
-    # Shorter and a little hotter than the demo preset, to stay quick.
-    text = demo_lora_config_text(tmp_path).replace("lr = 2e-3", "lr = 4e-3")
-    assert "lr = 4e-3" in text, "examples/demo_lora.toml changed its lr line: update this test"
-    config.write_text("max_steps = 30\n" + text, encoding="utf-8")
+    config.write_text(f"max_steps = {SHORT_RUN_STEPS}\n" + demo_lora_config_text(tmp_path), encoding="utf-8")
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "engine.trainer", "--config", str(config), "--run-dir", str(run_dir)],
@@ -38,9 +41,11 @@ def test_short_demo_lora_moves_generations_towards_the_held_out_color(tmp_path: 
     loras = sorted(run_dir.glob("*/adapter_model.safetensors"), key=lambda p: p.stat().st_mtime)
     assert loras, f"no LoRA saved in {run_dir}"
 
-    prompts = evaluation_prompts(3, held_out=True)
-    before = _distance_to_purple(load_demo_pipeline("demo"), prompts)
-    after = _distance_to_purple(load_demo_pipeline("demo", lora=loras[-1]), prompts)
+    prompts = evaluation_prompts(4, held_out=True)
+    before, purple_before = _readings(load_demo_pipeline("demo"), prompts)
+    after, purple_after = _readings(load_demo_pipeline("demo", lora=loras[-1]), prompts)
     # The base model has never seen "purple": its shapes come out in other colors. The LoRA must pull
-    # the generated foreground clearly towards purple (distances are RGB units, 0..441).
-    assert after < before - 10, f"distance to purple before {before:.0f}, after {after:.0f}"
+    # the generated foreground clearly towards purple (RGB distances, 0..441; the median ignores a clip
+    # whose shape a half-trained LoRA washed out) and make more clips read as purple.
+    assert after < before - 20, f"median distance to purple before {before:.0f}, after {after:.0f}"
+    assert purple_after > purple_before, f"clips read as purple: before {purple_before}, after {purple_after}"
