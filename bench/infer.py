@@ -2,10 +2,14 @@
 
     python bench/infer.py                 # CPU, the demo model (a tiny random Wan if it is missing)
     python bench/infer.py --gpu           # GPU, random-weight Wan2.1-1.3B shape, 480x832x81, 50 steps, CFG
+    python bench/infer.py --gpu --variants compile compile+cache:0.05
 
 Measures seconds per video (end to end through the service, and its denoise/decode/encode parts),
 model load time on the first vs the second request, LoRA load and LoRA switch time, and the plain
-diffusers call (load + generate) on the same model and settings. Prints one JSON line.
+diffusers call (load + generate) on the same model and settings. Each variant is a worker with other
+speed options (engine/inference/speed.py): `exact` (defaults), `compile` (compiled blocks, same
+output), `cache:T` / `compile+cache:T` (First Block Cache, threshold T: changes outputs). On the GPU
+a variant first runs a 2-step warm-up request (load + compile), then the full video. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -16,17 +20,18 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # first, always: bench/engine.py must not shadow the engine package
 
 import torch  # noqa: E402
 
 from engine.inference.random_lora import random_lora  # noqa: E402
 from engine.inference.request import InferRequest, LoraSpec  # noqa: E402
+from engine.inference.speed import InferenceSpeed  # noqa: E402
 
 GPU_DEFAULTS = dict(width=832, height=480, frames=81, steps=50, guidance=5.0, lora_rank=32)
 CPU_DEFAULTS = dict(width=64, height=64, frames=9, steps=4, guidance=5.0, lora_rank=4)
@@ -116,7 +121,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def studio_runs(model: Path, req: InferRequest, loras: list[Path], home: Path, names: list[str]) -> dict[str, Any]:
+def parse_variant(text: str) -> InferenceSpeed:
+    """'exact', 'compile', 'cache:0.05', 'compile+cache:0.05' -> speed options."""
+    speed = InferenceSpeed()
+    for part in text.split("+"):
+        name, _, value = part.partition(":")
+        if name == "compile":
+            speed = replace(speed, compile_blocks=True)
+        elif name == "cache":
+            speed = replace(speed, step_cache=float(value or 0.05))
+        elif name != "exact":
+            raise SystemExit(f"unknown variant part {part!r}: use exact, compile, cache:T or compile+cache:T")
+    return speed
+
+
+Run = tuple[str, list[LoraSpec], bool, int]  # (name, LoRA stack, fuse, steps)
+
+
+def studio_runs(model: Path, req: InferRequest, plan: list[Run], home: Path, speed: InferenceSpeed) -> dict[str, Any]:
     """The service path: one worker process kept warm across the planned requests."""
     from engine.gallery import Gallery
     from engine.inference.service import InferenceService
@@ -125,25 +147,51 @@ def studio_runs(model: Path, req: InferRequest, loras: list[Path], home: Path, n
 
     layout = DataLayout(home).ensure()
     db = Database(layout.db_path)
-    service = InferenceService(db, layout, None, Gallery(db, layout), idle_timeout_s=3600)
-    plan = [("first", []), ("second", []), ("lora_a", [LoraSpec(str(loras[0]), 1.0)]),
-            ("switch_to_b", [LoraSpec(str(loras[1]), 1.0)]),
-            ("mix_a_b", [LoraSpec(str(loras[0]), 0.7), LoraSpec(str(loras[1]), 0.5)]),
-            ("mix_fused", [LoraSpec(str(loras[0]), 0.7), LoraSpec(str(loras[1]), 0.5)])]
+    service = InferenceService(db, layout, None, Gallery(db, layout), idle_timeout_s=3600, speed=speed)
     runs: dict[str, Any] = {}
     try:
-        for name, stack in [p for p in plan if p[0] in names]:
-            r = InferRequest(**{**req.to_dict(), "loras": stack, "fuse_loras": name == "mix_fused"})
+        for name, stack, fuse, steps in plan:
+            r = InferRequest(**{**req.to_dict(), "loras": stack, "fuse_loras": fuse, "steps": steps})
             started = time.perf_counter()
             status = service.wait(service.submit(r, "bench"), timeout_s=3600)
             if status["state"] != "succeeded":
                 raise RuntimeError(f"{name}: {status['state']}: {status['error']}")
             timings = {k: round(v, 4) for k, v in status["timings"].items() if isinstance(v, float)}
-            runs[name] = {"wall_s": round(time.perf_counter() - started, 4), **timings}
+            runs[name] = {"wall_s": round(time.perf_counter() - started, 4), "steps": steps, **timings}
+            print(json.dumps({"run": name, **runs[name]}), file=sys.stderr, flush=True)
     finally:
         service.shutdown()
         db.close()
     return runs
+
+
+def run_plan(gpu: bool, req: InferRequest, loras: list[Path], with_loras: bool) -> list[Run]:
+    """CPU: every run at full settings. GPU: a 2-step warm-up (load, compile), the full video, and the
+    LoRA runs at 4 steps (they time loading and switching, not denoising)."""
+    a, b = LoraSpec(str(loras[0]), 1.0), LoraSpec(str(loras[1]), 1.0)
+    mix = [LoraSpec(str(loras[0]), 0.7), LoraSpec(str(loras[1]), 0.5)]
+    lora_steps = 4 if gpu else req.steps
+    plan: list[Run] = [("first", [], False, 2 if gpu else req.steps), ("second", [], False, req.steps)]
+    if with_loras:
+        plan += [("lora_a", [a], False, lora_steps), ("switch_to_b", [b], False, lora_steps),
+                 ("mix_fused", mix, True, lora_steps)] + ([] if gpu else [("mix_a_b", mix, False, lora_steps)])
+    return plan
+
+
+def _summary(runs: dict[str, Any], req: InferRequest, plain_generate_s: float) -> dict[str, Any]:
+    second = runs["second"]
+    generate_s = second["text_encode_s"] + second["denoise_s"] + second["decode_s"]
+    out = {"seconds_per_video": second["wall_s"], "generate_s": round(generate_s, 4),
+           "denoise_s_per_step": round(second["denoise_s"] / req.steps, 4),
+           "speedup_vs_plain": round(plain_generate_s / generate_s, 3),
+           "first_request_wall_s": runs["first"]["wall_s"], "load_first_s": runs["first"]["load_s"],
+           "load_second_s": second["load_s"]}
+    if "lora_a" in runs:
+        out.update(lora_load_s=runs["lora_a"]["lora_s"], lora_switch_s=runs["switch_to_b"]["lora_s"],
+                   lora_fuse_s=runs["mix_fused"]["lora_s"], lora_a_wall_s=runs["lora_a"]["wall_s"],
+                   fused_denoise_s=runs["mix_fused"]["denoise_s"],
+                   unfused_denoise_s=runs.get("mix_a_b", runs["lora_a"])["denoise_s"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int)
     parser.add_argument("--frames", type=int)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="worker speed variants (default: exact on CPU; compile, compile+cache:0.05 on GPU)")
     parser.add_argument("--out", type=Path, help="also append the JSON line to this file")
     args = parser.parse_args(argv)
     defaults = GPU_DEFAULTS if args.gpu else CPU_DEFAULTS
     device = "cuda" if args.gpu else "cpu"
+    variants = args.variants or (["compile", "compile+cache:0.05"] if args.gpu else ["exact"])
+    speeds = {name: parse_variant(name) for name in variants}
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs CUDA")
     with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
@@ -170,10 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                            height=args.height or defaults["height"], num_frames=args.frames or defaults["frames"],
                            steps=args.steps or defaults["steps"], guidance_scale=defaults["guidance"], seed=1).validate()
         plain = plain_diffusers(model, req, device, calls=1 if args.gpu else 2)
-        # On a GPU each video takes minutes: the unfused mix is left out (lora_a gives unfused speed).
-        names = ["first", "second", "lora_a", "switch_to_b", "mix_fused"] + ([] if args.gpu else ["mix_a_b"])
-        runs = studio_runs(model, req, loras, workdir / "home", names)
-    second = runs["second"]
+        print(json.dumps({"plain": plain}), file=sys.stderr, flush=True)
+        results = {}
+        for index, (name, speed) in enumerate(speeds.items()):
+            plan = run_plan(args.gpu, req, loras, with_loras=index == 0)
+            runs = studio_runs(model, req, plan, workdir / f"home_{index}", speed)
+            results[name] = {**_summary(runs, req, plain["generate_s"]), "runs": runs}
+            if args.gpu:
+                results[name].update(_denoise_mfu(req, runs["second"]["denoise_s"]))
     record = {
         "bench": "infer", "device": device, "card": _card(args.gpu), "host": platform.node(), "model": model_desc,
         "width": req.width, "height": req.height, "frames": req.num_frames, "steps": req.steps,
@@ -181,17 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "plain_diffusers_load_s": round(plain["load_s"], 4),
         "plain_diffusers_first_generate_s": round(plain["first_generate_s"], 4),
         "plain_diffusers_generate_s": round(plain["generate_s"], 4),
-        "studio_seconds_per_video": second["wall_s"],
-        "studio_generate_s": round(second["text_encode_s"] + second["denoise_s"] + second["decode_s"], 4),
-        "studio_denoise_s_per_step": round(second["denoise_s"] / req.steps, 4),
-        "load_first_s": runs["first"]["load_s"], "load_second_s": second["load_s"],
-        "lora_load_s": runs["lora_a"]["lora_s"], "lora_switch_s": runs["switch_to_b"]["lora_s"],
-        "lora_fuse_s": runs["mix_fused"]["lora_s"], "fused_denoise_s": runs["mix_fused"]["denoise_s"],
-        "unfused_denoise_s": runs.get("mix_a_b", runs["lora_a"])["denoise_s"],
-        "runs": runs,
+        "variants": results,
     }
-    if args.gpu:
-        record.update(_denoise_mfu(req, second["denoise_s"]))
     line = json.dumps(record)
     print(line)
     if args.out:

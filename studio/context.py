@@ -88,7 +88,8 @@ class StudioContext:
                               hostfile=settings.hostfile)
         gallery = Gallery(db, layout)
         inference = InferenceService(db, layout, scheduler, gallery,
-                                     idle_timeout_s=settings.worker_idle_timeout_s)
+                                     idle_timeout_s=settings.worker_idle_timeout_s,
+                                     speed=settings.inference_speed())
         ctx = cls(settings=settings, layout=layout, db=db, accounts=Accounts(users), gpus=gpus,
                   scheduler=scheduler, gallery=gallery, inference=inference)
         if start:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from engine.inference.speed import InferenceSpeed
+
 ENV_PREFIX = "STUDIO_"
 
 
@@ -32,6 +34,8 @@ class StudioSettings:
     share: bool = False
     log_level: str = "INFO"
     worker_idle_timeout_s: float = 600.0
+    infer_compile_blocks: bool = False  # torch.compile the transformer blocks in inference workers (CUDA)
+    infer_step_cache: float = 0.0  # First Block Cache threshold for inference (0 = off; changes outputs)
     poll_interval_s: float = 1.0
     hostfile: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -42,12 +46,17 @@ class StudioSettings:
         own = (self.home / "datasets", self.home / "uploads")
         return tuple(dict.fromkeys([*(p.resolve() for p in self.allowed_roots), *(p.resolve() for p in own)]))
 
+    def inference_speed(self) -> InferenceSpeed:
+        return InferenceSpeed(compile_blocks=self.infer_compile_blocks, step_cache=self.infer_step_cache)
+
     def validate(self) -> "StudioSettings":
         _check(1 <= self.port <= 65535, "port", f"must be 1..65535, got {self.port}")
         _check(self.cpu_slots >= 1, "cpu_slots", f"must be >= 1, got {self.cpu_slots}")
         _check(self.max_upload_mb >= 1, "max_upload_mb", f"must be >= 1, got {self.max_upload_mb}")
         _check(self.worker_idle_timeout_s > 0, "worker_idle_timeout_s", "must be > 0")
         _check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")
+        _check(0 <= self.infer_step_cache < 1, "infer_step_cache",
+               f"must be 0 (off) or a threshold in (0, 1) such as 0.05, got {self.infer_step_cache}")
         _check(self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "log_level",
                f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         _check(bool(self.host.strip()), "host", "must not be empty")
@@ -142,6 +151,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-slots", dest="cpu_slots", help="parallel CPU jobs on a machine without GPUs")
     parser.add_argument("--share", action="store_true", default=None, help="public link (needs --auth-file)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--infer-compile-blocks", dest="infer_compile_blocks", action="store_true", default=None,
+                        help="torch.compile transformer blocks in inference workers (CUDA; same output)")
+    parser.add_argument("--infer-step-cache", dest="infer_step_cache",
+                        help="First Block Cache threshold for inference, e.g. 0.05 (faster, changes outputs)")
 
 
 def load_settings(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> StudioSettings:

@@ -64,3 +64,53 @@ def test_split_phases_give_what_a_plain_wanpipeline_call_gives() -> None:
                             generator=torch.Generator("cpu").manual_seed(7)).frames[0]
     assert ours.shape == plain.shape == (5, 32, 32, 3)
     np.testing.assert_allclose(ours, plain, atol=1e-5)
+
+
+def test_step_cache_skips_transformer_blocks_and_still_generates() -> None:
+    """With First Block Cache on, steps whose first block barely changed skip the other blocks: fewer
+    block calls than the exact pipeline, a clip of the requested shape, and the cache state is reset
+    per request (a second run of the same seed gives the same frames)."""
+    import numpy as np
+
+    from engine.inference.pipeline import PipelineCache, encode_text, generate
+    from engine.inference.speed import InferenceSpeed
+    from engine.models import resolve_model
+
+    def run(cache: PipelineCache) -> tuple[np.ndarray, int]:
+        loaded, _ = cache.get(resolve_model("demo"))
+        calls = []
+        # Hooks on each block's feed-forward: a skipped block returns its cached residual without running it.
+        blocks = loaded.pipe.transformer.blocks
+        hooks = [block.ffn.register_forward_hook(lambda *_: calls.append(1)) for block in blocks]
+        positive, negative, _ = encode_text(loaded, "a red square moving up on a black background", "", 5.0,
+                                            torch.device("cpu"))
+        frames = generate(loaded, prompt_embeds=positive, negative_embeds=negative, width=64, height=64,
+                          num_frames=17, steps=12, guidance_scale=5.0, flow_shift=2.0, seed=3,
+                          device=torch.device("cpu")).frames
+        for hook in hooks:
+            hook.remove()
+        return frames, len(calls)
+
+    exact, exact_calls = run(PipelineCache("cpu"))
+    cached = PipelineCache("cpu", speed=InferenceSpeed(step_cache=0.3))
+    fast, fast_calls = run(cached)
+    again, _ = run(cached)
+    assert exact_calls == 12 * 2 * 6  # steps x (cond, uncond) x blocks
+    assert fast.shape == exact.shape == (17, 64, 64, 3)
+    assert fast_calls < exact_calls, f"no block was skipped ({fast_calls} of {exact_calls} calls)"
+    np.testing.assert_allclose(again, fast, atol=1e-6)
+
+
+def test_worker_takes_speed_flags_and_refuses_a_bad_threshold(tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+
+    def start(*flags: str) -> tuple[list[dict], int]:
+        proc = spawn_process([sys.executable, "-m", "engine.inference.worker", "--device", "cpu", *flags], cwd=REPO,
+                             env=env, log_path=tmp_path / "worker.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        out, _ = proc.communicate(json.dumps({"op": "shutdown"}).encode() + b"\n", timeout=240)
+        return [json.loads(line) for line in out.decode().splitlines()], proc.returncode
+
+    events, code = start("--compile-blocks", "--step-cache", "0.1")
+    assert [e["event"] for e in events] == ["ready"] and code == 0
+    events, code = start("--step-cache", "1.5")
+    assert events[0]["event"] == "fatal" and "step_cache" in events[0]["message"] and code == 1

@@ -41,6 +41,9 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
         (["--auth-file", "/nonexistent/users.toml"], {}, "auth_file"),
         (["--share"], {}, "share"),
         (["--allowed-roots", "/nonexistent-root"], {}, "allowed_roots"),
+        (["--infer-step-cache", "1.5"], {}, "infer_step_cache"),
+        ([], {"STUDIO_INFER_STEP_CACHE": "fast"}, "infer_step_cache"),
+        ([], {"STUDIO_INFER_COMPILE_BLOCKS": "maybe"}, "infer_compile_blocks"),
     ],
 )
 def test_invalid_values_name_the_setting(argv: list[str], env: dict[str, str], names: str) -> None:
@@ -64,3 +67,11 @@ def test_app_rejects_bad_setting_at_start(tmp_path: Path) -> None:
                             cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert result.returncode == 2
     assert "port: must be 1..65535" in result.stderr
+
+
+def test_inference_speed_settings_reach_the_worker_command() -> None:
+    settings = load_settings(parse(["--infer-compile-blocks", "--infer-step-cache", "0.08"]), env={})
+    speed = settings.inference_speed()
+    assert (speed.compile_blocks, speed.step_cache) == (True, 0.08)
+    assert speed.to_argv() == ["--compile-blocks", "--step-cache", "0.08"]
+    assert load_settings(parse([]), env={}).inference_speed().to_argv() == []  # defaults change nothing

@@ -1,6 +1,7 @@
 """Generate shapes-world clips with a Wan pipeline and score them with the pixel evaluator.
 
     python -m engine.demo.sampling --model assets/demo_model --count 24 [--held-out] [--lora FILE]
+                                   [--step-cache 0 0.1 0.2]   # accuracy and speed with First Block Cache
 """
 
 from __future__ import annotations
@@ -83,17 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", type=Path, help="LoRA .safetensors to load first")
     parser.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--step-cache", type=float, nargs="+", default=[0.0],
+                        help="First Block Cache thresholds to compare (0 = off), as the inference worker applies it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     pipe = load_demo_pipeline(args.model, lora=args.lora, device=args.device)
     prompts = evaluation_prompts(args.count, held_out=args.held_out)
-    for guidance in args.guidance:
-        started = time.time()
-        scores = score_prompts(pipe, prompts, SampleSettings(steps=args.steps, guidance_scale=guidance))
-        result = {"guidance": guidance, "held_out": args.held_out, "n": len(scores), **accuracy(scores)}
-        result["seconds_per_clip"] = round((time.time() - started) / len(scores), 3)
-        print(json.dumps(result), flush=True)
+    for threshold in args.step_cache:
+        _set_step_cache(pipe, threshold)
+        for guidance in args.guidance:
+            started = time.time()
+            scores = score_prompts(pipe, prompts, SampleSettings(steps=args.steps, guidance_scale=guidance))
+            result = {"guidance": guidance, "step_cache": threshold, "held_out": args.held_out, "n": len(scores),
+                      **accuracy(scores)}
+            result["seconds_per_clip"] = round((time.time() - started) / len(scores), 3)
+            print(json.dumps(result), flush=True)
     return 0
+
+
+def _set_step_cache(pipe, threshold: float) -> None:
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    if pipe.transformer.is_cache_enabled:
+        pipe.transformer.disable_cache()
+    if threshold:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ timeout). LoRAs are loaded once per file (keyed by path, size and mtime) as name
 and mixed per request with `set_adapters(names, weights)`; with `fuse=True` the mix is merged into
 the base weights (faster steps) and unmerged when the next request needs another mix.
 `generate()` runs text encoding, denoising and VAE decoding as separate timed phases.
+Speed options (`InferenceSpeed`, engine/inference/speed.py) are applied when a model loads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.inference.speed import InferenceSpeed
 from engine.lora import LoraError, load_lora_state_dict, validate_lora
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,9 @@ class PipelineCache:
     """Base models kept warm on one device; at most `max_models` at a time (least recently used goes)."""
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 max_models: int = 1, max_loras: int = 16) -> None:
+                 max_models: int = 1, max_loras: int = 16, speed: InferenceSpeed = InferenceSpeed()) -> None:
         self.device = torch.device(device)
+        self.speed = speed
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.max_models = max_models
         self.max_loras = max_loras
@@ -93,8 +96,20 @@ class PipelineCache:
         pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=self.dtype)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
+        self._apply_speed(pipe)
         num_blocks = int(pipe.transformer.config.num_layers)
         return LoadedModel(path=path, pipe=pipe, scheduler_config=dict(pipe.scheduler.config), num_blocks=num_blocks)
+
+    def _apply_speed(self, pipe: Any) -> None:
+        if self.speed.step_cache:
+            from diffusers.hooks import FirstBlockCacheConfig
+
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=self.speed.step_cache))
+        if self.speed.compile_blocks:
+            if self.device.type == "cuda":
+                pipe.transformer.compile_repeated_blocks(fullgraph=False)
+            else:  # Inductor on CPU needs a C++ toolchain and gains little for small models
+                log.warning("compile_blocks is CUDA-only; running %s uncompiled", self.device)
 
     def free_idle(self, idle_s: float) -> list[str]:
         """Free models unused for `idle_s` seconds; returns their paths."""
@@ -230,6 +245,9 @@ def generate(loaded: LoadedModel, *, prompt_embeds: torch.Tensor, negative_embed
     """Denoise one video from its seed, then decode it. Raises Cancelled when `should_stop()` turns true."""
     pipe = loaded.pipe
     pipe.scheduler = type(pipe.scheduler).from_config(loaded.scheduler_config, flow_shift=float(flow_shift))
+    if getattr(pipe.transformer, "is_cache_enabled", False):
+        # The pipeline resets step-cache state only when a call completes; a cancelled one leaves it set.
+        pipe.transformer._reset_stateful_cache()
     generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same seed, same video on any device
     started = time.perf_counter()
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from engine.config import ConfigError
 from engine.gallery import Gallery
 from engine.inference.request import SPATIAL_MULTIPLE, TEMPORAL_STRIDE, InferRequest, resolve_lora_path
+from engine.inference.speed import InferenceSpeed
 from engine.models import ModelNotFoundError, resolve_model
 from engine.paths import REPO_ROOT, DataLayout
 from engine.store.db import Database
@@ -80,7 +81,7 @@ class _WorkerProcess:
     """One running worker program and a thread that turns its stdout lines into events."""
 
     def __init__(self, holder: str, devices: list[int], layout: DataLayout, idle_timeout_s: float,
-                 python: str) -> None:
+                 python: str, speed: InferenceSpeed) -> None:
         import os
 
         from engine.launcher import spawn_process
@@ -93,7 +94,7 @@ class _WorkerProcess:
         env["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else ",".join(str(d) for d in devices)
         env["PYTHONUNBUFFERED"] = "1"
         argv = [python, "-m", "engine.inference.worker", "--device", "cpu" if on_cpu else "cuda",
-                "--idle-timeout", str(idle_timeout_s)]
+                "--idle-timeout", str(idle_timeout_s), *speed.to_argv()]
         self.process = spawn_process(argv, cwd=REPO_ROOT, env=env, log_path=self.log_path,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.events: queue.Queue[dict | None] = queue.Queue()
@@ -138,8 +139,10 @@ class _WorkerProcess:
 class InferenceService:
     def __init__(self, store: Database, layout: DataLayout, scheduler: DeviceScheduler | None,
                  gallery: Gallery, *, idle_timeout_s: float = 600.0, max_workers: int | None = None,
-                 python: str = sys.executable, history: int = 500) -> None:
+                 python: str = sys.executable, history: int = 500,
+                 speed: InferenceSpeed = InferenceSpeed()) -> None:
         self.store = store
+        self.speed = speed
         self.layout = layout
         self.scheduler = scheduler
         self.gallery = gallery
@@ -414,7 +417,7 @@ class _Slot(threading.Thread):
         devices = self._acquire(tracked)
         if devices is None:
             return False
-        worker = _WorkerProcess(self.holder, devices, svc.layout, svc.idle_timeout_s, svc.python)
+        worker = _WorkerProcess(self.holder, devices, svc.layout, svc.idle_timeout_s, svc.python, svc.speed)
         self.worker = worker
         deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
         while time.monotonic() < deadline:

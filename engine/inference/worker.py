@@ -1,6 +1,7 @@
 """The inference worker: a long-lived process that keeps pipelines warm and serves requests.
 
-    python -m engine.inference.worker [--device auto|cpu|cuda] [--idle-timeout S]
+    python -m engine.inference.worker [--device auto|cpu|cuda] [--idle-timeout S] [--compile-blocks]
+                                      [--step-cache THRESHOLD]
 
 Protocol: JSON lines. The service writes commands to stdin:
     {"op": "generate", "id": ID, "request": {...InferRequest with seed...}, "model_path": DIR,
@@ -79,16 +80,18 @@ class CommandReader(threading.Thread):
 
 
 class Worker:
-    def __init__(self, device: str, idle_timeout_s: float, emit: EventWriter, reader: CommandReader) -> None:
+    def __init__(self, device: str, idle_timeout_s: float, emit: EventWriter, reader: CommandReader,
+                 speed: Any = None) -> None:
         import diffusers.pipelines.wan.pipeline_wan  # noqa: F401 - import once at start-up, not in load_s
         import torch
 
         from engine.inference.pipeline import PipelineCache
+        from engine.inference.speed import InferenceSpeed
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.cache = PipelineCache(self.device)
+        self.cache = PipelineCache(self.device, speed=speed or InferenceSpeed())
         self.idle_timeout_s = idle_timeout_s
         self.emit = emit
         self.reader = reader
@@ -217,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="warm inference worker (JSON lines on stdin/stdout)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--idle-timeout", type=float, default=600.0, help="free a model unused this many seconds")
+    parser.add_argument("--compile-blocks", action="store_true", help="torch.compile each transformer block (CUDA)")
+    parser.add_argument("--step-cache", type=float, default=0.0, help="First Block Cache threshold (0 = off)")
     args = parser.parse_args(argv)
     # stdout carries the protocol only: anything a library prints goes to stderr (the log file).
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
@@ -225,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     emit = EventWriter(protocol)
     reader = CommandReader(sys.stdin, emit)
     try:
-        worker = Worker(args.device, args.idle_timeout, emit, reader)
+        from engine.inference.speed import InferenceSpeed
+
+        speed = InferenceSpeed(compile_blocks=args.compile_blocks, step_cache=args.step_cache)
+        worker = Worker(args.device, args.idle_timeout, emit, reader, speed)
         worker.announce()
         reader.start()  # only after "ready": the reader's protocol errors must never come first
         worker.serve()

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
     db = Database(layout.db_path)
     scheduler = Scheduler(db, layout, GpuInventory(), cpu_slots=settings.cpu_slots, hostfile=settings.hostfile)
     gallery = Gallery(db, layout)
-    service = InferenceService(db, layout, scheduler, gallery, idle_timeout_s=settings.worker_idle_timeout_s)
+    service = InferenceService(db, layout, scheduler, gallery, idle_timeout_s=settings.worker_idle_timeout_s,
+                               speed=settings.inference_speed())
     try:
         try:
             request_id = service.submit(req, owner=args.owner or _login())

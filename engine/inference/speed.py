@@ -1,0 +1,31 @@
+"""Speed options of an inference worker; the defaults change nothing.
+
+- `compile_blocks`: `torch.compile` each transformer block (diffusers' regional compilation) on CUDA.
+  Same output; the first request on a model (and the first after a LoRA change) pays the compile.
+- `step_cache`: diffusers' First Block Cache with this threshold (0 = off). Steps whose first-block
+  residual barely changed reuse the other blocks' cached residual: faster, but no longer the exact
+  output of the plain pipeline (bench/RESULTS.md has speed and demo-model accuracy with and without).
+
+Kept free of torch so the studio process can hold and validate them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class InferenceSpeed:
+    """Speed options of a worker (see the module docstring)."""
+
+    compile_blocks: bool = False
+    step_cache: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.step_cache < 1.0:
+            raise ValueError(f"step_cache: must be 0 (off) or a threshold in (0, 1), got {self.step_cache}")
+
+    def to_argv(self) -> list[str]:
+        """The worker command-line flags that recreate these options."""
+        return (["--compile-blocks"] if self.compile_blocks else []) + (
+            ["--step-cache", repr(self.step_cache)] if self.step_cache else [])
