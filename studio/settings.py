@@ -55,8 +55,10 @@ class StudioSettings:
         _check(self.max_upload_mb >= 1, "max_upload_mb", f"must be >= 1, got {self.max_upload_mb}")
         _check(self.worker_idle_timeout_s > 0, "worker_idle_timeout_s", "must be > 0")
         _check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")
-        _check(0 <= self.infer_step_cache < 1, "infer_step_cache",
-               f"must be 0 (off) or a threshold in (0, 1) such as 0.05, got {self.infer_step_cache}")
+        try:
+            self.inference_speed()  # one bound for the setting and the worker flag
+        except ValueError as exc:
+            raise SettingsError(f"infer_step_cache: {exc}") from None
         _check(self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "log_level",
                f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         _check(bool(self.host.strip()), "host", "must not be empty")

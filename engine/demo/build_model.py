@@ -77,7 +77,6 @@ class BuildSettings:
     # Train on the clip length the pipeline generates: a causal VAE trained on 9-frame crops reconstructed
     # frames 0-8 well and diverged from frame 9 on (its receptive field outgrows the crop).
     vae_clip_frames: int = world.NUM_FRAMES
-    vae_crop: int = 0  # square spatial crops of this size (0 = whole frames); the VAE is convolutional
     transformer_steps: int = 3000
     transformer_batch: int = 16
     transformer_lr: float = 5e-4
@@ -256,7 +255,7 @@ def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None
     generator = torch.Generator().manual_seed(settings.seed + 2 + start)
     fg_palette, bg_palette = palette_colors(specs)
     for step in range(start, settings.vae_steps):
-        video = _vae_batch(pool, fg_palette, bg_palette, settings, generator).to(device, non_blocking=True)
+        video = _vae_batch(pool, fg_palette, bg_palette, settings, generator)
         for group in optimizer.param_groups:
             group["lr"] = settings.vae_lr * _lr_factor(step, settings.vae_steps, started, settings.vae_minutes)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -284,7 +283,8 @@ def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None
 
 def _vae_batch(pool: torch.Tensor, fg_palette: torch.Tensor, bg_palette: torch.Tensor, settings: BuildSettings,
                generator: torch.Generator) -> torch.Tensor:
-    """A batch of clip crops (B, 3, T, H, W); half in palette colors, half in random colors (purple included)."""
+    """A batch of clips (B, 3, T, H, W) on the pool's device; half in palette colors, half in random colors
+    (purple included)."""
     batch = settings.vae_batch
     index = torch.randint(len(pool), (batch,), generator=generator)
     fg, bg = fg_palette[index].clone(), bg_palette[index].clone()
@@ -292,9 +292,7 @@ def _vae_batch(pool: torch.Tensor, fg_palette: torch.Tensor, bg_palette: torch.T
     fg[random_colors] = torch.rand(int(random_colors.sum()), 3, generator=generator) * 255
     bg[random_colors] = torch.rand(int(random_colors.sum()), 3, generator=generator) * 255
     first = int(torch.randint(pool.shape[1] - settings.vae_clip_frames + 1, (1,), generator=generator))
-    size = settings.vae_crop or pool.shape[-1]
-    top, left = (int(v) for v in torch.randint(pool.shape[-1] - size + 1, (2,), generator=generator))
-    crop = pool[index.to(pool.device), first : first + settings.vae_clip_frames, top : top + size, left : left + size]
+    crop = pool[index.to(pool.device), first : first + settings.vae_clip_frames]
     return compose(crop, fg.to(pool.device), bg.to(pool.device))
 
 

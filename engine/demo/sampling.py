@@ -18,6 +18,7 @@ import torch
 
 from engine.demo import world
 from engine.demo.evaluate import ClipScore, accuracy, evaluate_clip
+from engine.inference.speed import set_step_cache
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_demo_pipeline(args.model, lora=args.lora, device=args.device)
     prompts = evaluation_prompts(args.count, held_out=args.held_out)
     for threshold in args.step_cache:
-        _set_step_cache(pipe, threshold)
+        set_step_cache(pipe.transformer, threshold)
         for guidance in args.guidance:
             started = time.time()
             scores = score_prompts(pipe, prompts, SampleSettings(steps=args.steps, guidance_scale=guidance))
@@ -100,15 +101,6 @@ def main(argv: list[str] | None = None) -> int:
             result["seconds_per_clip"] = round((time.time() - started) / len(scores), 3)
             print(json.dumps(result), flush=True)
     return 0
-
-
-def _set_step_cache(pipe, threshold: float) -> None:
-    from diffusers.hooks import FirstBlockCacheConfig
-
-    if pipe.transformer.is_cache_enabled:
-        pipe.transformer.disable_cache()
-    if threshold:
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inference.speed import InferenceSpeed
+from engine.inference.speed import InferenceSpeed, set_step_cache
 from engine.lora import LoraError, load_lora_state_dict, validate_lora
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ class PipelineCache:
         return LoadedModel(path=path, pipe=pipe, scheduler_config=dict(pipe.scheduler.config), num_blocks=num_blocks)
 
     def _apply_speed(self, pipe: Any) -> None:
-        if self.speed.step_cache:
-            from diffusers.hooks import FirstBlockCacheConfig
-
-            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=self.speed.step_cache))
+        set_step_cache(pipe.transformer, self.speed.step_cache)
         if self.speed.compile_blocks:
             if self.device.type == "cuda":
                 pipe.transformer.compile_repeated_blocks(fullgraph=False)

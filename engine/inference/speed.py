@@ -6,12 +6,13 @@
   residual barely changed reuse the other blocks' cached residual: faster, but no longer the exact
   output of the plain pipeline (bench/RESULTS.md has speed and demo-model accuracy with and without).
 
-Kept free of torch so the studio process can hold and validate them.
+Kept free of torch at import so the studio process can hold and validate them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,19 @@ class InferenceSpeed:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.step_cache < 1.0:
-            raise ValueError(f"step_cache: must be 0 (off) or a threshold in (0, 1), got {self.step_cache}")
+            raise ValueError(f"step_cache must be 0 (off) or a threshold in (0, 1) such as 0.1, got {self.step_cache}")
 
     def to_argv(self) -> list[str]:
         """The worker command-line flags that recreate these options."""
         return (["--compile-blocks"] if self.compile_blocks else []) + (
             ["--step-cache", repr(self.step_cache)] if self.step_cache else [])
+
+
+def set_step_cache(transformer: Any, threshold: float) -> None:
+    """Make diffusers' First Block Cache on a transformer use `threshold` (0 = off)."""
+    if transformer.is_cache_enabled:
+        transformer.disable_cache()
+    if threshold:
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))

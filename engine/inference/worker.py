@@ -30,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from engine.inference.speed import InferenceSpeed
+
 log = logging.getLogger("engine.inference.worker")
 
 
@@ -81,17 +83,16 @@ class CommandReader(threading.Thread):
 
 class Worker:
     def __init__(self, device: str, idle_timeout_s: float, emit: EventWriter, reader: CommandReader,
-                 speed: Any = None) -> None:
+                 speed: InferenceSpeed = InferenceSpeed()) -> None:
         import diffusers.pipelines.wan.pipeline_wan  # noqa: F401 - import once at start-up, not in load_s
         import torch
 
         from engine.inference.pipeline import PipelineCache
-        from engine.inference.speed import InferenceSpeed
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.cache = PipelineCache(self.device, speed=speed or InferenceSpeed())
+        self.cache = PipelineCache(self.device, speed=speed)
         self.idle_timeout_s = idle_timeout_s
         self.emit = emit
         self.reader = reader
@@ -230,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     emit = EventWriter(protocol)
     reader = CommandReader(sys.stdin, emit)
     try:
-        from engine.inference.speed import InferenceSpeed
-
         speed = InferenceSpeed(compile_blocks=args.compile_blocks, step_cache=args.step_cache)
         worker = Worker(args.device, args.idle_timeout, emit, reader, speed)
         worker.announce()
