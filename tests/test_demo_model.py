@@ -89,3 +89,17 @@ def test_demo_tokenizer_knows_every_caption_word_including_the_held_out_ones():
     assert len(ids) == 10  # one token per word + </s>
     assert all(tokenizer.convert_tokens_to_ids(w) != tokenizer.unk_token_id for w in caption_vocabulary())
     assert tokenizer.unk_token_id in tokenizer("a pink circle").input_ids
+
+
+def test_demo_build_refuses_a_wrong_init_folder_or_clip_length(tmp_path: Path, capsys):
+    """A typo in --init must not silently train from scratch; a VAE crop must be a Wan length (4k+1)."""
+    import pytest
+
+    from engine.demo.build_model import main
+
+    for argv, expected in [(["--init", str(tmp_path / "nope")], "no vae or transformer folder"),
+                           (["--vae-clip-frames", "8"], "must be 4k+1")]:
+        with pytest.raises(SystemExit) as info:
+            main(["--preset", "smoke", "--work-dir", str(tmp_path / "work"), *argv])
+        assert info.value.code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # refused before any stage ran

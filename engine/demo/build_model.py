@@ -512,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     chosen = {field: getattr(args, field) for field, _, _ in overrides.values() if getattr(args, field) is not None}
     settings = replace(PRESETS[args.preset], **chosen, keep_latent_stats=args.keep_latent_stats)
+    frames = settings.vae_clip_frames
+    if frames % 4 != 1 or not 1 <= frames <= world.NUM_FRAMES:
+        parser.error(f"--vae-clip-frames: must be 4k+1 and at most {world.NUM_FRAMES}, got {frames}")
+    init = Path(settings.init) if settings.init else None
+    missing = [n for n in ("vae", "transformer") if init and not (init / n / "config.json").is_file()]
+    if missing:
+        parser.error(f"--init {init}: no {' or '.join(missing)} folder with a config.json (a built demo model?)")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
