@@ -212,14 +212,18 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         check, [folder, buckets_box], [check_msg, thumbs, files, save_captions], api_visibility="private")
 
     # ---------------------------------------------------------------- start
-    def start_run(toml_text: str, gpus: list[str] | None, count: float | None, name: str, request: gr.Request):
+    def start_run(values: dict, request: gr.Request):
+        # The config comes from the form itself, not from the TOML preview: the preview is refreshed by
+        # change events that can still be in flight when Start is clicked right after a preset or TOML load.
         user = request_user(api, request)
         with user_errors():
-            job = api.start_training(user, toml_text, ",".join(gpus or []), int(count or 1), name)
+            toml_text = current_config(values).to_toml()
+            gpus, count = values.get(gpu_pick) or [], int(values.get(num_gpus) or 1)
+            job = api.start_training(user, toml_text, ",".join(gpus), count, values.get(run_name) or "")
         return (gr.update(value=job["id"], choices=[(f"#{job['id']} {job['name']}", job["id"])]),
                 message(f"queued run #{job['id']} ({job['name']})", "ok"))
 
-    start.click(start_run, [toml_view, gpu_pick, num_gpus, run_name], [job_pick, start_msg],
+    start.click(start_run, form_inputs | {gpu_pick, num_gpus, run_name}, [job_pick, start_msg],
                 api_visibility="private")
 
     # ---------------------------------------------------------------- live reads
