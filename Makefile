@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test browser clean-venv
+.PHONY: run test browser clean-venv flash3
 
 run: $(STAMP)
 	$(PY) app.py $(ARGS)
@@ -22,6 +22,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 # Debian's chromium for the browser tests (Playwright drives it; never `playwright install`).
 browser:
 	@command -v chromium >/dev/null 2>&1 || scripts/install-chromium.sh
+
+# FlashAttention-3 for H100/H200 (optional; docs/performance.md). SRC= a flash-attention checkout.
+flash3: $(STAMP)
+	scripts/build-flash-attention-3.sh $(SRC)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,7 +8,8 @@ Measures seconds per video (end to end through the service, and its denoise/deco
 model load time on the first vs the second request, LoRA load and LoRA switch time, and the plain
 diffusers call (load + generate) on the same model and settings. Each variant is a worker with other
 speed options (engine/inference/speed.py): `exact` (defaults), `compile` (compiled blocks, same
-output), `cache:T` / `compile+cache:T` (First Block Cache, threshold T: changes outputs). On the GPU
+output), `flash3` (FlashAttention-3, Hopper), `cache:T` (First Block Cache, threshold T: changes
+outputs), joined with '+' (`flash3+compile`). On the GPU
 a variant first runs a 2-step warm-up request (load + compile), then the full video. Prints one JSON line.
 """
 
@@ -122,16 +123,18 @@ def _sync(device: str) -> None:
 
 
 def parse_variant(text: str) -> InferenceSpeed:
-    """'exact', 'compile', 'cache:0.05', 'compile+cache:0.05' -> speed options."""
+    """'exact', 'compile', 'flash3', 'cache:0.05', joined with '+' (e.g. 'flash3+compile') -> speed options."""
     speed = InferenceSpeed()
     for part in text.split("+"):
         name, _, value = part.partition(":")
         if name == "compile":
             speed = replace(speed, compile_blocks=True)
+        elif name == "flash3":
+            speed = replace(speed, attention="flash3")
         elif name == "cache":
             speed = replace(speed, step_cache=float(value or 0.05))
         elif name != "exact":
-            raise SystemExit(f"unknown variant part {part!r}: use exact, compile, cache:T or compile+cache:T")
+            raise SystemExit(f"unknown variant part {part!r}: use exact, compile, flash3, cache:T joined with '+'")
     return speed
 
 

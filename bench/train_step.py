@@ -6,7 +6,7 @@ peak GiB, and the ratio to the plain baseline measured in the same process.
 A case is written `LOOP[+key=value|+flag...]`:
   LOOP      plain   - diffusers + peft + torch AdamW, the baseline users would write
             trainer - the studio's trainer code path (engine.trainer, DeepSpeed engine)
-  attn=     default | cudnn | flash | efficient          (engine.families.wan_perf)
+  attn=     default | cudnn | flash | efficient | flash3 (engine.families.wan_perf)
   ckpt=     full | attn (save self-attention outputs) | off
   compile   compile the transformer blocks
   lora=     fp32 | bf16 | act   LoRA weights fp32 (as diffusers' scripts) | bf16 weights and bf16
@@ -15,7 +15,7 @@ A case is written `LOOP[+key=value|+flag...]`:
 The first case of a run is the baseline for the ratios (put `plain` first).
 
   python bench/train_step.py --preset 1.3B --frames 81 --cases plain,plain+attn=cudnn+ckpt=attn+compile
-  python bench/train_step.py --attention-micro     # SDPA backends alone at the real shape
+  python bench/train_step.py --attention-micro     # each attention kernel alone at the real shape
 """
 
 from __future__ import annotations
@@ -268,16 +268,43 @@ def profile_step(step: Callable[[], Any]) -> dict[str, float]:
     return out
 
 
-# ---- SDPA micro-bench -----------------------------------------------------------------------------
+# ---- attention micro-bench ------------------------------------------------------------------------
+def _attention_fn(name: str, backend: Any) -> Callable[..., torch.Tensor]:
+    """attention(q, k, v) on (batch, heads, seq, dim) tensors with one kernel: an SDPA backend, or
+    FlashAttention-3 through the diffusers op the trainer uses (with the studio's backward)."""
+    if name == "flash3":
+        from engine.families import flash3
+
+        reason = flash3.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
+        flash3.complete_op()
+        op = getattr(getattr(torch.ops, flash3.OP_NAMESPACE), flash3.OP_BASENAME)
+
+        def fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out, _ = op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
+
+        return fa3
+
+    from torch.nn.attention import sdpa_kernel
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return sdpa
+
+
 def attention_micro(args: argparse.Namespace) -> None:
-    """fwd and fwd+bwd TFLOP/s of each SDPA backend at a Wan self-attention shape, plus a
+    """fwd and fwd+bwd TFLOP/s of each attention kernel at a Wan self-attention shape, plus a
     correctness check of each against fp32 math attention at a smaller length."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     heads, hd = (12, 128) if args.preset == "1.3B" else (40, 128)
     tokens = video_tokens(args.height, args.width, args.frames)
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "flash3": None}
     # Correctness at 4096 tokens against fp32 math.
     g = torch.Generator(device="cuda").manual_seed(3)
     small = [torch.randn(1, heads, 4096, hd, generator=g, device="cuda") for _ in range(3)]
@@ -290,10 +317,10 @@ def attention_micro(args: argparse.Namespace) -> None:
         rec: dict[str, Any] = {"bench": "attention_micro", "backend": name, "card": card_name(),
                                "tokens": tokens, "heads": heads, "commit": args.commit}
         try:
+            attend = _attention_fn(name, backend)
             xs = [x.bfloat16().requires_grad_(True) for x in small]
-            with sdpa_kernel(backend):
-                out = torch.nn.functional.scaled_dot_product_attention(*xs)
-                out.backward(grad_out.bfloat16())
+            out = attend(*xs)
+            out.backward(grad_out.bfloat16())
             rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
             rec["rel_err_out"] = round(rel(out, ref), 5)
             rec["rel_err_dq"] = round(rel(xs[0].grad, ref_in[0].grad), 5)
@@ -305,13 +332,11 @@ def attention_micro(args: argparse.Namespace) -> None:
             fwd_flops = 4 * tokens * tokens * heads * hd
 
             def fwd() -> None:
-                with sdpa_kernel(backend):
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                with torch.no_grad():
+                    attend(q, k, v)
 
             def fwd_bwd() -> None:
-                with sdpa_kernel(backend):
-                    o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                o.backward(go)
+                attend(q, k, v).backward(go)
 
             tf, _ = time_steps(fwd, 2, 5)
             tb, _ = time_steps(fwd_bwd, 2, 5)

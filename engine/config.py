@@ -157,10 +157,11 @@ class OptimizerConfig:
 class PerformanceConfig:
     """Speed options (engine/families/wan_perf.py); the defaults change nothing."""
 
-    attention_backend: Literal["default", "cudnn", "flash", "efficient"] = field(
+    attention_backend: Literal["default", "cudnn", "flash", "efficient", "flash3"] = field(
         default="default",
-        metadata=_meta("Attention kernel tried first; 'default' keeps PyTorch's choice (cuDNN on Hopper).",
-                       ("default", "cudnn", "flash", "efficient")),
+        metadata=_meta("Attention kernel tried first; 'default' keeps PyTorch's choice (cuDNN on Hopper); "
+                       "'flash3' is FlashAttention-3 (Hopper, installed separately).",
+                       ("default", "cudnn", "flash", "efficient", "flash3")),
     )
     compile_blocks: bool = field(
         default=False, metadata=_meta("torch.compile each transformer block (GPU; first step ~30 s slower).")

@@ -36,6 +36,7 @@ class StudioSettings:
     worker_idle_timeout_s: float = 600.0
     infer_compile_blocks: bool = False  # torch.compile the transformer blocks in inference workers (CUDA)
     infer_step_cache: float = 0.0  # First Block Cache threshold for inference (0 = off; changes outputs)
+    infer_attention: str = "default"  # attention kernel of inference workers: default | flash3 (Hopper)
     poll_interval_s: float = 1.0
     hostfile: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -47,7 +48,8 @@ class StudioSettings:
         return tuple(dict.fromkeys([*(p.resolve() for p in self.allowed_roots), *(p.resolve() for p in own)]))
 
     def inference_speed(self) -> InferenceSpeed:
-        return InferenceSpeed(compile_blocks=self.infer_compile_blocks, step_cache=self.infer_step_cache)
+        return InferenceSpeed(compile_blocks=self.infer_compile_blocks, step_cache=self.infer_step_cache,
+                              attention=self.infer_attention)
 
     def validate(self) -> "StudioSettings":
         _check(1 <= self.port <= 65535, "port", f"must be 1..65535, got {self.port}")
@@ -56,9 +58,9 @@ class StudioSettings:
         _check(self.worker_idle_timeout_s > 0, "worker_idle_timeout_s", "must be > 0")
         _check(self.poll_interval_s > 0, "poll_interval_s", "must be > 0")
         try:
-            self.inference_speed()  # one bound for the setting and the worker flag
-        except ValueError as exc:
-            raise SettingsError(f"infer_step_cache: {exc}") from None
+            self.inference_speed()  # one bound for each setting and its worker flag
+        except ValueError as exc:  # InferenceSpeed's messages start with the field's name
+            raise SettingsError(f"infer_{str(exc).split()[0]}: {exc}") from None
         _check(self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "log_level",
                f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         _check(bool(self.host.strip()), "host", "must not be empty")
@@ -157,6 +159,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile transformer blocks in inference workers (CUDA; same output)")
     parser.add_argument("--infer-step-cache", dest="infer_step_cache",
                         help="First Block Cache threshold for inference, e.g. 0.05 (faster, changes outputs)")
+    parser.add_argument("--infer-attention", dest="infer_attention",
+                        help="attention kernel of inference workers: default or flash3 (FlashAttention-3, Hopper)")
 
 
 def load_settings(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> StudioSettings:

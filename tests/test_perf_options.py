@@ -53,7 +53,7 @@ def _loss_and_grads(model) -> tuple[float, dict[str, torch.Tensor]]:
 def test_defaults_change_nothing_and_bad_values_name_the_key():
     assert PerfOptions() == PerfOptions.from_config(None) == PerfOptions.from_config({})
     with pytest.raises(ValueError, match="performance.attention_backend"):
-        PerfOptions(attention_backend="flash3")  # type: ignore[arg-type]
+        PerfOptions(attention_backend="flash4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="performance.checkpointing"):
         PerfOptions.from_config({"checkpointing": "some"})
 
@@ -105,6 +105,25 @@ def test_gpu_only_options_fall_back_on_cpu():
         assert applied.compiled == "none"
         assert len(applied.notes) == 2
     wan_perf.reset_attention_backend()
+
+
+def test_flash3_without_its_kernel_falls_back_and_says_why():
+    model = _tiny_wan()
+    applied = apply(model, PerfOptions(attention_backend="flash3"), activation_checkpointing=False)
+    if not torch.cuda.is_available():
+        assert applied.attention_backend == "default"
+        assert applied.notes == ["attention_backend flash3 unavailable (FlashAttention-3 needs a CUDA GPU); using default"]
+    wan_perf.reset_attention_backend()
+
+
+def test_save_attention_finds_flashattention3_self_attention_in_its_layout():
+    class Op:  # how the dispatcher names diffusers' FA3 custom op
+        __name__ = "_flash_attn_forward.default"
+
+    query = torch.empty(1, 40, 2, 8)  # FA3 takes (batch, seq, heads, dim)
+    assert wan_perf._is_self_attention_op(Op(), (query, torch.empty(1, 40, 2, 8)))
+    # cross-attention with the same head count: the SDPA rule (dim -2) would call it self-attention
+    assert not wan_perf._is_self_attention_op(Op(), (query, torch.empty(1, 7, 2, 8)))
 
 
 def test_reset_restores_every_sdpa_backend():

@@ -44,6 +44,7 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
         (["--infer-step-cache", "1.5"], {}, "infer_step_cache"),
         ([], {"STUDIO_INFER_STEP_CACHE": "fast"}, "infer_step_cache"),
         ([], {"STUDIO_INFER_COMPILE_BLOCKS": "maybe"}, "infer_compile_blocks"),
+        (["--infer-attention", "flash9"], {}, "infer_attention"),
     ],
 )
 def test_invalid_values_name_the_setting(argv: list[str], env: dict[str, str], names: str) -> None:
@@ -70,8 +71,9 @@ def test_app_rejects_bad_setting_at_start(tmp_path: Path) -> None:
 
 
 def test_inference_speed_settings_reach_the_worker_command() -> None:
-    settings = load_settings(parse(["--infer-compile-blocks", "--infer-step-cache", "0.08"]), env={})
+    settings = load_settings(parse(["--infer-compile-blocks", "--infer-step-cache", "0.08"]),
+                             env={"STUDIO_INFER_ATTENTION": "flash3"})
     speed = settings.inference_speed()
-    assert (speed.compile_blocks, speed.step_cache) == (True, 0.08)
-    assert speed.to_argv() == ["--compile-blocks", "--step-cache", "0.08"]
+    assert (speed.compile_blocks, speed.step_cache, speed.attention) == (True, 0.08, "flash3")
+    assert speed.to_argv() == ["--compile-blocks", "--step-cache", "0.08", "--attention", "flash3"]
     assert load_settings(parse([]), env={}).inference_speed().to_argv() == []  # defaults change nothing

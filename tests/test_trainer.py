@@ -301,3 +301,19 @@ def test_missing_model_is_a_clear_error(tmp_path: Path, dataset: Path) -> None:
     assert result.returncode == 2
     (error,) = of_kind(read_events(tmp_path / "run"), "error")
     assert "no_such_model" in error["message"] and "neither 'demo'" in error["message"]
+
+
+def test_lora_gradients_are_clipped_in_one_pass_that_reports_the_norm() -> None:
+    from engine.trainer.loop import _clip_lora_grads
+
+    def params_with_grads() -> list[torch.nn.Parameter]:
+        params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+        params[0].grad, params[1].grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # norm 5
+        return params
+
+    clipped = params_with_grads()
+    assert float(_clip_lora_grads(clipped, 1.0)) == pytest.approx(5.0)  # the norm before clipping
+    assert float(torch.cat([p.grad for p in clipped]).norm()) == pytest.approx(1.0, rel=1e-4)
+    untouched = params_with_grads()
+    assert float(_clip_lora_grads(untouched, 0.0)) == pytest.approx(5.0)  # 0 = report only
+    assert untouched[1].grad.item() == 4.0

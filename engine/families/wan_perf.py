@@ -7,7 +7,9 @@ default that changes nothing, so a machine without a GPU (tests, CPU demo runs) 
 Why these options (numbers in bench/RESULTS.md):
 - At 480x832x81 a Wan block spends most of its work in self-attention over 32,760 tokens, so the
   attention kernel matters most. PyTorch's default order tries FlashAttention-2 first; on Hopper
-  cuDNN's fused attention is faster. `attention_backend = "cudnn"` moves it to the front.
+  cuDNN's fused attention is faster. `attention_backend = "cudnn"` moves it to the front, and
+  `"flash3"` routes the model's attention through FlashAttention-3 (faster still on Hopper; a
+  separately built package, engine/families/flash3.py).
 - Full activation checkpointing recomputes the whole block, attention included, in backward.
   `checkpointing = "save_attention"` keeps the self-attention outputs (about T x dim bf16 per block)
   and recomputes only the cheap linears, norms and RoPE.
@@ -27,6 +29,8 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from engine.families import flash3
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -44,11 +48,11 @@ __all__ = [
     "lora_in_activation_dtype",
 ]
 
-AttentionBackend = Literal["default", "cudnn", "flash", "efficient"]
+AttentionBackend = Literal["default", "cudnn", "flash", "efficient", "flash3"]
 CheckpointPolicyName = Literal["full", "save_attention"]
 LoraComputeDtype = Literal["adapter", "activation"]
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("default", "cudnn", "flash", "efficient")
+ATTENTION_BACKENDS: tuple[str, ...] = ("default", "cudnn", "flash", "efficient", "flash3")
 CHECKPOINT_POLICIES: tuple[str, ...] = ("full", "save_attention")
 LORA_COMPUTE_DTYPES: tuple[str, ...] = ("adapter", "activation")
 
@@ -59,6 +63,7 @@ _ATTENTION_OP_NAMES = (
     "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_fused_attention_overrideable",
     "_scaled_dot_product_flash_attention_for_cpu",
+    flash3.OP_BASENAME,
 )
 
 
@@ -137,6 +142,8 @@ def set_attention_backend(name: str) -> str:
     if name == "default":
         reset_attention_backend()
         return "default"
+    if name == "flash3":
+        raise ValueError("flash3 is not an SDPA backend: it is set per model by wan_perf.apply")
     if not torch.cuda.is_available():
         logger.info("attention_backend=%s needs CUDA; keeping PyTorch's default", name)
         return "default"
@@ -154,8 +161,9 @@ def set_attention_backend(name: str) -> str:
 
 
 def reset_attention_backend() -> None:
-    """Back to PyTorch's own order with every backend enabled."""
+    """Back to PyTorch's own order with every backend enabled, and diffusers' default backend."""
     _set_sdp_order(list(_default_sdp_order()))
+    flash3.reset_diffusers_backend()
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,6 +198,24 @@ def _set_sdp_order(order: list[int]) -> None:
     setter(order + [b for b in current if b not in order])
 
 
+def _route_attention(transformer: torch.nn.Module, name: str, notes: list[str]) -> str:
+    """Pick the attention kernel for `transformer`; returns the one in effect (notes say why not)."""
+    flash3.reset_diffusers_backend()  # a model built after a flash3 one must not inherit FA3
+    if name == "flash3":
+        reason = flash3.unavailable_reason()
+        if reason is None:
+            reset_attention_backend()
+            flash3.use_in(transformer)
+            return "flash3"
+        fallback = set_attention_backend("cudnn")
+        notes.append(f"attention_backend flash3 unavailable ({reason}); using {fallback}")
+        return fallback
+    backend = set_attention_backend(name)
+    if backend != name:
+        notes.append(f"attention_backend {name} unavailable, using default")
+    return backend
+
+
 # ---- checkpointing ------------------------------------------------------------------------------
 def save_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any):
     """Selective checkpointing: keep self-attention outputs, recompute everything else.
@@ -210,7 +236,8 @@ def _is_self_attention_op(op: Any, args: tuple) -> bool:
     if base not in _ATTENTION_OP_NAMES or len(args) < 2:
         return False
     query, key = args[0], args[1]
-    return hasattr(query, "shape") and hasattr(key, "shape") and query.shape[-2] == key.shape[-2]
+    seq_dim = -3 if base == flash3.OP_BASENAME else -2  # FA3 takes (batch, seq, heads, dim)
+    return hasattr(query, "shape") and hasattr(key, "shape") and query.shape[seq_dim] == key.shape[seq_dim]
 
 
 def _checkpoint_fn(policy: str) -> Callable[..., Any]:
@@ -288,9 +315,7 @@ def apply(transformer: torch.nn.Module, options: PerfOptions, *, activation_chec
     `activation_checkpointing` is the trainer's switch; `options.checkpointing` picks how.
     """
     notes: list[str] = []
-    backend = set_attention_backend(options.attention_backend)
-    if backend != options.attention_backend:
-        notes.append(f"attention_backend {options.attention_backend} unavailable, using default")
+    backend = _route_attention(transformer, options.attention_backend, notes)
 
     on_gpu = any(p.is_cuda for p in transformer.parameters())
     compile_wanted = options.compile_blocks

@@ -101,6 +101,14 @@ class PipelineCache:
         return LoadedModel(path=path, pipe=pipe, scheduler_config=dict(pipe.scheduler.config), num_blocks=num_blocks)
 
     def _apply_speed(self, pipe: Any) -> None:
+        if self.speed.attention == "flash3":
+            from engine.families import flash3
+
+            reason = flash3.unavailable_reason()
+            if reason is None:
+                flash3.use_in(pipe.transformer)
+            else:
+                log.warning("attention flash3: %s; using PyTorch's SDPA", reason)
         set_step_cache(pipe.transformer, self.speed.step_cache)
         if self.speed.compile_blocks:
             if self.device.type == "cuda":

@@ -2,6 +2,8 @@
 
 - `compile_blocks`: `torch.compile` each transformer block (diffusers' regional compilation) on CUDA.
   Same output; the first request on a model (and the first after a LoRA change) pays the compile.
+- `attention`: "flash3" runs every attention through FlashAttention-3 (Hopper GPUs, installed
+  separately; docs/performance.md). Elsewhere the worker logs why and keeps PyTorch's SDPA.
 - `step_cache`: diffusers' First Block Cache with this threshold (0 = off). Steps whose first-block
   residual barely changed reuse the other blocks' cached residual: faster, but no longer the exact
   output of the plain pipeline (bench/RESULTS.md has speed and demo-model accuracy with and without).
@@ -14,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+ATTENTION_KERNELS: tuple[str, ...] = ("default", "flash3")
+
 
 @dataclass(frozen=True)
 class InferenceSpeed:
@@ -21,15 +25,19 @@ class InferenceSpeed:
 
     compile_blocks: bool = False
     step_cache: float = 0.0
+    attention: str = "default"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.step_cache < 1.0:
             raise ValueError(f"step_cache must be 0 (off) or a threshold in (0, 1) such as 0.1, got {self.step_cache}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
 
     def to_argv(self) -> list[str]:
         """The worker command-line flags that recreate these options."""
-        return (["--compile-blocks"] if self.compile_blocks else []) + (
-            ["--step-cache", repr(self.step_cache)] if self.step_cache else [])
+        return ((["--compile-blocks"] if self.compile_blocks else [])
+                + (["--step-cache", repr(self.step_cache)] if self.step_cache else [])
+                + (["--attention", self.attention] if self.attention != "default" else []))
 
 
 def set_step_cache(transformer: Any, threshold: float) -> None:

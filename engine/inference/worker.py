@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-timeout", type=float, default=600.0, help="free a model unused this many seconds")
     parser.add_argument("--compile-blocks", action="store_true", help="torch.compile each transformer block (CUDA)")
     parser.add_argument("--step-cache", type=float, default=0.0, help="First Block Cache threshold (0 = off)")
+    parser.add_argument("--attention", default="default", help="default or flash3 (FlashAttention-3, Hopper GPUs)")
     args = parser.parse_args(argv)
     # stdout carries the protocol only: anything a library prints goes to stderr (the log file).
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     emit = EventWriter(protocol)
     reader = CommandReader(sys.stdin, emit)
     try:
-        speed = InferenceSpeed(compile_blocks=args.compile_blocks, step_cache=args.step_cache)
+        speed = InferenceSpeed(compile_blocks=args.compile_blocks, step_cache=args.step_cache, attention=args.attention)
         worker = Worker(args.device, args.idle_timeout, emit, reader, speed)
         worker.announce()
         reader.start()  # only after "ready": the reader's protocol errors must never come first
