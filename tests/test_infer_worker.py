@@ -114,3 +114,30 @@ def test_worker_takes_speed_flags_and_refuses_a_bad_threshold(tmp_path: Path) ->
     assert [e["event"] for e in events] == ["ready"] and code == 0
     events, code = start("--step-cache", "1.5")
     assert events[0]["event"] == "fatal" and "step_cache" in events[0]["message"] and code == 1
+    events, code = start("--attention", "flash3")  # accepted here; the kernel choice happens at model load
+    assert [e["event"] for e in events] == ["ready"] and code == 0
+    events, code = start("--attention", "flash9")
+    assert events[0]["event"] == "fatal" and "attention" in events[0]["message"] and code == 1
+
+
+def test_flash3_where_it_cannot_run_says_why_and_generates_the_exact_clip(caplog) -> None:
+    import logging
+
+    import numpy as np
+
+    from engine.inference.pipeline import PipelineCache, encode_text, generate
+    from engine.inference.speed import InferenceSpeed
+    from engine.models import resolve_model
+
+    def clip(cache: PipelineCache) -> np.ndarray:
+        loaded, _ = cache.get(resolve_model("demo"))
+        positive, negative, _ = encode_text(loaded, "a blue square moving left on a white background", "", 4.0,
+                                            torch.device("cpu"))
+        return generate(loaded, prompt_embeds=positive, negative_embeds=negative, width=32, height=32,
+                        num_frames=5, steps=3, guidance_scale=4.0, flow_shift=2.0, seed=5,
+                        device=torch.device("cpu")).frames
+
+    with caplog.at_level(logging.WARNING, logger="engine.inference.pipeline"):
+        fallback = clip(PipelineCache("cpu", speed=InferenceSpeed(attention="flash3")))
+    assert "attention flash3: FlashAttention-3 needs a CUDA GPU; using PyTorch's SDPA" in caplog.text
+    np.testing.assert_allclose(fallback, clip(PipelineCache("cpu")), atol=1e-6)
