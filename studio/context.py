@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 
+from engine.inference.speed import flash_attention_3_installed
 from engine.metrics import LossSeriesCache
 from engine.paths import DataLayout
 from engine.store import Database
@@ -127,4 +128,5 @@ class StudioContext:
             "host_ram_used_gib": (memory.total - memory.available) / 2**30,
             "disk_free_gib": disk.free / 2**30,
             "disk_total_gib": disk.total / 2**30,
+            "flash_attention_3": flash_attention_3_installed(),
         }

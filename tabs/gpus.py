@@ -28,6 +28,9 @@ def _host_line(status: dict[str, Any]) -> str:
             f"**Free disk (data dir)** {status['disk_free_gib']:.1f} of {status['disk_total_gib']:.0f} GiB")
     if status["cpu_jobs"]:
         line += " · **CPU jobs** " + ", ".join(status["cpu_jobs"])
+    if status["gpus"]:
+        line += (" · **FlashAttention-3** installed" if status["flash_attention_3"] else
+                 " · **FlashAttention-3** not installed (`make flash3`: faster training and generation on H100/H200)")
     return line
 
 

@@ -114,7 +114,7 @@ def test_gpu_status_lists_gpus_and_hides_other_users_jobs(tmp_path: Path, monkey
     from studio.auth import User
     from studio.context import StudioContext
     from studio.settings import StudioSettings
-    from tabs.gpus import _gpu_row
+    from tabs.gpus import _gpu_row, _host_line
 
     fixture = Path(__file__).parent / "fixtures" / "nvidia_smi" / "h100_x8.txt"
     fake = tmp_path / "bin" / "nvidia-smi"  # the external tool, replayed from a recorded output
@@ -132,6 +132,8 @@ def test_gpu_status_lists_gpus_and_hides_other_users_jobs(tmp_path: Path, monkey
         assert len(mine["gpus"]) == 8 and mine["host_ram_total_gib"] > 0 and mine["disk_free_gib"] > 0
         assert mine["gpus"][0]["job"].endswith("big (alice)")
         assert theirs["gpus"][1]["job"] == "in use (another user)" and theirs["gpus"][2]["job"] == ""
+        assert mine["flash_attention_3"] is False  # not installed on this machine
+        assert "FlashAttention-3** not installed (`make flash3`" in _host_line(mine)
         row = _gpu_row(theirs["gpus"][2])
         assert row[0] == 2 and "H100" in row[1] and row[-1] == "free"
         assert len(ctx.gpu_history.snapshot()) == 8

@@ -13,6 +13,7 @@ Kept free of torch at import so the studio process can hold and validate them.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,3 +49,8 @@ def set_step_cache(transformer: Any, threshold: float) -> None:
         from diffusers.hooks import FirstBlockCacheConfig
 
         transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
+def flash_attention_3_installed() -> bool:
+    """Whether the flash_attn_3 package (`make flash3`) is installed; found without importing it (or torch)."""
+    return importlib.util.find_spec("flash_attn_3") is not None
