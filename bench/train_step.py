@@ -16,6 +16,7 @@ The first case of a run is the baseline for the ratios (put `plain` first).
 
   python bench/train_step.py --preset 1.3B --frames 81 --cases plain,plain+attn=cudnn+ckpt=attn+compile
   python bench/train_step.py --attention-micro     # each attention kernel alone at the real shape
+  python bench/train_step.py --attention-equivalence   # FA3 vs cuDNN: one whole training step
 """
 
 from __future__ import annotations
@@ -356,6 +357,46 @@ def attention_micro(args: argparse.Namespace) -> None:
           "peak_assumed_tflops": PEAK_BF16_FLOPS / 1e12}, args.out)
 
 
+# ---- kernel equivalence on the whole model --------------------------------------------------------
+def attention_equivalence(args: argparse.Namespace) -> None:
+    """One training step of the same model, batch and noise with each attention kernel under the fast
+    options (save_attention checkpointing, compiled blocks, bf16 LoRA matmuls): loss and LoRA
+    gradients of FlashAttention-3 against cuDNN, and of FlashAttention-2 against cuDNN for scale (two
+    correct kernels differ by their bf16 rounding). Exercises what the trainer runs: the FA3 op's
+    backward and shape function, selective checkpointing that keeps its output, and compilation."""
+    batch = make_batch(args.height, args.width, args.frames)
+    results: dict[str, tuple[float, torch.Tensor]] = {}
+    record: dict[str, Any] = {"bench": "attention_equivalence", "preset": args.preset, "card": card_name(),
+                              "clip": f"{args.height}x{args.width}x{args.frames}", "commit": args.commit}
+    for kernel in ("cudnn", "flash", "flash3"):
+        free_cuda()
+        reset_attention_backend()
+        torch._dynamo.reset()
+        model = real_shape_transformer(args.preset)
+        torch.manual_seed(0)
+        params = add_lora(model, torch.float32)
+        perf = PerfOptions(attention_backend=kernel, compile_blocks=True, checkpointing="save_attention",
+                           lora_compute_dtype="activation")  # type: ignore[arg-type]
+        record[f"{kernel}_applied"] = apply(model, perf, activation_checkpointing=True).attention_backend
+        model.train()
+        torch.manual_seed(1)  # the same noise and timestep for both kernels
+        loss = flow_matching_loss(model, batch)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in params])
+        results[kernel] = (float(loss), grads)
+        del model, params
+    loss_ref, g_ref = results["cudnn"]
+    record["loss_cudnn"] = round(loss_ref, 6)
+    for kernel in ("flash", "flash3"):
+        loss, grads = results[kernel]
+        record[f"{kernel}_vs_cudnn"] = {
+            "loss": round(loss, 6), "loss_rel_diff": abs(loss - loss_ref) / abs(loss_ref),
+            "lora_grad_rel_diff": float((grads - g_ref).norm() / g_ref.norm()),
+            "lora_grad_cosine": float(torch.nn.functional.cosine_similarity(grads, g_ref, dim=0))}
+    emit(record, args.out)
+    reset_attention_backend()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1.3B", choices=["1.3B", "14B"])
@@ -367,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     p.add_argument("--attention-micro", action="store_true")
+    p.add_argument("--attention-equivalence", action="store_true",
+                   help="one step with FlashAttention-3 against cuDNN: loss and LoRA gradients")
     p.add_argument("--profile", action="store_true", help="add GPU time by kernel kind for one step")
     args = p.parse_args(argv)
     args.commit = os.environ.get("BENCH_COMMIT") or git_commit()
@@ -380,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.attention_micro:
         attention_micro(args)
+        return 0
+    if args.attention_equivalence:
+        attention_equivalence(args)
         return 0
     baseline: dict[str, float] = {}  # "s": the first case; "plain:<options>": plain cases
     failures = 0
