@@ -5,7 +5,7 @@ diffusers wraps FA3's forward in a torch custom op but registers no backward for
 the wrong dtype and strides, which breaks `torch.compile`. `complete_op()` registers the backward
 (FA3's own backward kernel) and a fake that matches the kernel, so the same op trains, compiles, and
 is found by name by selective activation checkpointing (`wan_perf.save_attention_policy`).
-`use_in(model)` also sets diffusers' process-wide active backend; `reset_diffusers_backend()` undoes it.
+`use_if_available(model)` also sets diffusers' process-wide active backend; `reset_diffusers_backend()` undoes it.
 
 FA3 is not on PyPI: it is built from flash-attention's `hopper/` folder (docs/performance.md says how)
 and installed as the `flash_attn_3` package, which puts `flash_attn_interface` on the path.
@@ -21,7 +21,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIFFUSERS_BACKEND", "OP_NAMESPACE", "OP_BASENAME", "unavailable_reason", "complete_op", "use_in",
+__all__ = ["DIFFUSERS_BACKEND", "OP_NAMESPACE", "OP_BASENAME", "unavailable_reason", "complete_op", "use_if_available",
            "reset_diffusers_backend"]
 
 DIFFUSERS_BACKEND = "_flash_3"
@@ -87,15 +87,19 @@ def complete_op() -> None:
     logger.info("FlashAttention-3: backward and fake registered for diffusers' %s op", OP_BASENAME)
 
 
-def use_in(model: torch.nn.Module) -> None:
-    """Route every attention of a diffusers model through FA3 (call `unavailable_reason` first)."""
-    complete_op()
-    model.set_attention_backend(DIFFUSERS_BACKEND)
+def use_if_available(model: torch.nn.Module) -> str | None:
+    """Route every attention of a diffusers model through FA3; returns None, or why FA3 cannot run
+    here (the model is then left as it was)."""
+    reason = unavailable_reason()
+    if reason is None:
+        complete_op()
+        model.set_attention_backend(DIFFUSERS_BACKEND)
+    return reason
 
 
 def reset_diffusers_backend() -> None:
     """diffusers' process-wide active attention backend back to its default (models built later
-    would otherwise inherit FA3 from `use_in`)."""
+    would otherwise inherit FA3 from `use_if_available`)."""
     from diffusers.models.attention_dispatch import (
         DIFFUSERS_ATTN_BACKEND,
         AttentionBackendName,

@@ -200,16 +200,15 @@ def _set_sdp_order(order: list[int]) -> None:
 
 def _route_attention(transformer: torch.nn.Module, name: str, notes: list[str]) -> str:
     """Pick the attention kernel for `transformer`; returns the one in effect (notes say why not)."""
-    flash3.reset_diffusers_backend()  # a model built after a flash3 one must not inherit FA3
     if name == "flash3":
-        reason = flash3.unavailable_reason()
+        reset_attention_backend()  # PyTorch's order for anything FA3 does not cover
+        reason = flash3.use_if_available(transformer)
         if reason is None:
-            reset_attention_backend()
-            flash3.use_in(transformer)
             return "flash3"
         fallback = set_attention_backend("cudnn")
         notes.append(f"attention_backend flash3 unavailable ({reason}); using {fallback}")
         return fallback
+    flash3.reset_diffusers_backend()  # a model built after a flash3 one must not inherit FA3
     backend = set_attention_backend(name)
     if backend != name:
         notes.append(f"attention_backend {name} unavailable, using default")

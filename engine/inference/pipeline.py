@@ -104,10 +104,8 @@ class PipelineCache:
         if self.speed.attention == "flash3":
             from engine.families import flash3
 
-            reason = flash3.unavailable_reason()
-            if reason is None:
-                flash3.use_in(pipe.transformer)
-            else:
+            reason = flash3.use_if_available(pipe.transformer)
+            if reason is not None:
                 log.warning("attention flash3: %s; using PyTorch's SDPA", reason)
         set_step_cache(pipe.transformer, self.speed.step_cache)
         if self.speed.compile_blocks:

@@ -1,7 +1,7 @@
 """The inference worker: a long-lived process that keeps pipelines warm and serves requests.
 
     python -m engine.inference.worker [--device auto|cpu|cuda] [--idle-timeout S] [--compile-blocks]
-                                      [--step-cache THRESHOLD]
+                                      [--step-cache THRESHOLD] [--attention default|flash3]
 
 Protocol: JSON lines. The service writes commands to stdin:
     {"op": "generate", "id": ID, "request": {...InferRequest with seed...}, "model_path": DIR,

@@ -484,9 +484,12 @@ class Trainer:
         if boundary and norm is None:
             reported = engine.get_global_grad_norm()
             norm = None if reported is None else torch.as_tensor(reported, dtype=torch.float32)
-        # One device sync per micro-step, after the optimizer step is queued.
-        values = torch.stack([loss.detach().float().reshape(()), _on(norm, loss.device)]).tolist()
-        return values[0], (values[1] if norm is not None else None)
+        loss = loss.detach().float().reshape(())
+        if norm is None:
+            return loss.item(), None
+        # One device sync for both values, after the optimizer step is queued.
+        loss_value, norm_value = torch.stack([loss, norm.to(loss.device, torch.float32).reshape(())]).tolist()
+        return loss_value, norm_value
 
 
 def _process_start_time() -> float:
@@ -510,12 +513,6 @@ def _clip_lora_grads(params: list[torch.nn.Parameter], max_norm: float) -> torch
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm(grads)
 
-
-def _on(value: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """A 0-d float32 tensor on `device` (0 for None), to read together with the loss."""
-    if value is None:
-        return torch.zeros((), device=device)
-    return value.detach().to(device=device, dtype=torch.float32).reshape(())
 
 
 def _mean_over_ranks(value: float, dist: DistInfo) -> float:
