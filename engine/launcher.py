@@ -217,8 +217,15 @@ def build_deepspeed_command(spec: LaunchSpec, module: str = TRAINER_MODULE) -> l
     return argv
 
 
+def gpu_order_env(env: dict[str, str]) -> dict[str, str]:
+    """CUDA numbers GPUs fastest-first by default, nvidia-smi by PCI bus: make CUDA follow the bus
+    order so "GPU 1" in the GPUs tab, a job's --gpus and the process's device are the same card."""
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env
+
+
 def build_env(spec: LaunchSpec, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    env = gpu_order_env(dict(os.environ if base is None else base))
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     paths = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -49,6 +49,8 @@ def test_env_for_the_trainer(tmp_path: Path) -> None:
     assert env["PYTHONPATH"].split(":") == [str(REPO_ROOT), "/elsewhere"]
     assert env["STUDIO_HOME"] == str(tmp_path / "home") and env["KEEP"] == "1"
     assert "CUDA_VISIBLE_DEVICES" not in env  # --include decides
+    # nvidia-smi (the GPUs tab, the queue) numbers by PCI bus; CUDA must too, or --gpus 1 is another card.
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
 
 def test_spawn_logs_to_file_in_own_session(tmp_path: Path) -> None:

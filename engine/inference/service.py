@@ -84,12 +84,12 @@ class _WorkerProcess:
                  python: str, speed: InferenceSpeed) -> None:
         import os
 
-        from engine.launcher import spawn_process
+        from engine.launcher import gpu_order_env, spawn_process
 
         self.holder = holder
         self.devices = devices
         self.log_path = layout.workers_dir / f"{holder}.log"
-        env = dict(os.environ)
+        env = gpu_order_env(dict(os.environ))
         on_cpu = devices == [-1] or not devices
         env["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else ",".join(str(d) for d in devices)
         env["PYTHONUNBUFFERED"] = "1"
