@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test browser clean-venv flash3
+.PHONY: run test test-gpu browser clean-venv flash3
 
 run: $(STAMP)
 	$(PY) app.py $(ARGS)
@@ -18,6 +18,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $(STAMP)
+
+# The GPU acceptance suite (tests/gpu): real studio jobs on this machine's GPUs (2 needed; about
+# 15 minutes on two H100s). Results and frames of the generated videos land in test-artifacts/gpu/.
+test-gpu: $(STAMP)
+	$(PY) -m pytest tests/gpu -m gpu -v $(PYTEST_ARGS)
 
 # Debian's chromium for the browser tests (Playwright drives it; never `playwright install`).
 browser:

@@ -52,40 +52,9 @@ def cpu_model(workdir: Path) -> tuple[Path, str]:
 
 
 def gpu_model(workdir: Path) -> tuple[Path, str]:
-    """A WanPipeline folder with a random Wan2.1-1.3B transformer and the real Wan2.1 VAE shape.
+    from engine.families.wan_random import REAL_SHAPE_DESCRIPTION, build_real_shape_wan
 
-    The text encoder keeps UMT5-XXL's width (4096) but only 2 layers: it runs once per request, so the
-    timing of the steps that matter (denoise, decode) is that of the real model."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from engine.families.wan_random import build_tokenizer, random_transformer
-
-    path = workdir / "wan13b_random"
-    tokenizer = build_tokenizer(path / "tokenizer")
-    with torch.device("cuda"):
-        text_encoder = UMT5EncoderModel(UMT5Config(
-            vocab_size=len(tokenizer), d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2,
-            relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
-            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    text_encoder.to(torch.bfloat16).save_pretrained(str(path / "text_encoder"))
-    del text_encoder
-    random_transformer("1.3B", device="cuda", dtype=torch.bfloat16).save_pretrained(str(path / "transformer"))
-    with torch.device("cuda"):
-        vae = AutoencoderKLWan()  # defaults = Wan2.1 VAE (base_dim 96, z_dim 16, dim_mult 1,2,4,4)
-    vae.save_pretrained(str(path / "vae"))
-    del vae
-    torch.cuda.empty_cache()
-    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                            num_train_timesteps=1000).save_pretrained(str(path / "scheduler"))
-    index = {"_class_name": "WanPipeline", "boundary_ratio": None, "expand_timesteps": False,
-             "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-             "text_encoder": ["transformers", "UMT5EncoderModel"],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
-             "vae": ["diffusers", "AutoencoderKLWan"]}
-    (path / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
-    return path, "random Wan2.1-1.3B shape (2-layer 4096-wide text encoder, Wan2.1 VAE)"
+    return build_real_shape_wan(workdir / "wan13b_random", "1.3B", device="cuda"), REAL_SHAPE_DESCRIPTION
 
 
 # ---- the two ways to generate ----------------------------------------------------------------------

@@ -57,7 +57,8 @@ def _write_sample(batch: Any, folder: Path, dtype: torch.dtype):
 
 def build_step(case: Any, preset: str, batch: Any) -> tuple[Callable[[], Any], dict[str, Any]]:
     from engine.families.wan_perf import apply
-    from engine.trainer.loop import Trainer, init_distributed
+    from engine.trainer.distributed import init_distributed
+    from engine.trainer.loop import Trainer
     from engine.trainer.runfiles import MetricsWriter
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-trainer-"))

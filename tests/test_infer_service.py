@@ -78,6 +78,7 @@ def digest(service: InferenceService, status: dict) -> str:
 def test_video_is_browser_mp4_with_requested_shape_and_full_record(service, assets) -> None:
     status = succeeded(service, request(assets, num_videos=2, seed=5, width=64, height=48, num_frames=9, steps=2))
     assert len(status["gallery_ids"]) == 2
+    assert status["worker"].endswith(" on cpu")  # the card that made it (the GPU suite sees cuda)
     assert status["step"] == status["total_steps"] == 4
     items = [service.gallery.get(i) for i in status["gallery_ids"]]
     assert [item.seed for item in items] == [5, 6]  # one seed per video, recorded

@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TRANSFORMER_PRESETS",
     "build_random_wan",
+    "build_real_shape_wan",
     "build_tokenizer",
     "random_transformer",
     "transformer_config",
@@ -96,7 +97,7 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
     ("1.3B", "14B") swaps in a transformer of real shape (with a text encoder of matching width)
     for GPU runs of the whole trainer.
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     if preset not in _VAE_PRESETS:
@@ -125,11 +126,49 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
     vae = AutoencoderKLWan(z_dim=16, **_VAE_PRESETS[preset])
     vae.save_pretrained(str(path / "vae"))
 
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
-    )
-    scheduler.save_pretrained(str(path / "scheduler"))
+    _write_scheduler_and_index(path)
+    logger.info("built random Wan (%s) at %s", preset, path)
+    return path
 
+
+REAL_SHAPE_DESCRIPTION = "random Wan2.1 transformer shape (2-layer 4096-wide text encoder, Wan2.1 VAE)"
+
+
+def build_real_shape_wan(path: str | Path, transformer_preset: str = "1.3B", device: str = "cuda") -> Path:
+    """A WanPipeline folder whose transformer and VAE have the real Wan2.1 shapes (random weights).
+
+    The text encoder keeps UMT5-XXL's width (4096) but only 2 layers: it runs once per prompt (cached
+    for training), so the time of what matters (denoising, VAE encode/decode) is the real model's."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    path = Path(path)
+    tokenizer = build_tokenizer(path / "tokenizer")
+    with torch.device(device):
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=2,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    text_encoder.to(torch.bfloat16).save_pretrained(str(path / "text_encoder"))
+    del text_encoder
+    random_transformer(transformer_preset, device=device, dtype=torch.bfloat16).save_pretrained(
+        str(path / "transformer"))
+    with torch.device(device):
+        vae = AutoencoderKLWan()  # defaults = the Wan2.1 VAE (base_dim 96, z_dim 16, dim_mult 1,2,4,4)
+    vae.save_pretrained(str(path / "vae"))
+    del vae
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    _write_scheduler_and_index(path)
+    logger.info("built real-shape random Wan (%s) at %s", transformer_preset, path)
+    return path
+
+
+def _write_scheduler_and_index(path: Path) -> None:
+    from diffusers import UniPCMultistepScheduler
+
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                            num_train_timesteps=1000).save_pretrained(str(path / "scheduler"))
     index = {
         "_class_name": "WanPipeline",
         "_diffusers_version": _diffusers_version(),
@@ -143,8 +182,6 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    logger.info("built random Wan (%s) at %s", preset, path)
-    return path
 
 
 def _diffusers_version() -> str:

@@ -88,6 +88,7 @@ class _WorkerProcess:
 
         self.holder = holder
         self.devices = devices
+        self.device = "?"  # what the worker reports when ready: cpu, cuda (its one visible GPU)
         self.log_path = layout.workers_dir / f"{holder}.log"
         env = gpu_order_env(dict(os.environ))
         on_cpu = devices == [-1] or not devices
@@ -360,7 +361,8 @@ class _Slot(threading.Thread):
         with svc._lock:  # a cancel while the worker was starting ends the request here
             if tracked.state in TERMINAL_STATES:
                 return
-            tracked.state, tracked.started_at, tracked.worker = "loading", time.time(), self.holder
+            tracked.state, tracked.started_at = "loading", time.time()
+            tracked.worker = f"{self.holder} on {worker.device}"  # which card made the video
         staging = svc.gallery.staging_dir(tracked.id)
         worker.send({"op": "generate", "id": tracked.id, "request": tracked.request.to_dict(),
                      "model_path": tracked.model_path, "lora_files": tracked.lora_files, "out_dir": str(staging)})
@@ -432,7 +434,8 @@ class _Slot(threading.Thread):
                 self._discard_worker()
                 return False
             if event.get("event") == "ready":
-                log.info("%s: worker pid %s ready on %s", self.holder, event.get("pid"), event.get("device"))
+                worker.device = str(event.get("device"))
+                log.info("%s: worker pid %s ready on %s", self.holder, event.get("pid"), worker.device)
                 return True
         with svc._lock:
             svc._finish(tracked, "failed", "the inference worker did not start in time", "crash")

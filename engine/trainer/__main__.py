@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return early_error(f"config error: {exc}")
 
-    from engine.trainer.loop import Trainer, broadcast_object, init_distributed
+    from engine.trainer.distributed import broadcast_object, init_distributed
+    from engine.trainer.loop import Trainer
 
     dist = init_distributed()
     # Rank 0 picks the run directory (a timestamp or a resumable run) and tells the others.

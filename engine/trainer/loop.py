@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -19,7 +16,9 @@ from engine.lora import peft_state_from_file, save_lora, validate_lora
 from engine.models import resolve_model
 from engine.trainer import cache as cache_mod
 from engine.trainer.data import DatasetError, assign_bucket, scan_dataset
-from engine.trainer.order import Sample, epoch_microbatches, lr_factor, microbatch_for, steps_per_epoch
+from engine.trainer.distributed import DistInfo, any_rank, barrier, mean_over_ranks
+from engine.trainer.order import (Sample, epoch_microbatches, lr_factor, microbatch_for, microbatch_position,
+                                  steps_per_epoch)
 from engine.trainer.runfiles import (
     RUN_CONFIG_FILE,
     MetricsWriter,
@@ -33,71 +32,6 @@ from engine.trainer.runfiles import (
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-# ---- distributed setup ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group DeepSpeed's launcher set up, or make a one-process group."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "WORLD_SIZE" not in os.environ:  # plain `python -m engine.trainer`
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    on_cpu = get_accelerator().device_name() == "cpu"
-    if on_cpu:
-        # DeepSpeed JIT-compiles a shared-memory all-reduce op for CPU ranks (minutes on first run);
-        # it only serves inference all-reduce, so training over gloo does not need it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timedelta(hours=2))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_cpu:
-        device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:
-            # CPU ranks share the cores with each other and with the app: one core is left free,
-            # because oversubscribed OpenMP threads stall (measured: a demo forward 1.0 s with 1
-            # thread, 8.6 s with 2 on a busy 2-core machine).
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - 1))
-    else:
-        device = torch.device(get_accelerator().device_name(local_rank))
-        get_accelerator().set_device(local_rank)
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def broadcast_object(value: object, dist: DistInfo) -> object:
-    if dist.world_size == 1:
-        return value
-    holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def barrier(dist: DistInfo) -> None:
-    if dist.world_size > 1:
-        torch.distributed.barrier()
 
 
 # ---- the objective -------------------------------------------------------------------------------
@@ -188,7 +122,7 @@ class Trainer:
         if encoded and dist.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the encoders' memory back before the transformer loads
         barrier(dist)
-        if self._any_rank(self.stop_while_caching or self.signal_stop):
+        if any_rank([self.stop_while_caching or self.signal_stop], dist)[0]:
             raise StopRequested()
         samples = []
         for plan in plans:
@@ -208,13 +142,6 @@ class Trainer:
         if self.dist.is_main and not self.stop_while_caching:
             self.stop_while_caching = take_control_request(self.run_dir)[1]
         return self.signal_stop or self.stop_while_caching
-
-    def _any_rank(self, flag: bool) -> bool:
-        if self.dist.world_size == 1:
-            return flag
-        tensor = torch.tensor([int(flag)], dtype=torch.int32)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return bool(tensor.item())
 
     def _cache_progress(self, done: int, total: int, stage: str) -> None:
         self.events.emit("cache", done=done, total=total, stage=stage)
@@ -329,11 +256,7 @@ class Trainer:
             minutes = cfg.checkpoint_every_n_minutes
             if minutes and time.monotonic() - self.last_checkpoint_time >= minutes * 60:
                 ckpt = True
-        stop = stop or self.signal_stop
-        if self.dist.world_size > 1:
-            flags = torch.tensor([int(save), int(ckpt), int(stop)], dtype=torch.int32)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            save, ckpt, stop = (bool(x) for x in flags.tolist())
+        save, ckpt, stop = any_rank([save, ckpt, stop or self.signal_stop], self.dist)
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
             save = True
         return save, ckpt, stop
@@ -410,7 +333,7 @@ class Trainer:
                 losses.append(loss)
                 grad_norm = norm if norm is not None else grad_norm
             step += 1
-            loss_value = _mean_over_ranks(sum(losses) / len(losses), dist)
+            loss_value = mean_over_ranks(sum(losses) / len(losses), dist)
             epoch_losses.append(loss_value)
             step_times.append(time.monotonic() - t0)
             epoch = epoch_index + 1
@@ -464,8 +387,10 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         latents = torch.stack([cache_mod.load_latents(samples[i].latent_path) for i in indices])
         text = self.family.pad_text([cache_mod.load_text(samples[i].text_path) for i in indices])
-        # Noise, timesteps and dropout depend only on (seed, step, micro-batch, rank): resume replays them.
-        seed = (cfg.seed * 1_000_003 + step * 10_007 + accum * 101 + dist.rank) % (2**63)
+        # Noise, timesteps and dropout depend only on (seed, the micro-batch's global position): resume
+        # replays them, and N GPUs draw what one GPU accumulating N micro-batches draws.
+        position = microbatch_position(step, accum, dist.rank, dist.world_size, cfg.gradient_accumulation_steps)
+        seed = (cfg.seed * 1_000_003 + position * 10_007) % (2**63)
         generator = torch.Generator().manual_seed(seed)
         device = dist.device
         if device.type == "cpu":
@@ -512,12 +437,3 @@ def _clip_lora_grads(params: list[torch.nn.Parameter], max_norm: float) -> torch
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm(grads)
-
-
-
-def _mean_over_ranks(value: float, dist: DistInfo) -> float:
-    if dist.world_size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item()) / dist.world_size

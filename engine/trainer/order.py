@@ -45,9 +45,15 @@ def steps_per_epoch(num_microbatches: int, world_size: int, grad_accum: int) -> 
     return max(1, math.ceil(num_microbatches / (world_size * grad_accum)))
 
 
+def microbatch_position(step: int, accum_index: int, rank: int, world_size: int, grad_accum: int) -> int:
+    """Where a rank's micro-batch stands in the global order. The same for 1 rank accumulating
+    2 micro-batches and 2 ranks with 1 each, so both runs see the same data (and noise)."""
+    return (step * grad_accum + accum_index) * world_size + rank
+
+
 def microbatch_for(batches: list[list[int]], step_in_epoch: int, accum_index: int, rank: int,
                    world_size: int, grad_accum: int) -> list[int]:
-    position = (step_in_epoch * grad_accum + accum_index) * world_size + rank
+    position = microbatch_position(step_in_epoch, accum_index, rank, world_size, grad_accum)
     return batches[position % len(batches)]
 
 
