@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -161,6 +162,88 @@ def pick_master_port(exclude: Collection[int], port_range: tuple[int, int] = POR
     raise RuntimeError(f"no free master port in {low}-{high}")
 
 
+# ---- several machines ------------------------------------------------------------------------------
+_HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)\b")  # as DeepSpeed reads it
+
+
+def read_hostfile(path: Path) -> dict[str, int]:
+    """host -> slots, in file order (DeepSpeed numbers nodes in this order). Checked here because
+    DeepSpeed's runner treats a missing hostfile as "run on this machine only", without an error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _HOSTFILE_LINE.match(line)
+        if match is None:
+            raise ValueError(f"{path} line {number}: expected 'HOST slots=N', got {line!r}")
+        host, slots = match.group(1), int(match.group(2))
+        if host in hosts:
+            raise ValueError(f"{path} line {number}: host {host} is listed twice")
+        if slots < 1:
+            raise ValueError(f"{path} line {number}: {host} needs slots >= 1")
+        hosts[host] = slots
+    if not hosts:
+        raise ValueError(f"{path} lists no hosts (lines 'HOST slots=N')")
+    return hosts
+
+
+def included_hosts(hosts: dict[str, int], include: str) -> list[str]:
+    """The hosts a DeepSpeed `--include` filter (`host0:0,1@host1`) keeps, in hostfile order."""
+    wanted: set[str] = set()
+    for part in include.split("@"):
+        host, _, slots = part.partition(":")
+        if host not in hosts:
+            raise ValueError(f"{include!r} names {host!r}, which is not in the hostfile")
+        try:
+            numbers = [int(s) for s in slots.split(",")] if slots else []
+        except ValueError:
+            raise ValueError(f"{include!r}: slots of {host} must be numbers, like {host}:0,1") from None
+        if any(not 0 <= n < hosts[host] for n in numbers):
+            raise ValueError(f"{include!r}: {host} has slots 0..{hosts[host] - 1}")
+        wanted.add(host)
+    return [host for host in hosts if host in wanted]
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """A job over several machines through DeepSpeed's launcher. Without `node_rank`, one runner
+    reaches every host of the hostfile by ssh/pdsh. With it (--no_ssh), the same studio command
+    runs on every node, each launching its own ranks; they meet at master_addr:master_port, which
+    therefore must be fixed rather than picked at random per job."""
+
+    hostfile: Path
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    include: str | None = None
+
+    @property
+    def no_ssh(self) -> bool:
+        return self.node_rank is not None
+
+    def runner_args(self) -> list[str]:
+        argv = ["--hostfile", str(self.hostfile)]
+        if self.include:
+            argv += ["--include", self.include]
+        if self.master_addr:  # else DeepSpeed asks the first host over ssh (`hostname -I`)
+            argv += ["--master_addr", self.master_addr]
+        if self.no_ssh:
+            argv += ["--no_ssh", "--node_rank", str(self.node_rank)]
+        return argv
+
+
+def train_log_path(run_dir: Path, nodes: Nodes | None) -> Path:
+    """Node K > 0 of a no_ssh run logs to its own file: several machines appending to one file on
+    a shared filesystem interleave or overwrite each other's lines."""
+    rank = nodes.node_rank if nodes is not None else None
+    return run_dir / (f"train.node{rank}.log" if rank else "train.log")
+
+
 # ---- the DeepSpeed command line ----------------------------------------------------------------
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -172,7 +255,7 @@ class LaunchSpec:
     devices: tuple[int, ...]
     master_port: int
     resume: bool = False
-    hostfile: Path | None = None
+    nodes: Nodes | None = None
     studio_home: Path | None = None
 
     @property
@@ -181,7 +264,7 @@ class LaunchSpec:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / "train.log"
+        return train_log_path(self.run_dir, self.nodes)
 
     @property
     def on_cpu(self) -> bool:
@@ -201,16 +284,19 @@ def build_deepspeed_command(spec: LaunchSpec, module: str = TRAINER_MODULE) -> l
     """`deepspeed --include=localhost:<ids> --master_port P --module engine.trainer --config ...`.
 
     On a CPU machine `--num_gpus N` gives N ranks (DeepSpeed 0.19.8 ignores --include there and a
-    hostfile would trigger an ssh check). A hostfile (multi-node) replaces the device selection.
+    hostfile would trigger an ssh check). Several machines (`spec.nodes`) replace the device
+    selection with the hostfile; their fixed master port, when set, wins (every node must agree).
     """
     argv = deepspeed_executable()
-    if spec.hostfile is not None:
-        argv += ["--hostfile", str(spec.hostfile)]
+    nodes = spec.nodes
+    if nodes is not None:
+        argv += nodes.runner_args()
     elif spec.on_cpu:
         argv += ["--num_gpus", str(len(spec.devices))]
     else:
         argv += [f"--include=localhost:{','.join(str(d) for d in sorted(spec.devices))}"]
-    argv += ["--master_port", str(spec.master_port), "--module", module,
+    port = nodes.master_port if nodes is not None and nodes.master_port else spec.master_port
+    argv += ["--master_port", str(port), "--module", module,
              "--config", str(spec.config_path), "--run-dir", str(spec.run_dir)]
     if spec.resume:
         argv.append("--resume")

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,8 +25,9 @@ import filelock
 
 from engine.gpus import GpuInventory
 from engine.jobs import (ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus)
-from engine.launcher import (LaunchSpec, build_deepspeed_command, build_env, is_same_process,
-                             pick_master_port, process_identity, spawn_process, stop_process_group)
+from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, build_env, is_same_process,
+                             pick_master_port, process_identity, spawn_process, stop_process_group,
+                             train_log_path)
 from engine.metrics import METRICS_FILE, FINAL_EVENTS, MetricsReader, last_final_event, read_tail
 from engine.paths import REPO_ROOT, DataLayout
 from engine.store.db import Database
@@ -151,7 +153,7 @@ class Scheduler:
 
     def __init__(self, store: JobStore | Database, layout: DataLayout, gpu_inventory: GpuInventory,
                  cpu_slots: int = 1, *, poll_interval_s: float = 1.0, stop_grace_s: float = 30.0,
-                 kill_grace_s: float = 15.0, hostfile: Path | None = None,
+                 kill_grace_s: float = 15.0, nodes: Nodes | None = None,
                  command_builder: CommandBuilder | None = None) -> None:
         if cpu_slots < 1:
             raise ValueError(f"cpu_slots must be >= 1, got {cpu_slots}")
@@ -162,7 +164,7 @@ class Scheduler:
         self.poll_interval_s = poll_interval_s
         self.stop_grace_s = stop_grace_s
         self.kill_grace_s = kill_grace_s
-        self.hostfile = hostfile
+        self.nodes = nodes  # None: jobs run on this machine only
         self.command_builder = command_builder or build_deepspeed_command
         self._lock_file = filelock.FileLock(str(layout.home / "scheduler.lock"), thread_local=False)
         self._leader = False
@@ -255,19 +257,41 @@ class Scheduler:
 
     # ---- public operations ---------------------------------------------------------------------
     def submit_training(self, config_toml: str, owner: str, *, gpus: list[int] | None = None,
-                        num_gpus: int | None = None, name: str | None = None, priority: int = 0) -> Job:
+                        num_gpus: int | None = None, name: str | None = None, priority: int = 0,
+                        run_dir: str | os.PathLike | None = None) -> Job:
+        """`run_dir` replaces runs/<id>-<name>, e.g. one shared directory that the studios of all
+        nodes of a multi-node run point at."""
         from engine.config import TrainConfig  # heavy import chain; only needed here
 
         config = TrainConfig.from_toml_string(config_toml).validate()
         requested, explicit = self._check_request(gpus, num_gpus)
+        chosen = Path(run_dir).expanduser().resolve() if run_dir is not None else None
+        if chosen is not None:
+            self._check_run_dir_free(chosen)
+        if self.nodes is not None and self.nodes.no_ssh:
+            if chosen is None:  # runs/<id>-<name> differs per node: ranks would write to different dirs
+                raise JobError("this studio is one node of a multi-node run (node_rank is set): give a run "
+                               "dir on a shared filesystem, the same on every node (--run-dir)")
+            if not config.cache_dir:
+                # Each rank encodes its share of the latent cache and then reads all of it: the default
+                # (this node's STUDIO_HOME) would split the cache over the nodes' local disks.
+                config.cache_dir = str(chosen / "cache")
+                config_toml = config.to_toml()
         job_name = name or Path(config.output_dir).name or "train"
         job = self.store.insert(kind="train", name=job_name, owner=owner, status=JobStatus.QUEUED,
                                 config_toml=config_toml, gpus_requested=requested,
                                 gpus_explicit=explicit, priority=int(priority))
-        run_dir = self.layout.runs_dir / f"{job.id}-{slugify(job_name)}"
-        self.store.update(job.id, run_dir=str(run_dir), log_path=str(run_dir / "train.log"))
+        chosen = chosen or self.layout.runs_dir / f"{job.id}-{slugify(job_name)}"
+        self.store.update(job.id, run_dir=str(chosen), log_path=str(train_log_path(chosen, self.nodes)))
         self.wake()
         return self.get(job.id)
+
+    def _check_run_dir_free(self, run_dir: Path, job_id: int | None = None) -> None:
+        """Two trainers in one run directory would overwrite each other's checkpoints."""
+        for other in [*self.store.queued(), *self.store.active()]:
+            if other.id != job_id and other.run_dir and Path(other.run_dir).resolve() == run_dir.resolve():
+                raise JobError(f"run dir {run_dir} is in use by job {other.id} ({other.status.value}); "
+                               "stop it first or choose another --run-dir")
 
     def _check_request(self, gpus: list[int] | None, num_gpus: int | None) -> tuple[str, bool]:
         if gpus is not None and num_gpus is not None:
@@ -345,6 +369,8 @@ class Scheduler:
             raise JobError(f"job {job_id} is a {job.kind} job; only training jobs resume")
         if job.status not in RESUMABLE_STATUSES:
             raise JobError(f"job {job_id} is {job.status.value}; only stopped, failed or lost jobs resume")
+        if job.run_dir:
+            self._check_run_dir_free(Path(job.run_dir), job.id)
         ok = self.store.transition(
             job.id, RESUMABLE_STATUSES, JobStatus.QUEUED, event="resume",
             resume=True, exit_code=None, failure_reason=None, failure_hint=None, log_tail=None,
@@ -464,11 +490,15 @@ class Scheduler:
     def _start_queued(self) -> None:
         pool = self._device_pool()
         used = self.store.devices_in_use()
+        fixed_port = self.nodes.master_port if self.nodes is not None else None
         for job in self.store.queued():
             devices = self._choose_devices(job, pool, used)
             if devices is None:
                 break  # strict order: later jobs never overtake (a big job is never starved)
-            port = pick_master_port(self.store.ports_in_use())
+            ports = self.store.ports_in_use()
+            if fixed_port is not None and fixed_port in ports:
+                break  # every node agreed on this one port: one multi-node job at a time
+            port = fixed_port if fixed_port is not None else pick_master_port(ports)
             if not self.store.claim(job.id, devices, port):
                 used = self.store.devices_in_use()
                 continue
@@ -495,7 +525,7 @@ class Scheduler:
             resume = job.resume and _has_checkpoint(run_dir)
             spec = LaunchSpec(job_id=job.id, job_name=job.name, run_dir=run_dir,
                               devices=tuple(job.gpus_assigned), master_port=int(job.master_port or 0),
-                              resume=resume, hostfile=self.hostfile, studio_home=self.layout.home)
+                              resume=resume, nodes=self.nodes, studio_home=self.layout.home)
             argv = self.command_builder(spec)
             with open(spec.log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"=== studio: launch {job.attempts + 1} of job {job.id} at "
@@ -523,7 +553,7 @@ class Scheduler:
         else:
             reader.skip_to_end()  # events of earlier launches in this run dir do not count
         self._watched[job.id] = _Watched(job_id=job.id, pid=int(job.pid or 0), run_dir=run_dir,
-                                         log_path=Path(job.log_path or run_dir / "train.log"),
+                                         log_path=Path(job.log_path or train_log_path(run_dir, self.nodes)),
                                          reader=reader, popen=popen)
 
     # ---- supervision ---------------------------------------------------------------------------
@@ -621,7 +651,8 @@ def _touch(path: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # A temporary name of our own: the studios of all nodes write one shared run dir's run.toml.
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

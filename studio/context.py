@@ -86,7 +86,7 @@ class StudioContext:
         users = UsersFile(settings.auth_file) if settings.auth_file else None
         gpus = GpuInventory(ttl_s=2.0)
         scheduler = Scheduler(JobStore(db), layout, gpus, cpu_slots=settings.cpu_slots,
-                              hostfile=settings.hostfile)
+                              nodes=settings.nodes())
         gallery = Gallery(db, layout)
         inference = InferenceService(db, layout, scheduler, gallery,
                                      idle_timeout_s=settings.worker_idle_timeout_s,

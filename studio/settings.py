@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.inference.speed import InferenceSpeed
+from engine.launcher import Nodes, included_hosts, read_hostfile
 
 ENV_PREFIX = "STUDIO_"
 
@@ -38,7 +39,11 @@ class StudioSettings:
     infer_step_cache: float = 0.0  # First Block Cache threshold for inference (0 = off; changes outputs)
     infer_attention: str = "default"  # attention kernel of inference workers: default | flash3 (Hopper)
     poll_interval_s: float = 1.0
-    hostfile: Path | None = None
+    hostfile: Path | None = None  # DeepSpeed hostfile: jobs span its hosts (ssh/pdsh, or one launcher per node)
+    node_rank: int | None = None  # this machine's place in the hostfile: one launcher per node (--no_ssh)
+    master_addr: str | None = None  # address of node 0, reachable from every node
+    master_port: int | None = None  # fixed rendezvous port: every node must use the same one
+    deepspeed_include: str | None = None  # DeepSpeed --include filter over the hostfile, e.g. node0:0@node1:1
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -50,6 +55,13 @@ class StudioSettings:
     def inference_speed(self) -> InferenceSpeed:
         return InferenceSpeed(compile_blocks=self.infer_compile_blocks, step_cache=self.infer_step_cache,
                               attention=self.infer_attention)
+
+    def nodes(self) -> Nodes | None:
+        """How jobs span several machines; None: this machine only."""
+        if self.hostfile is None:
+            return None
+        return Nodes(hostfile=self.hostfile, node_rank=self.node_rank, master_addr=self.master_addr,
+                     master_port=self.master_port, include=self.deepspeed_include)
 
     def validate(self) -> "StudioSettings":
         _check(1 <= self.port <= 65535, "port", f"must be 1..65535, got {self.port}")
@@ -75,7 +87,39 @@ class StudioSettings:
             _check(root.is_dir(), "allowed_roots", f"{root} is not an existing directory")
         if self.share and self.auth_file is None:
             raise SettingsError("share: a public share link needs --auth-file (anyone could use your GPUs)")
+        self._validate_nodes()
         return self
+
+    def _validate_nodes(self) -> None:
+        for name in ("node_rank", "master_addr", "master_port", "deepspeed_include"):
+            _check(getattr(self, name) is None or self.hostfile is not None, name,
+                   "only applies to several machines; set hostfile (STUDIO_HOSTFILE) too")
+        if self.hostfile is None:
+            return
+        try:
+            pool = read_hostfile(self.hostfile)
+        except ValueError as exc:
+            raise SettingsError(f"hostfile: {exc}") from None
+        hosts = list(pool)
+        if self.deepspeed_include is not None:
+            try:
+                hosts = included_hosts(pool, self.deepspeed_include)
+            except ValueError as exc:
+                raise SettingsError(f"deepspeed_include: {exc}") from None
+        if self.master_port is not None:
+            _check(1 <= self.master_port <= 65535, "master_port", f"must be 1..65535, got {self.master_port}")
+        if self.master_addr is not None:
+            _check(bool(self.master_addr.strip()), "master_addr", "must not be empty")
+        if self.node_rank is None:
+            return
+        _check(0 <= self.node_rank < len(hosts), "node_rank",
+               f"must be 0..{len(hosts) - 1} (the {len(hosts)} host(s) of {self.hostfile}"
+               + (" kept by deepspeed_include" if self.deepspeed_include is not None else "")
+               + f"), got {self.node_rank}")
+        _check(self.master_addr is not None, "node_rank",
+               "one launcher per node needs master_addr (STUDIO_MASTER_ADDR): the address of node 0")
+        _check(self.master_port is not None, "node_rank",
+               "one launcher per node needs master_port (STUDIO_MASTER_PORT), the same on every node")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -89,6 +133,10 @@ _FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(StudioSettin
 def _convert(name: str, raw: Any, source: str) -> Any:
     """Turn a raw value (str from env/flags, or TOML value) into the field's type."""
     kind = _FIELD_TYPES[name]
+    if kind.endswith(" | None"):
+        if str(raw) == "":
+            return None
+        kind = kind.removesuffix(" | None")
     try:
         if kind == "int":
             return int(raw)
@@ -105,8 +153,6 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             raise ValueError(f"not a boolean: {raw!r}")
         if kind == "Path":
             return Path(str(raw)).expanduser()
-        if kind == "Path | None":
-            return Path(str(raw)).expanduser() if str(raw) else None
         if kind.startswith("tuple"):
             items = raw if isinstance(raw, list) else [p for p in str(raw).split(os.pathsep) if p]
             return tuple(Path(str(p)).expanduser() for p in items)
@@ -161,6 +207,14 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                         help="First Block Cache threshold for inference, e.g. 0.05 (faster, changes outputs)")
     parser.add_argument("--infer-attention", dest="infer_attention",
                         help="attention kernel of inference workers: default or flash3 (FlashAttention-3, Hopper)")
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines): jobs span its hosts")
+    parser.add_argument("--node-rank", dest="node_rank",
+                        help="this machine's place in the hostfile (0 = first); one launcher per node, no ssh")
+    parser.add_argument("--master-addr", dest="master_addr", help="address of node 0 for multi-node jobs")
+    parser.add_argument("--master-port", dest="master_port",
+                        help="fixed rendezvous port of multi-node jobs (the same on every node)")
+    parser.add_argument("--deepspeed-include", dest="deepspeed_include",
+                        help="DeepSpeed --include filter over the hostfile, e.g. node0:0@node1:1")
 
 
 def load_settings(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> StudioSettings:

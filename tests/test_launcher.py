@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.launcher import (LaunchSpec, build_deepspeed_command, build_env, group_members, is_same_process,
-                             pick_master_port, port_is_free, process_identity, spawn_process,
-                             stop_process_group)
+from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, build_env, group_members,
+                             included_hosts, is_same_process, pick_master_port, port_is_free, process_identity,
+                             read_hostfile, spawn_process, stop_process_group)
 from engine.paths import REPO_ROOT
 
 
@@ -36,9 +36,41 @@ def test_cpu_command_uses_num_gpus_and_resume_flag(tmp_path: Path) -> None:
 
 def test_hostfile_replaces_device_selection(tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
-    argv = build_deepspeed_command(spec(tmp_path, (0,), hostfile=hostfile))
-    assert argv[1:3] == ["--hostfile", str(hostfile)]
-    assert not any(a.startswith("--include") or a == "--num_gpus" for a in argv)
+    argv = build_deepspeed_command(spec(tmp_path, (0,), nodes=Nodes(hostfile=hostfile)))
+    assert argv[1:5] == ["--hostfile", str(hostfile), "--master_port", "29555"]  # ssh mode: DeepSpeed finds the rest
+    assert not any(a.startswith("--include") or a in ("--num_gpus", "--no_ssh") for a in argv)
+    assert spec(tmp_path, (0,), nodes=Nodes(hostfile=hostfile)).log_path.name == "train.log"
+
+
+def test_no_ssh_node_with_include_uses_the_agreed_port(tmp_path: Path) -> None:
+    nodes = Nodes(hostfile=tmp_path / "hostfile", node_rank=1, master_addr="10.0.0.1", master_port=29400,
+                  include="node0:0@node1:1")
+    assert nodes.no_ssh and not Nodes(hostfile=tmp_path / "hostfile").no_ssh
+    one = spec(tmp_path, (-1,), nodes=nodes)  # the job's own port (29555) loses to the nodes' port
+    argv = build_deepspeed_command(one)
+    run_dir = tmp_path / "runs" / "1-x"
+    assert argv[1:] == ["--hostfile", str(tmp_path / "hostfile"), "--include", "node0:0@node1:1",
+                        "--master_addr", "10.0.0.1", "--no_ssh", "--node_rank", "1", "--master_port", "29400",
+                        "--module", "engine.trainer", "--config", str(run_dir / "run.toml"), "--run-dir", str(run_dir)]
+    assert one.log_path == run_dir / "train.node1.log"  # nodes > 0 never append to node 0's log
+
+
+def test_hostfile_parsing(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\n\nnode0 slots=2\n  node1   slots=4  \n")
+    hosts = read_hostfile(hostfile)
+    assert hosts == {"node0": 2, "node1": 4} and list(hosts) == ["node0", "node1"]
+    assert included_hosts(hosts, "node1:3@node0") == ["node0", "node1"]  # hostfile order, as DeepSpeed
+    for text, message in (("", "lists no hosts"), ("# only\n", "lists no hosts"), ("node0\n", "line 1"),
+                          ("a slots=1\na slots=2\n", "listed twice"), ("a slots=0\n", "slots >= 1")):
+        hostfile.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_hostfile(hostfile)
+    with pytest.raises(ValueError, match="cannot read"):
+        read_hostfile(tmp_path / "missing")
+    for include, message in (("node2", "not in the hostfile"), ("node0:2", "slots 0..1"), ("node0:a", "numbers")):
+        with pytest.raises(ValueError, match=message):
+            included_hosts({"node0": 2}, include)
 
 
 def test_env_for_the_trainer(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from engine.gpus import GpuInventory
 from engine.jobs import Job, JobError, JobStatus
-from engine.launcher import LaunchSpec, group_members
+from engine.launcher import LaunchSpec, Nodes, group_members
 from engine.paths import DataLayout
 from engine.scheduler import Scheduler
 from engine.store.db import Database
@@ -117,6 +117,33 @@ def test_three_jobs_on_two_slots_third_waits_then_runs(make_scheduler, tmp_path:
     assert "home=" + str(sched.layout.home) in Path(done.log_path).read_text()
     sched.stop(b.id, force=True)
     wait_status(sched, b.id, JobStatus.STOPPED)
+
+
+def test_multi_node_jobs_take_the_agreed_port_and_a_chosen_run_dir(make_scheduler, tmp_path: Path) -> None:
+    nodes = Nodes(hostfile=tmp_path / "hostfile", node_rank=1, master_addr="10.0.0.1", master_port=29413)
+    sched = make_scheduler(cpu_slots=2, nodes=nodes).start()
+    cfg = config_toml(tmp_path)
+    shared = tmp_path / "shared"
+    with pytest.raises(JobError, match="--run-dir"):  # each node's runs/<id>-<name> is its own
+        sched.submit_training(cfg, "alice", name="slow")
+    a = sched.submit_training(cfg, "alice", name="slow", run_dir=shared)
+    assert (a.run_dir, a.log_path) == (str(shared), str(shared / "train.node1.log"))
+    assert f'cache_dir = "{shared / "cache"}"' in a.config_toml  # not split over the nodes' homes
+    with pytest.raises(JobError, match=f"run dir {shared} is in use by job {a.id}"):
+        sched.submit_training(cfg, "bob", name="ok", run_dir=shared)
+    b = sched.submit_training(cfg, "bob", name="ok", run_dir=tmp_path / "other")
+    assert wait_status(sched, a.id, JobStatus.RUNNING).master_port == 29413  # fixed, not picked
+    assert make_scheduler.builder.specs[-1].nodes == nodes
+    time.sleep(0.5)
+    assert sched.get(b.id).status == JobStatus.QUEUED  # a CPU slot is free, the agreed port is not
+    sched.stop(a.id, force=True)
+    wait_status(sched, a.id, JobStatus.STOPPED)
+    assert wait_status(sched, b.id, JobStatus.SUCCEEDED).master_port == 29413
+    c = sched.submit_training(cfg, "bob", name="slow", run_dir=shared)  # free again once a ended
+    with pytest.raises(JobError, match=f"in use by job {c.id}"):
+        sched.resume(a.id)
+    sched.stop(c.id, force=True)
+    wait_status(sched, c.id, JobStatus.STOPPED)
 
 
 def test_progress_is_recorded_while_running(make_scheduler, tmp_path: Path) -> None:

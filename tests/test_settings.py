@@ -77,3 +77,57 @@ def test_inference_speed_settings_reach_the_worker_command() -> None:
     assert (speed.compile_blocks, speed.step_cache, speed.attention) == (True, 0.08, "flash3")
     assert speed.to_argv() == ["--compile-blocks", "--step-cache", "0.08", "--attention", "flash3"]
     assert load_settings(parse([]), env={}).inference_speed().to_argv() == []  # defaults change nothing
+
+
+@pytest.fixture
+def hostfile(tmp_path: Path) -> Path:
+    path = tmp_path / "hostfile"
+    path.write_text("# two nodes\nnode0 slots=2\nnode1 slots=2\n")
+    return path
+
+
+def test_node_settings_become_one_nodes_object(hostfile: Path) -> None:
+    env = {"STUDIO_HOSTFILE": str(hostfile), "STUDIO_NODE_RANK": "1", "STUDIO_MASTER_ADDR": "10.0.0.1",
+           "STUDIO_MASTER_PORT": "29400"}
+    nodes = load_settings(parse(["--deepspeed-include", "node0:0@node1:1"]), env=env).nodes()
+    assert nodes is not None and nodes.no_ssh
+    assert (nodes.hostfile, nodes.node_rank, nodes.master_addr, nodes.master_port, nodes.include) == (
+        hostfile, 1, "10.0.0.1", 29400, "node0:0@node1:1")
+    ssh = load_settings(parse(["--hostfile", str(hostfile)]), env={}).nodes()
+    assert ssh is not None and not ssh.no_ssh and ssh.master_port is None  # ssh mode keeps random ports
+    assert load_settings(parse([]), env={}).nodes() is None
+    assert load_settings(parse([]), env={"STUDIO_NODE_RANK": ""}).node_rank is None  # empty = unset
+
+
+@pytest.mark.parametrize(
+    ("argv", "hostfile_text", "name", "message"),
+    [
+        (["--node-rank", "0"], None, "node_rank", "set hostfile"),
+        (["--master-port", "29400"], None, "master_port", "set hostfile"),
+        (["--deepspeed-include", "node0:0"], None, "deepspeed_include", "set hostfile"),
+        (["--node-rank", "0", "--master-port", "29400"], "node0 slots=1\n", "node_rank", "needs master_addr"),
+        (["--node-rank", "0", "--master-addr", "n0"], "node0 slots=1\n", "node_rank", "needs master_port"),
+        (["--node-rank", "2", "--master-addr", "n0", "--master-port", "29400"], "a slots=1\nb slots=1\n",
+         "node_rank", "must be 0..1"),
+        (["--node-rank", "-1", "--master-addr", "n0", "--master-port", "29400"], "a slots=1\n",
+         "node_rank", "must be 0..0"),
+        (["--node-rank", "1", "--master-addr", "n0", "--master-port", "29400", "--deepspeed-include", "b"],
+         "a slots=1\nb slots=1\n", "node_rank", "kept by deepspeed_include"),
+        (["--node-rank", "one"], "a slots=1\n", "node_rank", "invalid literal"),
+        (["--master-port", "70000"], "a slots=1\n", "master_port", "1..65535"),
+        (["--deepspeed-include", "c:0"], "a slots=1\n", "deepspeed_include", "not in the hostfile"),
+        ([], "", "hostfile", "lists no hosts"),
+        ([], "a slots=1\nb\n", "hostfile", "line 2"),
+        ([], None, "hostfile", "cannot read"),
+    ],
+)
+def test_invalid_node_settings_name_the_setting(tmp_path: Path, argv: list[str], hostfile_text: str | None,
+                                                name: str, message: str) -> None:
+    path = tmp_path / "hostfile"
+    if hostfile_text is not None:
+        path.write_text(hostfile_text)
+    if hostfile_text is not None or name == "hostfile":
+        argv = [*argv, "--hostfile", str(path)]
+    with pytest.raises(SettingsError) as info:
+        load_settings(parse(argv), env={})
+    assert str(info.value).startswith(name) and message in str(info.value), str(info.value)

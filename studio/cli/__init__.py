@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argparse.Namespace(**{
             k: v for k, v in vars(args).items()
             if k in {"settings", "home", "host", "port", "auth_file", "allowed_roots", "cpu_slots",
-                     "share", "log_level"}}))
+                     "share", "log_level", "hostfile", "node_rank", "master_addr", "master_port",
+                     "deepspeed_include"}}))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

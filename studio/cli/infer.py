@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
         return 2
     layout = DataLayout(settings.home.resolve()).ensure()
     db = Database(layout.db_path)
-    scheduler = Scheduler(db, layout, GpuInventory(), cpu_slots=settings.cpu_slots, hostfile=settings.hostfile)
+    scheduler = Scheduler(db, layout, GpuInventory(), cpu_slots=settings.cpu_slots, nodes=settings.nodes())
     gallery = Gallery(db, layout)
     service = InferenceService(db, layout, scheduler, gallery, idle_timeout_s=settings.worker_idle_timeout_s,
                                speed=settings.inference_speed())

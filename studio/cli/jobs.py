@@ -25,7 +25,7 @@ FOLLOW_POLL_S = 0.5
 def open_scheduler(settings: StudioSettings) -> Scheduler:
     layout = DataLayout(settings.home.resolve()).ensure()
     return Scheduler(Database(layout.db_path), layout, GpuInventory(), cpu_slots=settings.cpu_slots,
-                     hostfile=settings.hostfile, poll_interval_s=min(settings.poll_interval_s, 1.0))
+                     nodes=settings.nodes(), poll_interval_s=min(settings.poll_interval_s, 1.0))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

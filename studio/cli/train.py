@@ -1,4 +1,4 @@
-"""`python -m studio train CONFIG.toml [--gpus 0,1 | --num-gpus N] [--follow] [--owner NAME]`.
+"""`python -m studio train CONFIG.toml [--gpus 0,1 | --num-gpus N] [--run-dir DIR] [--follow] [--owner NAME]`.
 
 Queues a training job in the studio's database. When no studio runs, this process launches it
 (the trainer then runs on in its own session); otherwise the running studio does.
@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--owner", default=None, help="owner of the job (default: your login name)")
     parser.add_argument("--name", default=None, help="job name (default: the output_dir's name)")
     parser.add_argument("--priority", type=int, default=0, help="higher starts first")
+    parser.add_argument("--run-dir", dest="run_dir", default=None,
+                        help="run directory instead of runs/<id>-<name> (multi-node: one shared directory)")
     parser.set_defaults(func=run)
 
 
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
     try:
         job = sched.submit_training(config_toml, args.owner or _login(),
                                     gpus=parse_gpus(args.gpus) if args.gpus else None,
-                                    num_gpus=args.num_gpus, name=args.name, priority=args.priority)
+                                    num_gpus=args.num_gpus, name=args.name, priority=args.priority,
+                                    run_dir=args.run_dir)
         print(f"job {job.id} queued: {job.name} -> {job.run_dir}")
         return launch_and_report(sched, job, args.follow, sys.stdout)
     except (JobError, ConfigError) as exc:
