@@ -35,7 +35,7 @@ def test_train_rejects_bad_input_clearly(studio_home: Path, tmp_path: Path, caps
 
 
 def test_jobs_commands_on_unknown_ids(studio_home: Path, capsys) -> None:
-    for command in ("show", "logs", "stop", "resume", "cancel"):
+    for command in ("show", "logs", "stop", "save", "resume", "cancel"):
         code, _, err = run_cli(capsys, studio_home, "jobs", command, "42")
         assert code == 2 and "no job 42" in err, command
     code, _, err = run_cli(capsys, studio_home, "jobs", "list", "--status", "exploded")

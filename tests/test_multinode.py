@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.families.wan_random import build_random_wan
+from engine.gpus import GpuInventory
 from engine.launcher import signal_group
 from engine.paths import DataLayout
 from engine.store.db import Database
@@ -97,6 +98,9 @@ def test_two_nodes_without_ssh_train_one_run_stop_and_resume(tmp_path: Path, por
         assert "--include node0:0@node1:1 --master_addr 127.0.0.1 --no_ssh --node_rank 0" in (
             shared / "train.log").read_text()
         assert "--no_ssh --node_rank 1" in (shared / "train.node1.log").read_text()
+        if len(GpuInventory(ttl_s=0).list()) >= 2:  # on a GPU machine (the GPU suite runs this test too)
+            assert "Setting CUDA_VISIBLE_DEVICES=0" in (shared / "train.log").read_text()
+            assert "Setting CUDA_VISIBLE_DEVICES=1" in (shared / "train.node1.log").read_text()
 
         procs = [studio(home, env, "jobs", "resume", str(job_id), "--follow")
                  for home, env, job_id in zip(homes, envs, job_ids)]

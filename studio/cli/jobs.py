@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, func, text in (("show", cmd_show, "details, history and failure of one job"),
                              ("logs", cmd_logs, "the job's train.log"),
                              ("stop", cmd_stop, "stop a running job (stop file, then signals)"),
+                             ("save", cmd_save, "save the running job's LoRA now (it keeps training)"),
                              ("resume", cmd_resume, "queue a stopped/failed/lost job again"),
                              ("cancel", cmd_cancel, "remove a queued job from the queue")):
         command = sub.add_parser(name, help=text)
@@ -156,6 +157,13 @@ def cmd_stop(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
                      sched.stop_grace_s + sched.kill_grace_s + 60)
     out.write(f"job {job.id}: {job.status.value}\n")
     return 0 if job.status.is_terminal else 1
+
+
+@_with_scheduler
+def cmd_save(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
+    sched.request_save(args.id)
+    out.write(f"job {args.id}: save requested (a step<N>/ LoRA appears after the current step)\n")
+    return 0
 
 
 @_with_scheduler

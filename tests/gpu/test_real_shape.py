@@ -123,7 +123,7 @@ def test_real_shape_lora_trains_and_the_worker_generates_with_it(home: Path, mod
     assert cache["stage"] == "done" and cache["total"] == len(FRAMES)
     steps = of_kind(found, "step")
     assert [s["step"] for s in steps] == list(range(1, 7)) and all(s["peak_mem_gib"] > 2 for s in steps)
-    lora = Path(of_kind(found, "save")[-1]["path"])
+    lora = Path(of_kind(found, "save")[-1]["path"]) / "adapter_model.safetensors"
     assert lora.is_file()
 
     out = home / "generated"

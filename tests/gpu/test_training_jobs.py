@@ -106,7 +106,7 @@ def test_save_now_stop_and_resume_on_two_gpus(home: Path) -> None:
     wait_for(lambda: steps_done() >= 5, 300, "5 steps of the two-GPU job")
     ok(studio(home, "jobs", "save", str(job_id)))
     saved = wait_for(lambda: of_kind(events(run_dir), "save"), 120, "the save-now LoRA")[0]
-    assert Path(saved["path"]).is_file() and saved["step"] < 600
+    assert (Path(saved["path"]) / "adapter_model.safetensors").is_file() and saved["step"] < 600
     ok(studio(home, "jobs", "stop", str(job_id)))
     stopped = job(home, job_id)
     assert stopped.status.value == "stopped", explain(home, job_id)
