@@ -217,6 +217,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DeepSpeed --include filter over the hostfile, e.g. node0:0@node1:1")
 
 
+def settings_flag_names() -> frozenset[str]:
+    """The argparse names of the settings flags (what a CLI hands to `load_settings`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_settings_arguments(parser)
+    return frozenset(action.dest for action in parser._actions)
+
+
 def load_settings(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> StudioSettings:
     """Merge defaults < TOML file < environment < flags, then validate."""
     env = dict(os.environ if env is None else env)

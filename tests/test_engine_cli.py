@@ -42,6 +42,14 @@ def test_jobs_commands_on_unknown_ids(studio_home: Path, capsys) -> None:
     assert code == 2 and "--status" in err
 
 
+def test_every_settings_flag_reaches_the_settings(studio_home: Path, capsys) -> None:
+    # The inference flags were once dropped by the CLI (a hand-kept list of names) and had no effect.
+    code, _, err = run_cli(capsys, studio_home, "--infer-step-cache", "-1", "jobs", "list")
+    assert code == 2 and "infer_step_cache" in err
+    code, _, err = run_cli(capsys, studio_home, "--node-rank", "0", "jobs", "list")
+    assert code == 2 and "node_rank" in err
+
+
 def job(**values) -> Job:
     return Job(id=3, kind="train", name="n", owner="o", **values)
 

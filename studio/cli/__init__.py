@@ -6,7 +6,7 @@ import importlib
 import logging
 import sys
 
-from studio.settings import SettingsError, add_settings_arguments, load_settings
+from studio.settings import SettingsError, add_settings_arguments, load_settings, settings_flag_names
 
 COMMANDS = ("serve", "demo", "train", "jobs", "infer", "gallery", "users")
 
@@ -29,11 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(argparse.Namespace(**{
-            k: v for k, v in vars(args).items()
-            if k in {"settings", "home", "host", "port", "auth_file", "allowed_roots", "cpu_slots",
-                     "share", "log_level", "hostfile", "node_rank", "master_addr", "master_port",
-                     "deepspeed_include"}}))
+        names = settings_flag_names()
+        settings = load_settings(argparse.Namespace(**{k: v for k, v in vars(args).items() if k in names}))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
