@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from engine.gpus import GpuInventory
 from engine.jobs import Job
 from engine.store.db import Database
 from engine.store.jobs import JobStore
+from tests.test_ui_support import wait_for  # noqa: F401 - one polling helper for all tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("STUDIO_GPU_ARTIFACTS", REPO_ROOT / "test-artifacts" / "gpu"))
@@ -94,16 +94,6 @@ def job(home: Path, job_id: int) -> Job:
     found = JobStore(Database(home / "studio.db")).get(job_id)
     assert found is not None, f"no job {job_id} in {home}"
     return found
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def explain(home: Path, job_id: int) -> str:
