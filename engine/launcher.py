@@ -25,6 +25,7 @@ from typing import IO, Any
 import psutil
 
 from engine.paths import REPO_ROOT
+from engine.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +239,8 @@ class Nodes:
 
 
 def train_log_path(run_dir: Path, nodes: Nodes | None) -> Path:
-    """Node K > 0 of a no_ssh run logs to its own file: several machines appending to one file on
-    a shared filesystem interleave or overwrite each other's lines."""
-    rank = nodes.node_rank if nodes is not None else None
-    return run_dir / (f"train.node{rank}.log" if rank else "train.log")
+    """This node's log of a run (node K > 0 of a no_ssh run has its own: engine.rundir)."""
+    return RunDir(run_dir).log(nodes.node_rank if nodes is not None else None)
 
 
 # ---- the DeepSpeed command line ----------------------------------------------------------------
@@ -260,7 +259,7 @@ class LaunchSpec:
 
     @property
     def config_path(self) -> Path:
-        return self.run_dir / "run.toml"
+        return RunDir(self.run_dir).config
 
     @property
     def log_path(self) -> Path:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.rundir import METRICS_FILE
+
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-FINAL_EVENTS = ("done", "stopped", "error")
 READ_CHUNK = 4 << 20
 
 
@@ -84,34 +84,6 @@ class MetricsReader:
             if isinstance(event, dict) and "event" in event:
                 events.append(event)
         return events
-
-
-def read_tail(path: str | os.PathLike, max_bytes: int) -> bytes | None:
-    """The last `max_bytes` of a file (None when it does not exist): logs and metrics grow large."""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            handle.seek(max(0, size - max_bytes))
-            return handle.read()
-    except FileNotFoundError:
-        return None
-
-
-def last_final_event(run_dir: str | os.PathLike, tail_bytes: int = 64 << 10) -> dict[str, Any] | None:
-    """The trainer's last done/stopped/error event, reading only the end of the file."""
-    data = read_tail(Path(run_dir) / METRICS_FILE, tail_bytes)
-    if data is None:
-        return None
-    for line in reversed(data.splitlines()):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("event") in FINAL_EVENTS:
-            return event
-        if isinstance(event, dict) and event.get("event") == "start":
-            return None  # a later launch started after the last final event
-    return None
 
 
 # ---- loss series for plots ---------------------------------------------------------------------

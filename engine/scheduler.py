@@ -1,4 +1,5 @@
-"""The job queue: device allocation, launching, supervision and restart recovery.
+"""The job queue: placement on devices, launching, and leadership (supervision of what runs is
+engine.supervision; failure reasons engine.failures; the run's files engine.rundir).
 
 Several schedulers may share one database (the app and a CLI). Only the one holding the
 `scheduler.lock` file lock in the data directory launches and supervises; the others enqueue,
@@ -12,119 +13,26 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import filelock
 
 from engine.gpus import GpuInventory
-from engine.jobs import (ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus)
+from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus
 from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, build_env, is_same_process,
-                             pick_master_port, process_identity, spawn_process, stop_process_group,
-                             train_log_path)
-from engine.metrics import METRICS_FILE, FINAL_EVENTS, MetricsReader, last_final_event, read_tail
+                             pick_master_port, process_identity, spawn_process, train_log_path)
 from engine.paths import REPO_ROOT, DataLayout
+from engine.rundir import RunDir
 from engine.store.db import Database
 from engine.store.jobs import JobEvent, JobStore
+from engine.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
-LOG_TAIL_LINES = 50
-REATTACH_TAIL_BYTES = 256 << 10
 CommandBuilder = Callable[[LaunchSpec], list[str]]
-
-
-# ---- failure classification ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class FailureRule:
-    pattern: re.Pattern[str]
-    reason: str
-    hint: str
-
-
-FAILURE_RULES: tuple[FailureRule, ...] = (
-    FailureRule(re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I),
-                "CUDA out of memory",
-                "Lower the resolution or frame count, turn on activation_checkpointing, or use a "
-                "smaller micro batch; another process may also be using the GPU."),
-    FailureRule(re.compile(r"address already in use|EADDRINUSE|port .{0,40}(is )?in use", re.I),
-                "Port in use",
-                "Another process took the master port. Resume the job: it gets a new free port."),
-    FailureRule(re.compile(r"ModelNotFoundError|model_index\.json|no such file or directory.{0,200}"
-                           r"(model|ckpt|\.safetensors)|does not appear to have a file named", re.I),
-                "Missing model files",
-                "Check model.ckpt_path: it must be a diffusers folder with model_index.json and "
-                "all component weights."),
-    FailureRule(re.compile(r"Error while deserializing header|HeaderTooLarge|SafetensorError|"
-                           r"InvalidHeaderDeserialization|incomplete metadata", re.I),
-                "Corrupt safetensors file",
-                "A .safetensors file is truncated or not a safetensors file (an interrupted "
-                "download or copy?). Replace it and resume."),
-    # Not "NCCL_": the DeepSpeed launcher prints NCCL_* settings on every GPU run.
-    FailureRule(re.compile(r"NCCL error|nccl(Internal|System|UnhandledCuda|Invalid\w*)Error|"
-                           r"ProcessGroupNCCL.{0,80}(error|timeout|abort)|Watchdog caught collective", re.I),
-                "NCCL error",
-                "Communication between GPUs failed: check that the GPUs are healthy and visible, "
-                "try NCCL_P2P_DISABLE=1, and resume."),
-    FailureRule(re.compile(r"ConfigError|config(uration)? error", re.I),
-                "Invalid configuration",
-                "Fix the named config key and resume or submit again."),
-)
-
-_SIGNAL_IN_LOG = re.compile(r"exits with return code = -(\d+)")
-
-
-def classify_failure(exit_code: int | None, log_tail: str, error_message: str | None = None) -> tuple[str, str]:
-    """(reason, hint) for a failed run from its exit code, log tail and the trainer's error event."""
-    text = f"{error_message or ''}\n{log_tail}"
-    for rule in FAILURE_RULES:
-        if rule.pattern.search(text):
-            return rule.reason, rule.hint
-    signum = _signal_number(exit_code, log_tail)
-    if signum is not None:
-        name = _signal_name(signum)
-        hint = ("The kernel's out-of-memory killer sends SIGKILL when host RAM runs out: check "
-                "`dmesg`, lower caching_batch_size or resolution." if signum == signal.SIGKILL else
-                "Something outside the studio stopped the process. Resume to continue from the "
-                "last checkpoint.")
-        return f"Killed by signal {signum} ({name})", hint
-    if error_message:
-        return error_message.splitlines()[0][:300], "See the log tail for the traceback."
-    if exit_code is None:
-        return "Process ended without a final event", "See the log tail; resume to continue."
-    return f"Exited with code {exit_code}", "See the log tail for the error."
-
-
-def _signal_number(exit_code: int | None, log_tail: str) -> int | None:
-    if exit_code is not None and exit_code < 0:
-        return -exit_code
-    match = _SIGNAL_IN_LOG.search(log_tail)
-    if match:
-        return int(match.group(1))
-    if exit_code is not None and exit_code > 128 and 256 - exit_code in range(1, 65):
-        return 256 - exit_code  # the DeepSpeed launcher exits with (-signal) & 0xff
-    return None
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return "unknown"
-
-
-def read_log_tail(path: str | os.PathLike | None, lines: int = LOG_TAIL_LINES, max_bytes: int = 256 << 10) -> str:
-    """Last `lines` lines of a log, reading only its end."""
-    data = read_tail(path, max_bytes) if path else None
-    if data is None:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 def slugify(text: str, max_len: int = 40) -> str:
@@ -133,21 +41,6 @@ def slugify(text: str, max_len: int = 40) -> str:
 
 
 # ---- the scheduler ------------------------------------------------------------------------------
-@dataclass
-class _Watched:
-    """A process this scheduler supervises (launched by it, or re-attached after a restart)."""
-
-    job_id: int
-    pid: int
-    run_dir: Path
-    log_path: Path
-    reader: MetricsReader
-    popen: subprocess.Popen | None = None  # when we launched it ourselves (exit code known)
-    final_event: dict | None = None
-    stop_thread: threading.Thread | None = None
-    progress: tuple = ()
-
-
 class Scheduler:
     """Queue + device allocation + supervision of training jobs; device holds for inference."""
 
@@ -168,7 +61,8 @@ class Scheduler:
         self.command_builder = command_builder or build_deepspeed_command
         self._lock_file = filelock.FileLock(str(layout.home / "scheduler.lock"), thread_local=False)
         self._leader = False
-        self._watched: dict[int, _Watched] = {}
+        self.supervisor = Supervisor(self.store, stop_grace_s=stop_grace_s, kill_grace_s=kill_grace_s,
+                                     on_exit=self.wake)
         self._known_gpus: list[int] = []
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -198,7 +92,7 @@ class Scheduler:
             self._thread.join(timeout_s)
             self._thread = None
         with self._tick_lock:
-            self._watched.clear()
+            self.supervisor.watched.clear()
             if self._leader:
                 self._lock_file.release()
                 self._leader = False
@@ -212,7 +106,7 @@ class Scheduler:
             try:
                 self._supervise()
             finally:
-                self._watched.clear()
+                self.supervisor.watched.clear()
                 self._lock_file.release()
                 self._leader = False
 
@@ -249,7 +143,7 @@ class Scheduler:
             self._recover()
         except BaseException:
             # Half a recovery would leave running jobs unwatched: give the lead up, retry next tick.
-            self._watched.clear()
+            self.supervisor.watched.clear()
             self._lock_file.release()
             self._leader = False
             raise
@@ -344,7 +238,7 @@ class Scheduler:
             force = True
         if job.status.is_active:
             if job.run_dir:
-                _touch(Path(job.run_dir) / "stop")
+                RunDir(job.run_dir).request_stop()
             requested_at = 0.0 if force else time.time()
             self.store.transition(job.id, [JobStatus.STARTING, JobStatus.RUNNING, JobStatus.STOPPING],
                                   JobStatus.STOPPING, event="force" if force else "stop file written",
@@ -386,7 +280,7 @@ class Scheduler:
         job = self.get(job_id)
         if job.status not in (JobStatus.STARTING, JobStatus.RUNNING) or not job.run_dir:
             raise JobError(f"job {job_id} is {job.status.value}; only a running job can save")
-        _touch(Path(job.run_dir) / "save")
+        RunDir(job.run_dir).request_save()
 
     def set_priority(self, job_id: int, priority: int) -> Job:
         self.get(job_id)
@@ -451,40 +345,7 @@ class Scheduler:
 
     def _recover(self) -> None:
         self._release_stale_holds()
-        for job in self.store.active():
-            if job.pid is None and job.status == JobStatus.STOPPING:
-                self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.STOPPED, event="stopped before launch",
-                                      ended_at=time.time(), gpus_assigned=[], master_port=None)
-            elif job.pid is None:
-                # Claimed but never spawned (crash in between): queue it again.
-                self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.QUEUED, event="requeued after restart",
-                                      gpus_assigned=[], master_port=None)
-            elif is_same_process(job.pid, job.pid_start_time):
-                log.info("re-attaching job %d (pid %d)", job.id, job.pid)
-                self.store.add_event(job.id, "reattached", f"pid {job.pid}")
-                self._watch(job, popen=None, reattach=True)
-            else:
-                self._finish_unwatched(job)
-
-    def _finish_unwatched(self, job: Job) -> None:
-        """The process ended while no scheduler watched: decide from the trainer's last event."""
-        final = self._final_event_of_this_launch(job)
-        if final is None:
-            tail = read_log_tail(job.log_path)
-            self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.LOST, event="process gone",
-                                  ended_at=time.time(), log_tail=tail,
-                                  failure_reason="The process ended while the studio was not running",
-                                  failure_hint="Resume the job to continue from its last checkpoint.")
-            return
-        self._record_outcome(job, exit_code=None, final=final)
-
-    @staticmethod
-    def _final_event_of_this_launch(job: Job) -> dict | None:
-        """The trainer's last final event, unless it predates this launch (an earlier attempt's)."""
-        final = last_final_event(job.run_dir) if job.run_dir else None
-        if final is not None and job.started_at and float(final.get("time") or 0) < job.started_at - 1:
-            return None
-        return final
+        self.supervisor.recover()
 
     # ---- launching -----------------------------------------------------------------------------
     def _start_queued(self) -> None:
@@ -517,12 +378,12 @@ class Scheduler:
 
     def _launch(self, job: Job) -> None:
         run_dir = Path(job.run_dir or self.layout.runs_dir / f"{job.id}-{slugify(job.name)}")
+        files = RunDir(run_dir)
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(run_dir / "run.toml", job.config_toml)
+            files.write_config(job.config_toml)
             if self.get(job.id).status == JobStatus.STARTING:  # keep the file of a stop asked meanwhile
-                (run_dir / "stop").unlink(missing_ok=True)  # a stale stop file would end the new launch
-            resume = job.resume and _has_checkpoint(run_dir)
+                files.clear_stop()  # a stale stop file would end the new launch
+            resume = job.resume and files.latest_complete_checkpoint() is not None
             spec = LaunchSpec(job_id=job.id, job_name=job.name, run_dir=run_dir,
                               devices=tuple(job.gpus_assigned), master_port=int(job.master_port or 0),
                               resume=resume, nodes=self.nodes, studio_home=self.layout.home)
@@ -543,125 +404,12 @@ class Scheduler:
                           run_dir=str(run_dir), log_path=str(spec.log_path), attempts=job.attempts + 1,
                           step=None, eta_s=None, phase="starting")
         self.store.transition(job.id, [JobStatus.STARTING], JobStatus.RUNNING, event=f"pid {popen.pid}")
-        self._watch(self.get(job.id), popen=popen, reattach=False)
-
-    def _watch(self, job: Job, popen: subprocess.Popen | None, reattach: bool) -> None:
-        run_dir = Path(job.run_dir or "")
-        reader = MetricsReader(run_dir / METRICS_FILE)
-        if reattach:
-            reader.seek_tail(REATTACH_TAIL_BYTES)
-        else:
-            reader.skip_to_end()  # events of earlier launches in this run dir do not count
-        self._watched[job.id] = _Watched(job_id=job.id, pid=int(job.pid or 0), run_dir=run_dir,
-                                         log_path=Path(job.log_path or train_log_path(run_dir, self.nodes)),
-                                         reader=reader, popen=popen)
+        self.supervisor.watch(self.get(job.id), popen=popen, reattach=False)
 
     # ---- supervision ---------------------------------------------------------------------------
     def _supervise(self) -> None:
         self._release_stale_holds()
-        jobs = {job.id: job for job in self.store.active()}
-        for job_id, watched in list(self._watched.items()):
-            job = jobs.get(job_id)
-            if job is None:  # changed outside our watch (should not happen); forget it
-                self._watched.pop(job_id, None)
-                continue
-            self._read_progress(job, watched)
-            exited, exit_code = self._exit_status(watched)
-            if exited:
-                self._read_progress(job, watched)
-                self._watched.pop(job_id, None)
-                self._record_outcome(self.get(job_id), exit_code=exit_code, final=watched.final_event,
-                                     final_known=True)
-                self.wake()
-            elif job.status == JobStatus.STOPPING:
-                self._escalate_stop(job, watched)
-
-    def _exit_status(self, watched: _Watched) -> tuple[bool, int | None]:
-        if watched.popen is not None:
-            code = watched.popen.poll()
-            return code is not None, code
-        return not is_same_process(watched.pid, self.get(watched.job_id).pid_start_time), None
-
-    def _read_progress(self, job: Job, watched: _Watched) -> None:
-        values: dict = {}
-        for event in watched.reader.read_new():
-            kind = event.get("event")
-            if kind == "start":
-                watched.final_event = None
-                values.update(total_steps=event.get("total_steps"), phase="starting")
-            elif kind == "cache":
-                values["phase"] = f"caching {event.get('done', '?')}/{event.get('total', '?')}"
-            elif kind == "step":
-                values.update(step=event.get("step"), total_steps=event.get("total_steps") or values.get(
-                    "total_steps", job.total_steps), last_loss=event.get("loss"), eta_s=event.get("eta_s"),
-                    phase="training")
-            elif kind in FINAL_EVENTS:
-                watched.final_event = event
-                if event.get("step") is not None:
-                    values["step"] = event["step"]
-                values["phase"] = kind
-        if values:
-            progress = tuple(sorted(values.items()))
-            if progress != watched.progress:
-                watched.progress = progress
-                self.store.update(job.id, **values)
-
-    def _escalate_stop(self, job: Job, watched: _Watched) -> None:
-        if watched.stop_thread is not None:
-            return
-        requested = job.stop_requested_at or 0.0
-        if time.time() - requested < self.stop_grace_s:
-            return
-        log.info("job %d did not stop after its stop file; signalling its process group", job.id)
-        self.store.add_event(job.id, "sigterm", f"process group {watched.pid}")
-        watched.stop_thread = threading.Thread(
-            target=stop_process_group, args=(watched.pid, self.kill_grace_s), daemon=True,
-            name=f"stop-job-{job.id}")
-        watched.stop_thread.start()
-
-    def _record_outcome(self, job: Job, exit_code: int | None, final: dict | None,
-                        final_known: bool = False) -> None:
-        if final is None and not final_known:
-            final = self._final_event_of_this_launch(job)
-        kind = final.get("event") if final else None
-        stop_requested = job.status == JobStatus.STOPPING or job.stop_requested_at is not None
-        values: dict = {"ended_at": time.time(), "exit_code": exit_code}
-        if kind == "done" and exit_code in (0, None):
-            status = JobStatus.SUCCEEDED
-        elif kind == "stopped" and exit_code in (0, None):
-            status = JobStatus.STOPPED
-        elif stop_requested and kind != "error":
-            status = JobStatus.STOPPED
-        elif exit_code == 0 and kind is None:
-            status = JobStatus.SUCCEEDED
-        else:
-            status = JobStatus.FAILED
-            tail = read_log_tail(job.log_path)
-            message = final.get("message") if final and kind == "error" else None
-            reason, hint = classify_failure(exit_code, tail, message)
-            values.update(log_tail=tail, failure_reason=reason, failure_hint=hint)
-        self.store.transition(job.id, ACTIVE_STATUSES, status,
-                              event=f"exit {exit_code}" + (f", {kind}" if kind else ""), **values)
-        log.info("job %d %s (exit %s)", job.id, status.value, exit_code)
-
-
-def _touch(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # A temporary name of our own: the studios of all nodes write one shared run dir's run.toml.
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    """A complete DeepSpeed checkpoint (the trainer's marker) exists: --resume can succeed."""
-    from engine.trainer.runfiles import latest_complete_checkpoint  # stdlib-only module
-
-    return latest_complete_checkpoint(run_dir) is not None
+        self.supervisor.supervise()
 
 
 def _create_time(pid: int) -> float | None:
@@ -673,4 +421,4 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
-__all__ = ["Scheduler", "classify_failure", "read_log_tail", "slugify", "FAILURE_RULES"]
+__all__ = ["Scheduler", "slugify"]

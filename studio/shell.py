@@ -6,7 +6,8 @@ from typing import Any
 import gradio as gr
 
 from engine.paths import REPO_ROOT
-from studio.api import StudioApi, register_api, request_user
+from studio.api import StudioApi
+from studio.http_api import register_api, request_user
 from studio.context import StudioContext
 from tabs import gallery, gpus, infer, train
 

@@ -5,7 +5,8 @@ from typing import Any
 
 import gradio as gr
 
-from studio.api import StudioApi, request_user
+from studio.api import StudioApi
+from studio.http_api import request_user
 from studio.context import StudioContext
 from studio.plots import gpu_history_figure
 

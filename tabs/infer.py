@@ -7,7 +7,8 @@ from typing import Any
 import gradio as gr
 
 from engine.inference.request import LIMITS
-from studio.api import StudioApi, request_user, user_errors
+from studio.api import StudioApi
+from studio.http_api import request_user, user_errors
 from studio.context import StudioContext
 from studio.widgets import LoraStack, message, progress_bar
 

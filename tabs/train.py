@@ -10,7 +10,8 @@ import gradio as gr
 
 from engine.config import ConfigError, DirectoryConfig, TrainConfig
 from studio import datasets as ds
-from studio.api import StudioApi, request_user, user_errors
+from studio.api import StudioApi
+from studio.http_api import request_user, user_errors
 from studio.context import StudioContext
 from studio.plots import loss_figure
 from studio.presets import DEMO_PRESET, PRESET_NAMES, load_preset

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.scheduler import classify_failure, read_log_tail, slugify
+from engine.failures import classify_failure
+from engine.rundir import read_log_tail
+from engine.scheduler import slugify
 
 
 @pytest.mark.parametrize("exit_code, log, message, reason", [

@@ -76,15 +76,17 @@ def test_lora_spec_parses_cli_form() -> None:
 
 
 def test_lora_references_resolve_to_files(tmp_path: Path) -> None:
+    from tests.test_rundir import save
+
     run = tmp_path / "run"
-    for name in ("epoch2", "epoch10", "step500"):
-        (run / name).mkdir(parents=True)
-        (run / name / "adapter_model.safetensors").write_bytes(b"x")
+    for name, step in (("epoch2", 200), ("epoch10", 1000), ("step500", 500)):
+        save(run, name, step)
     (run / "global_step9").mkdir()
     single = tmp_path / "style.safetensors"
     single.write_bytes(b"x")
     assert resolve_lora_path(single) == single.resolve()
     assert resolve_lora_path(run / "epoch2") == (run / "epoch2" / "adapter_model.safetensors").resolve()
+    # A run directory: its newest save by the step it was saved at (epoch10 at step 1000).
     assert resolve_lora_path(run) == (run / "epoch10" / "adapter_model.safetensors").resolve()
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_lora_path(tmp_path / "missing")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.metrics import LossSeries, LossSeriesCache, MetricsReader, last_final_event, loss_series
+from engine.metrics import LossSeries, LossSeriesCache, MetricsReader, loss_series
+from engine.rundir import RunDir
 
 
 def append(path: Path, *events: dict) -> None:
@@ -49,11 +50,11 @@ def test_reader_skip_and_tail(tmp_path: Path) -> None:
 
 def test_last_final_event_ignores_an_older_launch(tmp_path: Path) -> None:
     append(tmp_path / "metrics.jsonl", step(1), {"event": "stopped", "step": 1})
-    assert last_final_event(tmp_path)["event"] == "stopped"
+    assert RunDir(tmp_path).final_event()["event"] == "stopped"
     append(tmp_path / "metrics.jsonl", {"event": "start", "total_steps": 5}, step(2))
-    assert last_final_event(tmp_path) is None
+    assert RunDir(tmp_path).final_event() is None
     append(tmp_path / "metrics.jsonl", {"event": "done", "step": 5})
-    assert last_final_event(tmp_path)["event"] == "done"
+    assert RunDir(tmp_path).final_event()["event"] == "done"
 
 
 def test_loss_series_is_bounded_and_keeps_extremes(tmp_path: Path) -> None:

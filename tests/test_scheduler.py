@@ -47,6 +47,8 @@ class StandIn:
 
     def __call__(self, spec: LaunchSpec) -> list[str]:
         self.specs.append(spec)
+        if spec.job_name == "silent-exit":  # DeepSpeed's runner after a rank died of a signal
+            return [sys.executable, "-c", "print('runner: exit 0, no final event')"]
         argv = [sys.executable, str(STANDIN), "--config", str(spec.config_path), "--run-dir", str(spec.run_dir)]
         if spec.resume:
             argv.append("--resume")
@@ -194,6 +196,15 @@ def test_kill_9_gives_failed_with_log_tail(make_scheduler, tmp_path: Path) -> No
     assert sched.resume(job.id).status == JobStatus.QUEUED  # failed jobs resume
 
 
+def test_exit_0_without_a_final_event_is_a_failure_not_a_success(make_scheduler, tmp_path: Path) -> None:
+    sched = make_scheduler().start()
+    job = sched.submit_training(config_toml(tmp_path), "alice", name="silent-exit")
+    failed = wait_status(sched, job.id, JobStatus.FAILED)
+    assert failed.exit_code == 0 and "without saying it finished" in failed.failure_reason
+    assert "resume" in failed.failure_hint
+    assert sched.resume(job.id).status == JobStatus.QUEUED
+
+
 def test_trainer_error_is_classified(make_scheduler, tmp_path: Path) -> None:
     sched = make_scheduler().start()
     job = sched.submit_training(config_toml(tmp_path), "alice", name="oom")
@@ -282,7 +293,7 @@ def test_second_scheduler_only_enqueues_while_the_first_leads(make_scheduler, tm
     assert leader.is_leader and not follower.is_leader
     job = follower.submit_training(config_toml(tmp_path), "cli", name="slow")
     running = wait_status(follower, job.id, JobStatus.RUNNING)  # the leader launched it
-    assert job.id in leader._watched and not follower._watched
+    assert job.id in leader.supervisor.watched and not follower.supervisor.watched
     follower.stop(running.id, force=True)  # a stop from the follower reaches the leader
     wait_status(follower, job.id, JobStatus.STOPPED)
     leader.shutdown()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
+from engine.rundir import RunDir
 
 __all__ = ["LoraSpec", "InferRequest", "LIMITS", "resolve_lora_path", "random_seed"]
 
@@ -179,22 +180,13 @@ def resolve_lora_path(path: str | Path) -> Path:
         if len(preferred) == 1 or len(direct) == 1:
             return (preferred or direct)[0].resolve()
         raise FileNotFoundError(f"{path}: folder holds several .safetensors files; name one")
-    saves = [p for p in path.iterdir() if p.is_dir() and _save_number(p.name) is not None
-             and any(p.glob("*" + LORA_SUFFIX))]
-    if saves:
-        newest = max(saves, key=lambda p: (p.name.startswith("epoch"), _save_number(p.name)))
-        return resolve_lora_path(newest)
+    newest = RunDir(path).newest_lora()  # a run directory: its latest save
+    if newest is not None:
+        return newest.file.resolve()
     raise FileNotFoundError(f"{path}: no .safetensors LoRA in this folder (nor in epochN/stepN subfolders)")
 
 
 _INT_FIELDS = ("width", "height", "num_frames", "steps", "seed", "fps", "num_videos")
-
-
-def _save_number(name: str) -> int | None:
-    for prefix in ("epoch", "step"):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return int(name[len(prefix):])
-    return None
 
 
 def _is_int(value: Any) -> bool:

@@ -30,6 +30,7 @@ from engine.inference.request import SPATIAL_MULTIPLE, TEMPORAL_STRIDE, InferReq
 from engine.inference.speed import InferenceSpeed
 from engine.models import ModelNotFoundError, resolve_model
 from engine.paths import REPO_ROOT, DataLayout
+from engine.rundir import read_log_tail
 from engine.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,7 @@ class _WorkerProcess:
         return self.process.poll() is None
 
     def log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-_LOG_TAIL_LINES:])
+        return read_log_tail(self.log_path, _LOG_TAIL_LINES)
 
     def stop(self, grace_s: float = 10.0) -> None:
         from engine.launcher import stop_process_group
@@ -198,12 +195,6 @@ class InferenceService:
             if tracked is None:
                 raise KeyError(f"unknown inference request {request_id!r}")
             return tracked.snapshot()
-
-    def list_requests(self, owner: str | None = None) -> list[dict[str, Any]]:
-        """Recent requests, newest first."""
-        with self._lock:
-            return [self._requests[i].snapshot() for i in reversed(self._order)
-                    if owner is None or self._requests[i].owner == owner]
 
     def wait(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Block until the request ends (or the timeout passes); returns its status."""

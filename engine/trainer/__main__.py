@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-    from engine.trainer.runfiles import METRICS_FILE, MetricsWriter
+    from engine.rundir import METRICS_FILE
+    from engine.trainer.runfiles import MetricsWriter
 
     def early_error(message: str) -> int:
         logger.error(message)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _choose_run_dir(cfg: TrainConfig, args: argparse.Namespace) -> Path | str:
     """The run directory, or an error message (every rank must learn about the failure)."""
-    from engine.trainer.runfiles import find_resumable_run, new_run_dir
+    from engine.rundir import find_resumable_run, new_run_dir
 
     if args.run_dir is not None:
         return args.run_dir.resolve()
@@ -95,7 +96,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from engine.lora import LoraError
     from engine.models import ModelNotFoundError
     from engine.trainer.data import DatasetError
-    from engine.trainer.runfiles import ResumeError
+    from engine.rundir import ResumeError
 
     return (ConfigError, DatasetError, ModelNotFoundError, LoraError, ResumeError)
 

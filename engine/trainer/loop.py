@@ -19,15 +19,8 @@ from engine.trainer.data import DatasetError, assign_bucket, scan_dataset
 from engine.trainer.distributed import DistInfo, any_rank, barrier, mean_over_ranks
 from engine.trainer.order import (Sample, epoch_microbatches, lr_factor, microbatch_for, microbatch_position,
                                   steps_per_epoch)
-from engine.trainer.runfiles import (
-    RUN_CONFIG_FILE,
-    MetricsWriter,
-    ResumeError,
-    discard_stale_control_files,
-    latest_complete_checkpoint,
-    mark_checkpoint_complete,
-    take_control_request,
-)
+from engine.rundir import ResumeError, RunDir
+from engine.trainer.runfiles import MetricsWriter
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +70,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistInfo, events: MetricsWriter, resume: bool):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.files = RunDir(run_dir)
         self.dist = dist
         self.events = events
         self.resume = resume
@@ -140,7 +134,7 @@ class Trainer:
 
     def _stop_requested_while_caching(self) -> bool:
         if self.dist.is_main and not self.stop_while_caching:
-            self.stop_while_caching = take_control_request(self.run_dir)[1]
+            self.stop_while_caching = self.files.take_control_request()[1]
         return self.signal_stop or self.stop_while_caching
 
     def _cache_progress(self, done: int, total: int, stage: str) -> None:
@@ -226,7 +220,7 @@ class Trainer:
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.transformer)
-        path = save_lora(state, self.run_dir / name, rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
+        path = save_lora(state, self.files.lora_dir(name), rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
                          target_modules=self.cfg.adapter.target_modules, dtype=_DTYPES[self.cfg.save_dtype],
                          base_model=self.cfg.model.ckpt_path,
                          metadata={"step": str(step), "epoch": str(epoch)})
@@ -239,7 +233,7 @@ class Trainer:
                                exclude_frozen_parameters=True)
         barrier(self.dist)  # every rank's shard is on disk before the marker says "complete"
         if self.dist.is_main:
-            mark_checkpoint_complete(self.run_dir, tag, step, epoch)
+            self.files.mark_checkpoint_complete(tag, step, epoch)
             self.events.emit("checkpoint", step=step, path=str(self.run_dir / tag))
         self.last_checkpoint_time = time.monotonic()
 
@@ -252,7 +246,7 @@ class Trainer:
         cfg = self.cfg
         save = ckpt = stop = False
         if self.dist.is_main:
-            save, stop = take_control_request(self.run_dir)
+            save, stop = self.files.take_control_request()
             minutes = cfg.checkpoint_every_n_minutes
             if minutes and time.monotonic() - self.last_checkpoint_time >= minutes * 60:
                 ckpt = True
@@ -266,12 +260,12 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if dist.is_main:
-            discard_stale_control_files(self.run_dir, _process_start_time())
+            self.files.discard_stale_control_files(_process_start_time())
         model_dir = resolve_model(cfg.model.ckpt_path)
         try:
             samples = self.prepare_samples(model_dir)
         except StopRequested:  # stopped while encoding the cache: nothing new to save
-            found = latest_complete_checkpoint(self.run_dir) if self.resume else None
+            found = self.files.latest_complete_checkpoint() if self.resume else None
             if dist.is_main:
                 self.events.emit("stopped", step=found[1] if found else 0)
             return 0
@@ -287,7 +281,7 @@ class Trainer:
 
         start_step, elapsed_before = 0, 0.0
         if self.resume:
-            found = latest_complete_checkpoint(self.run_dir)
+            found = self.files.latest_complete_checkpoint()
             if found is None:
                 raise ResumeError(f"--resume: no complete checkpoint (global_stepN/ with complete.json) in {self.run_dir}")
             tag, _ = found
@@ -296,9 +290,7 @@ class Trainer:
             start_step = int(client["step"])
             elapsed_before = float(client.get("elapsed_s", 0.0))
         if dist.is_main:  # the config as read (dataset inlined, absolute paths); may replace --config itself
-            tmp = self.run_dir / f".{RUN_CONFIG_FILE}.tmp"
-            tmp.write_text(cfg.to_toml(), encoding="utf-8")
-            tmp.replace(self.run_dir / RUN_CONFIG_FILE)
+            self.files.write_config(cfg.to_toml())
         if dist.is_main:
             self.events.emit("start", total_steps=total_steps, epochs=cfg.epochs, world_size=world,
                              steps_per_epoch=spe, resumed_from_step=start_step, num_samples=len(samples),

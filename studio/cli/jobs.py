@@ -15,7 +15,8 @@ from typing import TextIO
 from engine.gpus import GpuInventory
 from engine.jobs import Job, JobError, JobStatus, format_duration
 from engine.paths import DataLayout
-from engine.scheduler import Scheduler, read_log_tail
+from engine.rundir import read_log_tail
+from engine.scheduler import Scheduler
 from engine.store.db import Database
 from studio.settings import StudioSettings
 

@@ -1,0 +1,138 @@
+"""The HTTP API and the UI's error handling: `StudioApi` published as stable, typed `gr.api`
+endpoints. Every endpoint resolves `request.username` itself, because any endpoint can be called
+directly whatever the page shows."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gradio as gr
+
+from studio.api import USER_ERRORS, StudioApi
+from studio.auth import User
+
+
+def _wrap(api: StudioApi, method: Callable[..., Any]) -> Callable[..., Any]:
+    """Resolve the user of the request and turn user errors into gr.Error (shown in UI and API)."""
+    @functools.wraps(method)
+    def endpoint(*args: Any, request: gr.Request, **kwargs: Any) -> Any:
+        try:
+            user = api.user(getattr(request, "username", None))
+            return method(user, *args, **kwargs)
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    return endpoint
+
+
+def register_api(api: StudioApi) -> None:
+    """Publish the stable HTTP API (inside an open gr.Blocks). Names are documented in docs/ui.md."""
+    def call(name: str, fn: Callable[..., Any], **kwargs: Any) -> None:
+        gr.api(fn, api_name=name, concurrency_limit=None, **kwargs)
+
+    def whoami(request: gr.Request) -> dict:
+        """The signed-in user and whether they are an admin."""
+        user = _wrap(api, lambda u: u)(request=request)
+        return {"name": user.name, "admin": user.is_admin}
+
+    def start_training(config_toml: str, gpus: str = "", num_gpus: int = 1, name: str = "",
+                       request: gr.Request = None) -> dict:
+        """Queue a training job from a TOML config (dataset inlined). gpus: '0,1' or '' for num_gpus."""
+        return _wrap(api, api.start_training)(config_toml, gpus, num_gpus, name, request=request)
+
+    def list_jobs(status: str = "", limit: int = 50, offset: int = 0, request: gr.Request = None) -> list[dict]:
+        """Jobs visible to the caller, newest first; status: comma-separated filter, e.g. 'running,queued'."""
+        statuses = [s.strip() for s in status.split(",") if s.strip()]
+        return _wrap(api, api.list_jobs)(statuses, limit, offset, request=request)
+
+    def job_status(job_id: int, request: gr.Request = None) -> dict:
+        """One job: status, progress, ETA, saved LoRAs, failure reason."""
+        return _wrap(api, api.job_status)(job_id, request=request)
+
+    def job_metrics(job_id: int, max_points: int = 2000, request: gr.Request = None) -> dict:
+        """Loss series of a job: lists step, loss, lr and epoch_steps."""
+        return _wrap(api, api.job_metrics)(job_id, max_points, request=request)
+
+    def job_log(job_id: int, request: gr.Request = None) -> str:
+        """The last lines of a job's log."""
+        return _wrap(api, api.job_log)(job_id, request=request)
+
+    def control(action: str) -> Callable[..., dict]:
+        def handler(job_id: int, request: gr.Request = None) -> dict:
+            return _wrap(api, api.control_job)(job_id, action, request=request)
+
+        handler.__doc__ = f"{action.capitalize()} a job; returns its new status."
+        return handler
+
+    def generate(prompt: str, model: str = "demo", loras: list[dict] | None = None, negative_prompt: str = "",
+                 width: int = 64, height: int = 64, num_frames: int = 17, steps: int = 20,
+                 guidance_scale: float = 5.0, flow_shift: float = 3.0, seed: int = -1, fps: int = 16,
+                 num_videos: int = 1, fuse_loras: bool = False, request: gr.Request = None) -> dict:
+        """Queue a generation; loras: [{"lora": "job:ID/epochN" | "upload:NAME", "weight": 0.8}]; seed -1 = random."""
+        values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt,
+                      width=width, height=height, num_frames=num_frames, steps=steps,
+                      guidance_scale=guidance_scale, flow_shift=flow_shift, seed=None if seed < 0 else seed,
+                      fps=fps, num_videos=num_videos, fuse_loras=fuse_loras)
+        return _wrap(api, api.generate)(values, request=request)
+
+    def generation_status(request_id: str, request: gr.Request = None) -> dict:
+        """State (queued, running, succeeded, failed, cancelled), step, ETA, error and gallery_ids."""
+        return _wrap(api, api.generation_status)(request_id, request=request)
+
+    def cancel_generation(request_id: str, request: gr.Request = None) -> dict:
+        """Cancel a generation at its next denoising step."""
+        return _wrap(api, api.cancel_generation)(request_id, request=request)
+
+    def gallery_list(query: str = "", model: str = "", lora: str = "", favorite: bool = False, page: int = 1,
+                     page_size: int = 24, request: gr.Request = None) -> dict:
+        """Gallery items visible to the caller (newest first) with every parameter; {items, total, page}."""
+        return _wrap(api, api.gallery_list)(query, model, lora, favorite, page, page_size, request=request)
+
+    def gallery_item(item_id: str, request: gr.Request = None) -> dict:
+        """One gallery item with every parameter."""
+        return _wrap(api, api.gallery_item)(item_id, request=request)
+
+    def gallery_favorite(item_id: str, value: bool = True, request: gr.Request = None) -> dict:
+        """Mark or unmark a gallery item as favorite."""
+        return _wrap(api, api.gallery_favorite)(item_id, value, request=request)
+
+    def gallery_delete(item_id: str, request: gr.Request = None) -> dict:
+        """Delete a gallery item and its files."""
+        return _wrap(api, api.gallery_delete)(item_id, request=request)
+
+    def gpu_status(request: gr.Request = None) -> dict:
+        """GPUs (memory, utilization, temperature, power, job), host RAM and free disk."""
+        return _wrap(api, api.gpu_status)(request=request)
+
+    call("whoami", whoami)
+    call("start_training", start_training)
+    call("list_jobs", list_jobs)
+    call("job_status", job_status)
+    call("job_metrics", job_metrics)
+    call("job_log", job_log)
+    for action in ("stop", "cancel", "resume", "save"):
+        call(f"{action}_job", control(action))
+    call("generate", generate)
+    call("generation_status", generation_status)
+    call("cancel_generation", cancel_generation)
+    call("gallery_list", gallery_list)
+    call("gallery_item", gallery_item)
+    call("gallery_favorite", gallery_favorite)
+    call("gallery_delete", gallery_delete)
+    call("gpu_status", gpu_status)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """In UI handlers: show a user error as a Gradio error message instead of a stack trace."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+def request_user(api: StudioApi, request: gr.Request | None) -> User:
+    with user_errors():
+        return api.user(getattr(request, "username", None))

@@ -1,0 +1,84 @@
+"""The run directory's owner: LoRA saves ordered by the step they were saved at, control requests,
+checkpoints and log tails."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.rundir import RunDir, read_log_tail
+
+
+def save(run: Path, label: str, step: int | None, epoch: int | None = None) -> Path:
+    (run / label).mkdir(parents=True)
+    meta = {"format": "pt"}
+    if step is not None:
+        meta["step"] = str(step)
+    if epoch is not None:
+        meta["epoch"] = str(epoch)
+    file = run / label / "adapter_model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(file), metadata=meta)
+    return file
+
+
+def test_loras_are_ordered_by_the_step_they_were_saved_at(tmp_path: Path) -> None:
+    # 50 steps an epoch: step30 (save-now), epoch1 at step 50, step70, epoch2 at step 100.
+    for label, step, epoch in (("epoch2", 100, 2), ("step30", 30, 1), ("epoch1", 50, 1), ("step70", 70, 2)):
+        save(tmp_path, label, step, epoch)
+    (tmp_path / "global_step70").mkdir()
+    (tmp_path / "step90").mkdir()  # no LoRA file inside: not a save
+    files = RunDir(tmp_path)
+    assert [(s.label, s.step, s.epoch) for s in files.loras()] == [
+        ("step30", 30, 1), ("epoch1", 50, 1), ("step70", 70, 2), ("epoch2", 100, 2)]
+    assert files.newest_lora().label == "epoch2"
+    # A save-now after the last epoch save is newer, although "epoch" sorts before "step" by name.
+    save(tmp_path, "step120", 120, 3)
+    assert files.newest_lora().label == "step120"
+    # Saves of older trainers without metadata: a stepN folder's number is its step.
+    save(tmp_path, "step130", None)
+    assert files.newest_lora().label == "step130"
+    assert RunDir(tmp_path / "missing").loras() == [] and RunDir(tmp_path / "missing").newest_lora() is None
+
+
+def test_control_requests_are_consumed_and_stale_ones_discarded(tmp_path: Path) -> None:
+    files = RunDir(tmp_path)
+    assert files.take_control_request() == (False, False)
+    files.request_save()
+    files.request_stop()
+    assert files.take_control_request() == (True, True)
+    assert files.take_control_request() == (False, False)  # consumed: a resume does not re-trigger
+    files.request_stop()
+    old = time.time() - 60
+    os.utime(tmp_path / "stop", (old, old))
+    files.request_save()
+    files.discard_stale_control_files(older_than=time.time() - 10)
+    assert files.take_control_request() == (True, False)  # the stop predates this process
+    files.request_stop()
+    files.clear_stop()
+    assert files.take_control_request() == (False, False)
+
+
+def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
+    files = RunDir(tmp_path)
+    assert files.latest_complete_checkpoint() is None
+    for step in (10, 20, 30):
+        (tmp_path / f"global_step{step}").mkdir()
+    files.mark_checkpoint_complete("global_step10", 10, 1)
+    files.mark_checkpoint_complete("global_step20", 20, 2)
+    assert files.latest_complete_checkpoint() == ("global_step20", 20)  # 30 is partial (a crash mid-save)
+
+
+def test_config_and_logs(tmp_path: Path) -> None:
+    files = RunDir(tmp_path / "run")
+    files.write_config('epochs = 1\n')
+    assert files.config.read_text() == "epochs = 1\n" and [p.name for p in files.path.iterdir()] == ["run.toml"]
+    assert files.log().name == "train.log" and files.log(0).name == "train.log"
+    assert files.log(2).name == "train.node2.log"
+    files.log().write_text("".join(f"line {i}\n" for i in range(100)))
+    assert files.log_tail(3) == "line 97\nline 98\nline 99"
+    # Reading only the end: a first line cut by the byte limit is dropped.
+    assert read_log_tail(files.log(), lines=None, max_bytes=20) == "line 98\nline 99"
+    assert read_log_tail(None) == "" and read_log_tail(tmp_path / "missing.log") == ""
