@@ -8,15 +8,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import TrainConfig
-from engine.families import ModelFamily, get_family
+from engine.families import get_family
 from engine.lora import peft_state_from_file, save_lora, validate_lora
 from engine.models import resolve_model
 from engine.trainer import cache as cache_mod
 from engine.trainer.data import DatasetError, assign_bucket, scan_dataset
 from engine.trainer.distributed import DistInfo, any_rank, barrier, mean_over_ranks
+from engine.trainer.objective import FlowMatchingModule, sample_timesteps
 from engine.trainer.order import (Sample, epoch_microbatches, lr_factor, microbatch_for, microbatch_position,
                                   steps_per_epoch)
 from engine.rundir import ResumeError, RunDir
@@ -25,38 +25,6 @@ from engine.trainer.runfiles import MetricsWriter
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-# ---- the objective -------------------------------------------------------------------------------
-
-
-class FlowMatchingModule(torch.nn.Module):
-    """Wraps the transformer so DeepSpeed's engine forward returns the flow-matching loss."""
-
-    def __init__(self, transformer: torch.nn.Module, family: ModelFamily, compute_dtype: torch.dtype):
-        super().__init__()
-        self.transformer = transformer
-        self.family = family
-        self.compute_dtype = compute_dtype
-
-    def forward(self, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
-                t: torch.Tensor) -> torch.Tensor:
-        t_b = t.view(-1, *([1] * (latents.dim() - 1)))
-        noisy = (1.0 - t_b) * latents + t_b * noise  # x_t on the straight path from data (t=0) to noise (t=1)
-        pred = self.family.forward(self.transformer, noisy.to(self.compute_dtype), t,
-                                   text.to(self.compute_dtype))
-        return F.mse_loss(pred.float(), (noise - latents).float())
-
-
-def sample_timesteps(cfg: TrainConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
-    m = cfg.model
-    if m.timestep_sample_method == "logit_normal":
-        t = torch.sigmoid(torch.randn(batch, generator=generator))
-    else:
-        t = torch.rand(batch, generator=generator)
-    if m.shift != 1.0:
-        t = m.shift * t / (1.0 + (m.shift - 1.0) * t)
-    return m.min_t + (m.max_t - m.min_t) * t
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
