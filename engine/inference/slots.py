@@ -1,0 +1,258 @@
+"""Inference worker slots: one worker process each (started on demand, kept warm while requests
+come, stopped when idle) and the thread that feeds it one request at a time."""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from engine.inference.speed import InferenceSpeed
+from engine.inference.tracking import TERMINAL_STATES, Tracked
+from engine.paths import REPO_ROOT, DataLayout
+from engine.rundir import read_log_tail
+
+if TYPE_CHECKING:
+    from engine.inference.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+_WORKER_START_TIMEOUT_S = 300.0
+_LOG_TAIL_LINES = 20
+
+
+class WorkerProcess:
+    """One running worker program and a thread that turns its stdout lines into events."""
+
+    def __init__(self, holder: str, devices: list[int], layout: DataLayout, idle_timeout_s: float,
+                 python: str, speed: InferenceSpeed) -> None:
+        import os
+
+        from engine.launcher import gpu_order_env, spawn_process
+
+        self.holder = holder
+        self.devices = devices
+        self.device = "?"  # what the worker reports when ready: cpu, cuda (its one visible GPU)
+        self.log_path = layout.workers_dir / f"{holder}.log"
+        env = gpu_order_env(dict(os.environ))
+        on_cpu = devices == [-1] or not devices
+        env["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else ",".join(str(d) for d in devices)
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [python, "-m", "engine.inference.worker", "--device", "cpu" if on_cpu else "cuda",
+                "--idle-timeout", str(idle_timeout_s), *speed.to_argv()]
+        self.process = spawn_process(argv, cwd=REPO_ROOT, env=env, log_path=self.log_path,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.events: queue.Queue[dict | None] = queue.Queue()
+        self.last_active = time.monotonic()
+        threading.Thread(target=self._pump, daemon=True, name=f"{holder}-events").start()
+
+    def _pump(self) -> None:
+        for raw in self.process.stdout:
+            try:
+                self.events.put(json.loads(raw))
+            except json.JSONDecodeError:
+                log.warning("%s: unreadable event line %r", self.holder, raw[:200])
+        self.events.put(None)  # the worker exited
+
+    def send(self, command: dict) -> None:
+        self.process.stdin.write((json.dumps(command) + "\n").encode())
+        self.process.stdin.flush()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self) -> str:
+        return read_log_tail(self.log_path, _LOG_TAIL_LINES)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        from engine.launcher import stop_process_group
+
+        if self.alive():
+            try:
+                self.send({"op": "shutdown"})
+                self.process.stdin.close()
+                self.process.wait(timeout=grace_s)
+            except Exception:  # broken pipe or slow exit: fall back to signals
+                stop_process_group(self.process.pid, grace_s=grace_s)
+        self.process.wait()
+
+
+class Slot(threading.Thread):
+    """One worker process (started on demand) and the loop that feeds it requests one at a time."""
+
+    def __init__(self, service: InferenceService, holder: str) -> None:
+        super().__init__(daemon=True, name=holder)
+        self.service = service
+        self.holder = holder
+        self.worker: WorkerProcess | None = None
+        self.current: str | None = None
+
+    def run(self) -> None:
+        svc = self.service
+        try:
+            while True:
+                tracked = svc._next(timeout_s=1.0)
+                if tracked is None:
+                    break
+                if tracked is False:
+                    self._stop_if_idle()
+                    continue
+                self.current = tracked.id
+                try:
+                    self._serve(tracked)
+                except Exception as exc:  # never let one request kill the slot
+                    log.exception("inference %s failed in the service", tracked.id)
+                    with svc._lock:
+                        svc._finish(tracked, "failed", f"{type(exc).__name__}: {exc}", "error")
+                finally:
+                    self.current = None
+        finally:
+            self._stop_worker()
+
+    def cancel(self, request_id: str) -> None:
+        worker = self.worker
+        if worker is not None and worker.alive():
+            try:
+                worker.send({"op": "cancel", "id": request_id})
+            except OSError:
+                pass
+
+    # ---- one request ---------------------------------------------------------------------------
+    def _serve(self, tracked: Tracked) -> None:
+        svc = self.service
+        if not self._ensure_worker(tracked):
+            return
+        worker = self.worker
+        assert worker is not None
+        with svc._lock:  # a cancel while the worker was starting ends the request here
+            if tracked.state in TERMINAL_STATES:
+                return
+            tracked.state, tracked.started_at = "loading", time.time()
+            tracked.worker = f"{self.holder} on {worker.device}"  # which card made the video
+        staging = svc.gallery.staging_dir(tracked.id)
+        worker.send({"op": "generate", "id": tracked.id, "request": tracked.request.to_dict(),
+                     "model_path": tracked.model_path, "lora_files": tracked.lora_files, "out_dir": str(staging)})
+        outcome = self._follow(tracked, worker)
+        worker.last_active = time.monotonic()
+        shutil.rmtree(staging, ignore_errors=True)  # before the request reads as ended
+        with svc._lock:
+            svc._finish(tracked, *outcome)
+
+    def _follow(self, tracked: Tracked, worker: WorkerProcess) -> tuple[str, str | None, str | None]:
+        """Relay the worker's events into the request until it ends; returns (state, error, kind)."""
+        svc = self.service
+        while True:
+            event = worker.events.get()
+            if event is None:
+                message = f"the inference worker exited (code {worker.process.wait()})"
+                tail = worker.log_tail()
+                self._discard_worker()
+                return "failed", message + (f"; log tail:\n{tail}" if tail else ""), "crash"
+            if event.get("id") not in (tracked.id, None):
+                continue  # a late event of an earlier request
+            kind = event.get("event")
+            if kind == "state":
+                svc._update(tracked, state=event["state"])
+            elif kind == "step":
+                svc._update(tracked, step=event["step"], total_steps=event["total_steps"], eta_s=event["eta_s"])
+            elif kind == "video":
+                self._add_video(tracked, event)
+            elif kind == "done":
+                svc._update(tracked, timings=event.get("timings", {}))
+                return "succeeded", None, None
+            elif kind == "cancelled":
+                return "cancelled", None, None
+            elif kind == "error" and event.get("id") == tracked.id:
+                return "failed", event.get("message"), event.get("kind")
+
+    def _add_video(self, tracked: Tracked, event: dict) -> None:
+        item = self.service.gallery.add(
+            owner=tracked.owner, params={**tracked.request.to_dict(), "model_path": tracked.model_path,
+                    "lora_files": tracked.lora_files},
+            seed=int(event["seed"]), media_dir=event["dir"], timings=event.get("timings", {}),
+            digest=event.get("digest", ""), request_id=tracked.id,
+        )
+        with self.service._lock:
+            tracked.gallery_ids.append(item.id)
+
+    # ---- the worker process ----------------------------------------------------------------------
+    def _ensure_worker(self, tracked: Tracked) -> bool:
+        """Start a worker on free devices if none runs; False if the request ended while waiting."""
+        if self.worker is not None and self.worker.alive():
+            return True
+        self._discard_worker()
+        svc = self.service
+        devices = self._acquire(tracked)
+        if devices is None:
+            return False
+        worker = WorkerProcess(self.holder, devices, svc.layout, svc.idle_timeout_s, svc.python, svc.speed)
+        self.worker = worker
+        deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                event = worker.events.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if event is None or event.get("event") == "fatal":
+                reason = (event or {}).get("message") or worker.log_tail()
+                with svc._lock:
+                    svc._finish(tracked, "failed", f"the inference worker did not start: {reason}", "crash")
+                self._discard_worker()
+                return False
+            if event.get("event") == "ready":
+                worker.device = str(event.get("device"))
+                log.info("%s: worker pid %s ready on %s", self.holder, event.get("pid"), worker.device)
+                return True
+        with svc._lock:
+            svc._finish(tracked, "failed", "the inference worker did not start in time", "crash")
+        self._discard_worker()
+        return False
+
+    def _acquire(self, tracked: Tracked) -> list[int] | None:
+        svc = self.service
+        if svc.scheduler is None:
+            return [-1] if not _cuda_available() else [0]
+        while not svc._stopping.is_set():
+            with svc._lock:
+                if tracked.state in TERMINAL_STATES:
+                    return None
+            devices = svc.scheduler.acquire_devices(self.holder, 1)
+            if devices is not None:
+                return devices
+            svc._update(tracked, state="waiting")
+            time.sleep(1.0)
+        return None
+
+    def _stop_if_idle(self) -> None:
+        worker = self.worker
+        if worker is not None and time.monotonic() - worker.last_active >= self.service.idle_timeout_s:
+            log.info("%s: idle for %.0f s, stopping the worker", self.holder, self.service.idle_timeout_s)
+            self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        if self.worker is not None:
+            try:
+                self.worker.stop()
+            finally:
+                self._discard_worker()
+
+    def _discard_worker(self) -> None:
+        self.worker = None
+        if self.service.scheduler is not None:
+            try:
+                self.service.scheduler.release_devices(self.holder)
+            except Exception:
+                log.warning("%s: could not release devices", self.holder, exc_info=True)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
