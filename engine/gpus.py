@@ -31,12 +31,6 @@ class GpuInfo:
     temperature_c: float | None
     power_w: float | None
 
-    @property
-    def memory_free_mib(self) -> float | None:
-        if self.memory_total_mib is None or self.memory_used_mib is None:
-            return None
-        return self.memory_total_mib - self.memory_used_mib
-
 
 class NvidiaSmiError(RuntimeError):
     """nvidia-smi ran but did not give a GPU table (driver problem, no devices)."""
@@ -87,9 +81,6 @@ class GpuInventory:
                 self._cached = self._query()
                 self._cached_at = time.monotonic()
             return list(self._cached)
-
-    def indices(self) -> list[int]:
-        return [gpu.index for gpu in self.list()]
 
     def _query(self) -> list[GpuInfo]:
         executable = self._command or shutil.which("nvidia-smi")

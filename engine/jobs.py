@@ -34,8 +34,6 @@ TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.
 ACTIVE_STATUSES = frozenset({JobStatus.STARTING, JobStatus.RUNNING, JobStatus.STOPPING})
 RESUMABLE_STATUSES = frozenset({JobStatus.STOPPED, JobStatus.FAILED, JobStatus.LOST})
 
-CPU_DEVICE = -1  # first CPU slot; CPU slot k (0-based) is device -(k + 1)
-
 
 class JobError(ValueError):
     """A job operation that cannot be done (unknown id, wrong state, bad GPU request)."""

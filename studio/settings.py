@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class StudioSettings:
     master_addr: str | None = None  # address of node 0, reachable from every node
     master_port: int | None = None  # fixed rendezvous port: every node must use the same one
     deepspeed_include: str | None = None  # DeepSpeed --include filter over the hostfile, e.g. node0:0@node1:1
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def dataset_roots(self) -> tuple[Path, ...]:
@@ -127,7 +126,7 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise SettingsError(f"{name}: {message}")
 
 
-_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(StudioSettings) if f.name != "extra"}
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(StudioSettings)}
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,10 +171,6 @@ def message(text: str, kind: str = "info") -> str:
     if not text:
         return ""
     return f'<div class="studio-msg {kind}">{html.escape(text)}</div>'
-
-
-def table_rows(rows: Iterable[dict[str, Any]], columns: list[str]) -> list[list[Any]]:
-    return [[row.get(c, "") for c in columns] for row in rows]
 
 
 # ---- LoRA stack editor -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from gradio_client import Client
 
 from tests.conftest import free_port
-from tests.test_ui_support import PASSWORDS, call_ui_event, start_server, stop_app, stop_server, train_toml, wait_for
+from tests.ui_support import PASSWORDS, call_ui_event, start_server, stop_app, stop_server, train_toml, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.test_ui_support import REPO_ROOT, start_server, stop_server, train_toml
+from tests.ui_support import REPO_ROOT, start_server, stop_server, train_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -19,7 +19,7 @@ from engine.launcher import signal_group
 from engine.paths import DataLayout
 from engine.store.db import Database
 from engine.store.jobs import JobStore
-from test_trainer import REPO_ROOT, make_dataset, of_kind, read_events, write_config
+from tests.trainer_support import REPO_ROOT, make_dataset, of_kind, read_events, write_config
 
 TIMEOUT_S = 240
 

@@ -15,7 +15,7 @@ from engine.families.wan_random import build_random_wan
 from engine.trainer import cache as cache_mod
 from engine.trainer.data import Bucket, DatasetError, ar_buckets, assign_bucket, load_pixels, scan_dataset
 from engine.trainer.order import Sample, epoch_microbatches, lr_factor, microbatch_for, steps_per_epoch
-from test_trainer import make_dataset, write_video
+from tests.trainer_support import make_dataset, write_video
 
 
 def dataset_cfg(path: Path, **kw) -> DatasetConfig:

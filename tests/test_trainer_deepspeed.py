@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.families.wan_random import build_random_wan
-from test_trainer import (
+from tests.trainer_support import (
     REPO_ROOT,
     make_dataset,
     of_kind,

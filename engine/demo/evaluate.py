@@ -7,7 +7,7 @@ trajectory. Works on generated clips as well as on ground truth (tested to >= 95
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,16 +48,6 @@ class ClipScore:
     @property
     def background_ok(self) -> bool:
         return self.observed.background == self.expected.background
-
-    def as_dict(self) -> dict:
-        return {
-            "expected": asdict(self.expected),
-            "observed": asdict(self.observed),
-            "color_ok": self.color_ok,
-            "shape_ok": self.shape_ok,
-            "motion_ok": self.motion_ok,
-            "background_ok": self.background_ok,
-        }
 
 
 def evaluate_clip(frames: np.ndarray, prompt: str) -> ClipScore:

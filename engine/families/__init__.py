@@ -36,8 +36,6 @@ class ModelFamily(abc.ABC):
     """The contract between the trainer (and inference) and one model family."""
 
     name: str
-    #: prefix of LoRA keys in saved files (ComfyUI format)
-    lora_key_prefix: str = "diffusion_model."
 
     @abc.abstractmethod
     def describe(self, model_dir: Path) -> Any:

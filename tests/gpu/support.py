@@ -26,7 +26,7 @@ from engine.gpus import GpuInventory
 from engine.jobs import Job
 from engine.store.db import Database
 from engine.store.jobs import JobStore
-from tests.test_ui_support import wait_for  # noqa: F401 - one polling helper for all tests
+from tests.ui_support import wait_for  # noqa: F401 - one polling helper for all tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("STUDIO_GPU_ARTIFACTS", REPO_ROOT / "test-artifacts" / "gpu"))

@@ -16,7 +16,7 @@ PROMPT = "a purple star moving right on a white background"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     from tests.conftest import free_port
-    from tests.test_ui_support import start_server, stop_server
+    from tests.ui_support import start_server, stop_server
 
     srv = start_server(tmp_path_factory.mktemp("gpu-api"), free_port())
     yield srv
@@ -27,7 +27,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 def alice(server):
     from gradio_client import Client
 
-    from tests.test_ui_support import PASSWORDS
+    from tests.ui_support import PASSWORDS
 
     return Client(server.url, auth=("alice", PASSWORDS["alice"]), verbose=False)
 
@@ -41,7 +41,7 @@ def test_queue_waits_for_a_busy_gpu_and_gpu_status_shows_the_holder(server, alic
     from engine.gallery import Gallery
     from engine.paths import DataLayout
     from engine.store.db import Database
-    from tests.test_ui_support import train_toml
+    from tests.ui_support import train_toml
 
     demo = alice.predict(demo_lora_config_text(server.home), "0", 1, "demo-lora-gpu0", api_name="/start_training")
     wait_for(lambda: (alice.predict(demo["id"], api_name="/job_status").get("step") or 0) >= 1, 300,

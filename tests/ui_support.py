@@ -119,11 +119,7 @@ def stop_app(server: StudioServer) -> None:
 
 
 def stop_server(server: StudioServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+    stop_app(server)
     # Trainers outlive the app by design; end the ones this server started.
     from engine.store.db import Database
     from engine.store.jobs import JobStore
