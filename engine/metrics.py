@@ -20,7 +20,6 @@ from engine.rundir import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 4 << 20
 
 
 class MetricsReader:

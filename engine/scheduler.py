@@ -221,9 +221,6 @@ class Scheduler:
                   limit: int = 50, offset: int = 0) -> list[Job]:
         return self.store.list(owner=owner, statuses=statuses, limit=limit, offset=offset)
 
-    def count_jobs(self, owner: str | None = None, statuses: Iterable[JobStatus | str] | None = None) -> int:
-        return self.store.count(owner=owner, statuses=statuses)
-
     def events(self, job_id: int) -> list[JobEvent]:
         """The job's state history, oldest first."""
         return self.store.events(int(job_id))
@@ -281,12 +278,6 @@ class Scheduler:
         if job.status not in (JobStatus.STARTING, JobStatus.RUNNING) or not job.run_dir:
             raise JobError(f"job {job_id} is {job.status.value}; only a running job can save")
         RunDir(job.run_dir).request_save()
-
-    def set_priority(self, job_id: int, priority: int) -> Job:
-        self.get(job_id)
-        self.store.update(int(job_id), priority=int(priority))
-        self.wake()
-        return self.get(job_id)
 
     def move_to_front(self, job_id: int) -> Job:
         """Manual reordering: the queued job goes first (highest queued priority, first place)."""
