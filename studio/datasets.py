@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from engine.media import error_reason, probe_video, read_video
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
@@ -138,24 +140,6 @@ def import_uploads(files: list[str | Path], dest: Path, max_bytes: int) -> list[
     return written
 
 
-def _probe_video(path: Path) -> tuple[int, int, int]:
-    if path.suffix.lower() == ".gif":
-        with Image.open(path) as img:
-            return getattr(img, "n_frames", 1), img.width, img.height
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        meta = next(reader)
-    finally:
-        reader.close()
-    width, height = meta["size"]
-    frames = int(round(meta.get("duration", 0) * meta.get("fps", 0)))
-    if frames <= 0:
-        raise ValueError("no frames")
-    return frames, width, height
-
-
 def scan_dataset(folder: Path) -> list[DatasetFile]:
     """Every media file of the folder (recursively) with caption, frame count and size."""
     files: list[DatasetFile] = []
@@ -171,10 +155,12 @@ def scan_dataset(folder: Path) -> list[DatasetFile]:
                 with Image.open(path) as img:
                     frames, width, height = 1, img.width, img.height
             else:
-                frames, width, height = _probe_video(path)
+                # The container's duration x fps, not a decode: the check lists big folders quickly.
+                info = probe_video(path, exact_frames=False)
+                frames, width, height = info.frames, info.width, info.height
             files.append(DatasetFile(name, kind, caption, frames, width, height))
         except Exception as exc:  # any decoder failure means "unreadable"; keep scanning
-            files.append(DatasetFile(name, kind, caption, None, None, None, error=f"unreadable: {exc}"[:200]))
+            files.append(DatasetFile(name, kind, caption, None, None, None, error=f"unreadable: {error_reason(exc)}"))
     return files
 
 
@@ -229,17 +215,7 @@ def thumbnail(path: Path, thumbs_dir: Path, size: int = 160) -> Path | None:
             with Image.open(path) as img:
                 frame = img.convert("RGB")
         else:
-            import imageio_ffmpeg
-            import numpy as np
-
-            reader = imageio_ffmpeg.read_frames(str(path))
-            try:
-                meta = next(reader)
-                raw = next(reader)
-            finally:
-                reader.close()
-            width, height = meta["size"]
-            frame = Image.fromarray(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+            frame = Image.fromarray(read_video(path, 0, 1)[0])
         frame.thumbnail((size, size))
         frame.save(target)
         return target

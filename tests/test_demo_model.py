@@ -62,7 +62,7 @@ def test_demo_cli_prepares_and_generates(tmp_path: Path):
     import subprocess
     import sys
 
-    from engine.demo.world import read_clip_mp4
+    from engine.media import read_video
 
     repo = Path(__file__).resolve().parents[1]
     base = [sys.executable, "-m", "studio", "--home", str(tmp_path / "home"), "demo"]
@@ -74,7 +74,7 @@ def test_demo_cli_prepares_and_generates(tmp_path: Path):
     generated = subprocess.run(base + ["--generate", prompt, "--steps", "2", "--out", str(out)],
                                cwd=repo, capture_output=True, text=True, timeout=300)
     assert generated.returncode == 0, generated.stderr
-    assert read_clip_mp4(out).shape == (17, 64, 64, 3)
+    assert read_video(out).shape == (17, 64, 64, 3)
     assert json.loads(generated.stdout.strip().splitlines()[-1])["video"] == str(out)
 
 

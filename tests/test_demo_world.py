@@ -11,11 +11,11 @@ from engine.demo.world import (
     HELD_OUT_SHAPE,
     CaptionError,
     parse_caption,
-    read_clip_mp4,
     render_clip,
     sample_specs,
     write_dataset,
 )
+from engine.media import read_video
 
 
 def test_same_seed_renders_identical_clips_and_other_seeds_differ():
@@ -62,6 +62,6 @@ def test_dataset_folder_holds_playable_h264_and_captions(tmp_path: Path):
     assert [p.name for p in paths] == ["clip_0000.mp4", "clip_0001.mp4"]
     for path, spec in zip(paths, specs):
         assert path.with_suffix(".txt").read_text().strip() == spec.caption.text()
-        frames = read_clip_mp4(path)
+        frames = read_video(path)
         assert frames.shape == (17, 64, 64, 3)
         assert evaluate_clip(frames, spec.caption.text()).color_ok

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine.families.wan_random import build_random_wan
-from engine.inference.export import probe_mp4
 from engine.inference.random_lora import random_lora
+from engine.media import probe_video
 from studio.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def test_infer_then_gallery_commands(tmp_path: Path, studio_home: Path, capsys: 
     assert status["state"] == "succeeded" and status["seed"] == 3
     (item_id,) = status["gallery_ids"]
     assert (out_dir / f"{item_id}.mp4").is_file() and (out_dir / f"{item_id}.json").is_file()
-    assert probe_mp4(out_dir / f"{item_id}.mp4")["num_frames"] == 5
+    assert probe_video(out_dir / f"{item_id}.mp4").frames == 5
 
     home = ["--home", str(studio_home)]
     code, out, _ = cli(capsys, *home, "gallery", "list", "--lora", "style", "--json")

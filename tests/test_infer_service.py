@@ -12,11 +12,11 @@ import torch
 from engine.config import ConfigError
 from engine.families.wan_random import build_random_wan
 from engine.gallery import Gallery
-from engine.inference.export import read_mp4_frames
 from engine.inference.random_lora import random_lora
 from engine.inference.request import InferRequest, LoraSpec
 from engine.inference.service import TERMINAL_STATES, InferenceService
 from engine.lora import save_lora
+from engine.media import probe_video, read_video
 from engine.models import resolve_model
 from engine.paths import DataLayout
 from engine.store.db import Database
@@ -83,9 +83,9 @@ def test_video_is_browser_mp4_with_requested_shape_and_full_record(service, asse
     items = [service.gallery.get(i) for i in status["gallery_ids"]]
     assert [item.seed for item in items] == [5, 6]  # one seed per video, recorded
     item = items[0]
-    frames, meta = read_mp4_frames(item.video_path)
-    assert frames.shape == (9, 48, 64, 3)
-    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
+    info = probe_video(item.video_path)
+    assert read_video(item.video_path).shape == (9, 48, 64, 3) and info.frames == 9
+    assert info.codec == "h264" and info.pix_fmt == "yuv420p"
     assert item.poster_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert item.meta_path.is_file() and item.dir.parent == service.layout.gallery_dir
     assert item.owner == "alice" and item.prompt == "a purple star spins" and item.params["negative_prompt"] == "blurry"
@@ -106,8 +106,8 @@ def test_same_seed_reproduces_frames_and_other_seed_differs(service, assets) -> 
     first, again = succeeded(service, request(assets)), succeeded(service, request(assets))
     other = succeeded(service, request(assets, seed=12))
     assert digest(service, first) == digest(service, again) != digest(service, other)
-    video_a = read_mp4_frames(service.gallery.get(first["gallery_ids"][0]).video_path)[0]
-    video_b = read_mp4_frames(service.gallery.get(again["gallery_ids"][0]).video_path)[0]
+    video_a = read_video(service.gallery.get(first["gallery_ids"][0]).video_path)
+    video_b = read_video(service.gallery.get(again["gallery_ids"][0]).video_path)
     assert np.array_equal(video_a, video_b)
 
 
@@ -176,7 +176,7 @@ def test_fused_loras_match_unfused(service, assets) -> None:
     plain = succeeded(service, request(assets, loras=stack))
     fused = succeeded(service, request(assets, loras=stack, fuse_loras=True))
     base = succeeded(service, request(assets))
-    plain_f, fused_f, base_f = (read_mp4_frames(service.gallery.get(s["gallery_ids"][0]).video_path)[0].astype(int)
+    plain_f, fused_f, base_f = (read_video(service.gallery.get(s["gallery_ids"][0]).video_path).astype(int)
                                 for s in (plain, fused, base))
     lora_effect = np.abs(plain_f - base_f).mean()
     # Merged weights differ from the unmerged sum only by float rounding (grown a little by the sampler).

@@ -41,16 +41,12 @@ def make_dataset(folder: Path, *, images: int = 4, video: bool = True, corrupt_v
 
 
 def write_video(path: Path, frames: int, size: int = 32) -> None:
-    import imageio_ffmpeg
+    from engine.media import write_video as encode
 
-    writer = imageio_ffmpeg.write_frames(str(path), (size, size), fps=8, codec="libx264", pix_fmt_out="yuv420p",
-                                         macro_block_size=16, output_params=["-loglevel", "error"])
-    writer.send(None)
+    clip = np.full((frames, size, size, 3), 30, np.uint8)
     for i in range(frames):
-        frame = np.full((size, size, 3), 30, np.uint8)
-        frame[4:14, (2 * i) % 20:(2 * i) % 20 + 10] = (220, 200, 30)
-        writer.send(frame.tobytes())
-    writer.close()
+        clip[i, 4:14, (2 * i) % 20:(2 * i) % 20 + 10] = (220, 200, 30)
+    encode(clip, path, fps=8, crf=23)
 
 
 def write_config(tmp: Path, model: Path, data: Path, **overrides: object) -> Path:

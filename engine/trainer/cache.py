@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.families import ModelFamily
+from engine.media import error_reason
 from engine.trainer.data import Bucket, MediaItem, load_pixels
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def fill_cache(
             try:
                 pixels = load_pixels(plan.item, plan.bucket, plan.clip_mode).unsqueeze(0)
             except Exception as exc:  # an undecodable file is skipped and listed, not fatal
-                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                reason = error_reason(exc)
                 _atomic_write_text(plan.failed_path, f"{plan.item.path}: {reason}\n")
                 logger.warning("cannot decode %s: %s", plan.item.path, reason)
             else:

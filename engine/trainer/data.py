@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.config import DatasetConfig
+from engine.media import error_reason, probe_video, read_video
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,13 @@ def scan_dataset(cfg: DatasetConfig) -> ScanResult:
 
 def _probe(path: Path, is_video: bool, num_repeats: int, result: ScanResult) -> MediaItem | None:
     try:
-        width, height, frames = probe_video(path) if is_video else probe_image(path)
+        if is_video:
+            info = probe_video(path)
+            width, height, frames = info.width, info.height, info.frames
+        else:
+            width, height, frames = probe_image(path)
     except Exception as exc:  # any decoder failure means: skip and report this file
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = error_reason(exc)
         result.skipped.append((path, reason))
         logger.warning("skipping unreadable %s: %s", path, reason)
         return None
@@ -115,26 +120,6 @@ def probe_image(path: Path) -> tuple[int, int, int]:
         img.verify()  # catches truncated/corrupt data without a full decode
     with Image.open(path) as img:
         return img.width, img.height, 1
-
-
-def probe_video(path: Path) -> tuple[int, int, int]:
-    if path.suffix.lower() == ".gif":
-        from PIL import Image
-
-        with Image.open(path) as img:
-            return img.width, img.height, max(1, getattr(img, "n_frames", 1))
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-    finally:
-        reader.close()
-    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    if frames < 1 or width < 1 or height < 1:
-        raise ValueError("video has no frames")
-    return int(width), int(height), int(frames)
 
 
 def file_hash(path: Path) -> str:
@@ -198,38 +183,14 @@ def load_pixels(item: MediaItem, bucket: Bucket, clip_mode: str) -> torch.Tensor
     return tensor.permute(3, 0, 1, 2).contiguous()
 
 
-def _read_frames(item: MediaItem, count: int, clip_mode: str) -> list[np.ndarray]:
+def _read_frames(item: MediaItem, count: int, clip_mode: str) -> list[np.ndarray] | np.ndarray:
     from PIL import Image
 
     if not item.is_video:
         with Image.open(item.path) as img:
             return [np.asarray(img.convert("RGB"))]
     start = 0 if clip_mode == "single_beginning" else max(0, (item.frames - count) // 2)
-    if item.path.suffix.lower() == ".gif":
-        frames = []
-        with Image.open(item.path) as img:
-            for i in range(start, start + count):
-                img.seek(i)
-                frames.append(np.asarray(img.convert("RGB")))
-        return frames
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(item.path), pix_fmt="rgb24")
-    frames = []
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        for index, raw in enumerate(reader):
-            if index < start:
-                continue
-            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
-            if len(frames) == count:
-                break
-    finally:
-        reader.close()
-    if len(frames) < count:
-        raise ValueError(f"{item.path}: decoded {len(frames)} frames, expected {count}")
-    return frames
+    return read_video(item.path, start, count)
 
 
 def _cover_crop(frame: np.ndarray, width: int, height: int) -> np.ndarray:
