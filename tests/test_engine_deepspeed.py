@@ -15,9 +15,8 @@ from engine.launcher import build_deepspeed_command, group_members
 from engine.paths import DataLayout
 from engine.scheduler import Scheduler
 from engine.store.db import Database
-from tests.test_scheduler import config_toml, wait_for, wait_status
+from tests.scheduler_support import STANDIN_MODULE, config_toml, wait_for, wait_status
 
-STANDIN_MODULE = "tests.test_engine_standin_trainer"
 
 
 @pytest.fixture

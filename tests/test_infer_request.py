@@ -76,7 +76,7 @@ def test_lora_spec_parses_cli_form() -> None:
 
 
 def test_lora_references_resolve_to_files(tmp_path: Path) -> None:
-    from tests.test_rundir import save
+    from tests.trainer_support import save_lora_file as save
 
     run = tmp_path / "run"
     for name, step in (("epoch2", 200), ("epoch10", 1000), ("step500", 500)):

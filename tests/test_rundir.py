@@ -6,22 +6,8 @@ import os
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from engine.rundir import RunDir, read_log_tail
-
-
-def save(run: Path, label: str, step: int | None, epoch: int | None = None) -> Path:
-    (run / label).mkdir(parents=True)
-    meta = {"format": "pt"}
-    if step is not None:
-        meta["step"] = str(step)
-    if epoch is not None:
-        meta["epoch"] = str(epoch)
-    file = run / label / "adapter_model.safetensors"
-    save_file({"x": torch.zeros(1)}, str(file), metadata=meta)
-    return file
+from tests.trainer_support import save_lora_file as save
 
 
 def test_loras_are_ordered_by_the_step_they_were_saved_at(tmp_path: Path) -> None:

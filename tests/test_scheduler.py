@@ -12,23 +12,13 @@ import psutil
 import pytest
 
 from engine.gpus import GpuInventory
-from engine.jobs import Job, JobError, JobStatus
+from engine.jobs import JobError, JobStatus
 from engine.launcher import LaunchSpec, Nodes, group_members
 from engine.paths import DataLayout
 from engine.scheduler import Scheduler
 from engine.store.db import Database
 from engine.store.jobs import JobStore
-
-STANDIN = Path(__file__).with_name("test_engine_standin_trainer.py")
-WAIT_S = 60.0
-
-
-def config_toml(tmp: Path) -> str:
-    data = tmp / "data"
-    data.mkdir(exist_ok=True)
-    return (f'output_dir = "{tmp / "out"}"\n[model]\nckpt_path = "demo"\n'
-            f'[dataset]\n[[dataset.directory]]\npath = "{data}"\n')
-
+from tests.scheduler_support import STANDIN, config_toml, wait_for, wait_status
 
 class StandIn:
     """Command builder: the stand-in script; behaviour per job name ("ok", "slow", ...)."""
@@ -53,22 +43,6 @@ class StandIn:
         if spec.resume:
             argv.append("--resume")
         return argv + self.BEHAVIOURS[spec.job_name]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = WAIT_S, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def wait_status(sched: Scheduler, job_id: int, *statuses: JobStatus, timeout: float = WAIT_S) -> Job:
-    wait_for(lambda: sched.get(job_id).status in statuses, timeout,
-             f"job {job_id} to be {[s.value for s in statuses]} (is {sched.get(job_id).status.value})")
-    return sched.get(job_id)
 
 
 @pytest.fixture

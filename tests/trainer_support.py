@@ -108,3 +108,19 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
             raise AssertionError(f"trainer exited early: {proc.returncode}")
         time.sleep(0.02)
     raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def save_lora_file(run: Path, label: str, step: int | None, epoch: int | None = None) -> Path:
+    """A minimal LoRA save (one tensor) with the step/epoch metadata the trainer writes."""
+    import torch
+    from safetensors.torch import save_file
+
+    (run / label).mkdir(parents=True)
+    meta = {"format": "pt"}
+    if step is not None:
+        meta["step"] = str(step)
+    if epoch is not None:
+        meta["epoch"] = str(epoch)
+    file = run / label / "adapter_model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(file), metadata=meta)
+    return file

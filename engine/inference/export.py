@@ -10,16 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.media import probe_video, read_video, write_video
+from engine.media import write_video
 
 __all__ = ["VIDEO_FILE", "POSTER_FILE", "META_FILE", "to_uint8", "frames_digest", "write_mp4", "write_poster",
-           "write_json", "read_mp4_frames", "probe_mp4"]
+           "write_json"]
 
 VIDEO_FILE = "video.mp4"
 POSTER_FILE = "poster.png"
@@ -63,14 +62,3 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
         os.fsync(fh.fileno())
     tmp.replace(path)
     return path
-
-
-# tests/gpu still import these two (that suite is edited elsewhere); they go once it reads engine.media.
-def read_mp4_frames(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    return read_video(path), asdict(probe_video(path, exact_frames=False))
-
-
-def probe_mp4(path: str | Path) -> dict[str, Any]:
-    info = probe_video(path)
-    return {"codec": info.codec, "pix_fmt": info.pix_fmt, "width": info.width, "height": info.height,
-            "num_frames": info.frames, "fps": info.fps}

@@ -152,9 +152,10 @@ def demo_config(home: Path) -> dict:
 # ---- videos ---------------------------------------------------------------------------------------
 def save_frames(video: Path, name: str, picks: tuple[float, ...] = (0.0, 0.5, 1.0)) -> list[Path]:
     """First, middle and last frame of a video as PNGs under the artifacts folder, to look at."""
-    from engine.inference.export import read_mp4_frames, write_poster
+    from engine.inference.export import write_poster
+    from engine.media import read_video
 
-    frames, _ = read_mp4_frames(video)
+    frames = read_video(video)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     written = []
     for pick in picks:

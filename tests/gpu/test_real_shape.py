@@ -134,10 +134,10 @@ def test_real_shape_lora_trains_and_the_worker_generates_with_it(home: Path, mod
     assert status["state"] == "succeeded", status
     assert [entry["weight"] for entry in status["request"]["loras"]] == [1.0]
     video = next(Path(f) for f in status["files"] if f.endswith(".mp4"))
-    from engine.inference.export import probe_mp4
+    from engine.media import probe_video
 
-    probe = probe_mp4(video)
-    assert (probe["width"], probe["height"], probe["num_frames"]) == (832, 480, 33)
+    probe = probe_video(video)
+    assert (probe.width, probe.height, probe.frames) == (832, 480, 33)
     frames = save_frames(video, "real-shape-lora")
     assert status["worker"].endswith(" on cuda"), status["worker"]
     record("real shape 1 GPU: cache, 6 steps, LoRA, generate 832x480x33 with it", out=str(out),
