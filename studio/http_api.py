@@ -67,10 +67,13 @@ def register_api(api: StudioApi) -> None:
         return handler
 
     def generate(prompt: str, model: str = "demo", loras: list[dict] | None = None, negative_prompt: str = "",
-                 width: int = 64, height: int = 64, num_frames: int = 17, steps: int = 20,
-                 guidance_scale: float = 5.0, flow_shift: float = 3.0, seed: int = -1, fps: int = 16,
-                 num_videos: int = 1, fuse_loras: bool = False, request: gr.Request = None) -> dict:
-        """Queue a generation; loras: [{"lora": "job:ID/epochN" | "upload:NAME", "weight": 0.8}]; seed -1 = random."""
+                 width: int | None = None, height: int | None = None, num_frames: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None, flow_shift: float | None = None,
+                 seed: int = -1, fps: int | None = None, num_videos: int = 1, fuse_loras: bool = False,
+                 request: gr.Request = None) -> dict:
+        """Queue a generation; loras: [{"lora": "job:ID/epochN" | "upload:NAME", "weight": 0.8}]; seed -1 =
+        random. Sizes and sampling left out take the model's defaults (demo 64x64x17, 20 steps; Wan
+        832x480x81, 30 steps; flow_shift the model's own), as in the UI and the CLI."""
         values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt,
                       width=width, height=height, num_frames=num_frames, steps=steps,
                       guidance_scale=guidance_scale, flow_shift=flow_shift, seed=None if seed < 0 else seed,

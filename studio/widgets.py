@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from engine.config import ConfigError, FieldSpec, TrainConfig, config_fields
+from engine.inference.request import LIMITS
 
 # Form sections: (title, key-path prefix or exact paths). Fields not listed land in "Training".
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -195,7 +196,7 @@ class LoraStack:
             with gr.Row(visible=False, equal_height=True, elem_classes=["lora-row"]) as row:
                 ref = gr.Dropdown(choices=[], label=f"LoRA {i + 1}", allow_custom_value=True, scale=4,
                                   elem_id=f"lora-ref-{i}")
-                weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="weight", scale=3,
+                weight = gr.Slider(*LIMITS["lora_weight"], value=1.0, step=0.05, label="weight", scale=3,
                                    elem_id=f"lora-weight-{i}")
                 remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"lora-remove-{i}")
             rows.append(row), refs.append(ref), weights.append(weight), removes.append(remove)

@@ -6,13 +6,14 @@ from typing import Any
 
 import gradio as gr
 
-from engine.inference.request import LIMITS
+from engine.inference.request import LIMITS, request_defaults
 from studio.api import StudioApi
 from studio.http_api import request_user, user_errors
 from studio.context import StudioContext
 from studio.widgets import LoraStack, message, progress_bar
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+DEMO = request_defaults("demo")  # the form starts on the demo model
 
 
 @dataclass
@@ -44,15 +45,16 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
             upload = gr.UploadButton("Upload a LoRA (.safetensors)", file_types=[".safetensors"], size="sm")
             with gr.Accordion("Parameters", open=True, elem_classes=["form-section"]):
                 with gr.Row(elem_classes=["form-grid"]):
-                    width = gr.Number(64, precision=0, step=16, label="width", elem_id="infer-width", **limits("width"), min_width=120)
-                    height = gr.Number(64, precision=0, step=16, label="height", elem_id="infer-height", **limits("height"), min_width=120)
-                    frames = gr.Number(17, precision=0, step=4, label="frames (4k+1)", elem_id="infer-frames", **limits("num_frames"),
+                    width = gr.Number(DEMO["width"], precision=0, step=16, label="width", elem_id="infer-width", **limits("width"), min_width=120)
+                    height = gr.Number(DEMO["height"], precision=0, step=16, label="height", elem_id="infer-height", **limits("height"), min_width=120)
+                    frames = gr.Number(DEMO["num_frames"], precision=0, step=4, label="frames (4k+1)", elem_id="infer-frames", **limits("num_frames"),
                                        min_width=120)
-                    fps = gr.Number(16, precision=0, label="fps", **limits("fps"), min_width=120)
+                    fps = gr.Number(DEMO["fps"], precision=0, label="fps", **limits("fps"), min_width=120)
                 with gr.Row(elem_classes=["form-grid"]):
-                    steps = gr.Slider(value=20, step=1, label="steps", elem_id="infer-steps", **limits("steps"))
-                    guidance = gr.Slider(value=5.0, step=0.5, label="guidance scale", **limits("guidance_scale"))
-                    shift = gr.Slider(value=3.0, step=0.1, label="flow shift", **limits("flow_shift"))
+                    steps = gr.Slider(value=DEMO["steps"], step=1, label="steps", elem_id="infer-steps", **limits("steps"))
+                    guidance = gr.Slider(value=DEMO["guidance_scale"], step=0.5, label="guidance scale", **limits("guidance_scale"))
+                    shift = gr.Number(None, step=0.1, label="flow shift (empty: the model's own)",
+                                      **limits("flow_shift"), min_width=120)
                 with gr.Row(elem_classes=["form-grid"]):
                     seed = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="infer-seed", min_width=140)
                     count = gr.Number(1, precision=0, label="videos", **limits("num_videos"), min_width=120)

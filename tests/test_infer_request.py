@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError
-from engine.inference.request import InferRequest, LoraSpec, resolve_lora_path
+from engine.inference.request import LIMITS, InferRequest, LoraSpec, request_defaults, resolve_lora_path
 
 
 def valid(**changes) -> InferRequest:
@@ -92,3 +92,32 @@ def test_lora_references_resolve_to_files(tmp_path: Path) -> None:
         resolve_lora_path(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         resolve_lora_path(run / "global_step9")
+
+
+def test_ui_api_and_cli_share_one_set_of_defaults() -> None:
+    """The same prompt and seed from the form, the HTTP API or the CLI make the same request (they once
+    differed: flow shift 3.0 in the UI/API, the model's own 2.0 from the CLI)."""
+    from studio.cli import build_parser
+    from studio.cli.infer import build_request
+    from tabs.infer import DEMO
+
+    demo = InferRequest.from_dict({"model": "demo", "prompt": "p", "seed": 1})
+    assert (demo.width, demo.height, demo.num_frames, demo.steps) == (64, 64, 17, 20)
+    assert demo.flow_shift is None  # the model's own, filled in by the service at submit
+    # The API hands left-out fields over as None.
+    assert InferRequest.from_dict({"model": "demo", "prompt": "p", "seed": 1, "width": None,
+                                   "flow_shift": None, "steps": None}) == demo
+    wan = InferRequest.from_dict({"model": "/models/wan", "prompt": "p", "width": None})
+    assert (wan.width, wan.height, wan.num_frames, wan.steps) == (832, 480, 81, 30)
+    assert request_defaults("demo") == DEMO  # the Infer form starts on these
+    assert build_request(build_parser().parse_args(["infer", "--prompt", "p", "--seed", "1"])) == demo
+
+
+def test_the_forms_lora_weight_slider_has_the_servers_limits() -> None:
+    import gradio as gr
+
+    from studio.widgets import LoraStack
+
+    with gr.Blocks():
+        stack = LoraStack.build()
+    assert {(w.minimum, w.maximum) for w in stack.weights} == {LIMITS["lora_weight"]}

@@ -17,7 +17,7 @@ from typing import Any
 from engine.config import ConfigError
 from engine.rundir import RunDir
 
-__all__ = ["LoraSpec", "InferRequest", "LIMITS", "resolve_lora_path", "random_seed"]
+__all__ = ["LoraSpec", "InferRequest", "LIMITS", "request_defaults", "resolve_lora_path", "random_seed"]
 
 # Inclusive (low, high) bounds per numeric field; the UI reads these for its sliders.
 LIMITS: dict[str, tuple[float, float]] = {
@@ -141,11 +141,13 @@ class InferRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InferRequest":
+        """From UI/API/CLI values; a size or sampling field left out or None takes the model's default."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError([(name, "unknown field") for name in unknown])
-        values = dict(data)
+        values = {**request_defaults(str(data.get("model") or cls.model)),
+                  **{k: v for k, v in data.items() if not (k in MODEL_DEFAULT_FIELDS and v is None)}}
         for name in _INT_FIELDS:  # widgets hand numbers over as floats (42.0): keep whole ones
             value = values.get(name)
             if isinstance(value, float) and value.is_integer():
@@ -161,6 +163,21 @@ class InferRequest:
     def with_seed(self) -> "InferRequest":
         """A copy whose seed is set (random when empty), so the result is reproducible."""
         return self if self.seed is not None else replace(self, seed=random_seed())
+
+
+# One table of defaults for the UI, the HTTP API and the CLI. The demo model was trained on 64x64x17
+# clips; the class defaults are Wan's 480p81. flow_shift is not here: None means the model's own
+# (its scheduler config), everywhere.
+MODEL_DEFAULT_FIELDS = ("width", "height", "num_frames", "steps", "guidance_scale", "fps")
+_DEMO_DEFAULTS = {"width": 64, "height": 64, "num_frames": 17, "steps": 20}
+
+
+def request_defaults(model: str) -> dict[str, Any]:
+    base = InferRequest()
+    values = {name: getattr(base, name) for name in MODEL_DEFAULT_FIELDS}
+    if model.strip() == "demo":
+        values.update(_DEMO_DEFAULTS)
+    return values
 
 
 def resolve_lora_path(path: str | Path) -> Path:

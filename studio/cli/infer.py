@@ -22,21 +22,21 @@ POLL_S = 0.25
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    defaults = InferRequest()
     parser = subparsers.add_parser("infer", help="generate videos with a base model and a stack of LoRAs")
     parser.add_argument("--model", default="demo", help="'demo' or a local diffusers Wan folder (default: demo)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                         help="a LoRA file, LoRA folder or run/epochN folder, optional weight (repeatable)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--height", type=int, default=defaults.height)
-    parser.add_argument("--frames", type=int, default=defaults.num_frames, help="4k+1 frames (default 81)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale, help="guidance scale")
+    # Left out: the model's defaults (demo 64x64x17, 20 steps; Wan 832x480x81, 30 steps), as in the UI/API.
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None, help="4k+1 frames (demo 17, Wan 81)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default 5)")
     parser.add_argument("--flow-shift", type=float, default=None, help="default: the model's own (3 for Wan2.1)")
     parser.add_argument("--seed", type=int, default=None, help="random when left out (always recorded)")
-    parser.add_argument("--fps", type=int, default=defaults.fps)
+    parser.add_argument("--fps", type=int, default=None, help="default 16")
     parser.add_argument("--num-videos", type=int, default=1)
     parser.add_argument("--fuse", action="store_true", help="merge the LoRA mix into the weights (faster steps)")
     parser.add_argument("--out", type=Path, help="also copy video, poster and sidecar here")
@@ -46,12 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_request(args: argparse.Namespace) -> InferRequest:
-    return InferRequest(
+    return InferRequest.from_dict(dict(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt,
         loras=[LoraSpec.parse(text) for text in args.lora], width=args.width, height=args.height,
         num_frames=args.frames, steps=args.steps, guidance_scale=args.guidance, flow_shift=args.flow_shift,
         seed=args.seed, fps=args.fps, num_videos=args.num_videos, fuse_loras=args.fuse,
-    )
+    ))
 
 
 def run(args: argparse.Namespace, settings: StudioSettings) -> int:
