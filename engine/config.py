@@ -1,26 +1,30 @@
 """Typed training configuration in the diffusion-pipe TOML shape.
 
 One main file (`output_dir`, `epochs`, `[model]`, `[adapter]`, `[optimizer]`, ...) plus a dataset
-file named by `dataset = "dataset.toml"` or an inline `[dataset]` table. Every field is a typed
-dataclass field; parsing rejects unknown keys with a suggestion and wrong types with the key path;
-`validate()` checks values and raises one `ConfigError` naming every bad key path.
+file named by `dataset = "dataset.toml"` or an inline `[dataset]` table. Every table is a pydantic
+model: parsing rejects unknown keys with a suggestion and wrong types with the key path (pydantic's
+errors are rewritten as `ConfigError`s); `validate()` checks values and raises one `ConfigError`
+naming every bad key path. Parsing and checking are two steps on purpose: the form builds a config
+value by value (`with_value`) and shows every bad value at once when it is submitted.
 
 The UI binds widgets through `config_fields()` and `TrainConfig.get(path)` / `with_value(path, v)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
 import os
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ConfigError",
@@ -51,9 +55,29 @@ class ConfigError(ValueError):
         return [path for path, _ in self.errors]
 
 
-def _meta(help: str, choices: tuple | None = None, **extra: Any) -> dict[str, Any]:
-    return {"help": help, "choices": choices, **extra}
+# ---- scalar types --------------------------------------------------------------------------------
+# TOML values are taken as written: pydantic's lax mode would turn "2" or true into 2 and 1 into
+# true, which hides typos in a hand-written config. An integral float is an int (forms send 4.0).
 
+
+def _scalar(ok: typing.Callable[[Any], bool], convert: typing.Callable[[Any], Any], expected: str) -> PlainValidator:
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise PydanticCustomError("config_type", "expected {expected}, got {got}",
+                                      {"expected": expected, "got": repr(value)})
+        return convert(value)
+
+    return PlainValidator(check)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+Int = Annotated[int, _scalar(lambda v: _is_number(v) and (isinstance(v, int) or v.is_integer()), int, "an integer")]
+Float = Annotated[float, _scalar(_is_number, float, "a number")]
+Bool = Annotated[bool, _scalar(lambda v: isinstance(v, bool), bool, "true or false")]
+Str = Annotated[str, _scalar(lambda v: isinstance(v, str), str, "a string")]
 
 # Linears inside each Wan block that LoRA targets by default: self/cross attention and the FFN.
 # diffusers' Wan LoRA loader accepts exactly these (plus time/head projections).
@@ -62,168 +86,172 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "f
 LrScheduler = Literal["constant", "linear", "cosine"]
 TimestepMethod = Literal["logit_normal", "uniform"]
 DType = Literal["bfloat16", "float16", "float32"]
+AttentionBackend = Literal["default", "cudnn", "flash", "efficient", "flash3"]
+CheckpointPolicyName = Literal["full", "save_attention"]
+LoraComputeDtype = Literal["adapter", "activation"]
 
 
-@dataclass
-class DirectoryConfig:
-    path: str = field(metadata=_meta("Folder of images/videos with same-name .txt captions."))
-    num_repeats: int = field(default=1, metadata=_meta("How many times each file is seen per epoch."))
+class _Table(BaseModel):
+    """One TOML table. Direct construction and assignment raise ConfigError with the table's key path."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    table_path: ClassVar[str] = ""  # where the table sits in the TOML, e.g. "optimizer."
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _config_error(exc, type(self), self.table_path) from None
+
+    # Otherwise pydantic would call this __init__ for every nested table it validates, and the
+    # outer table would see a ConfigError instead of the errors it rewrites with the full path.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise _config_error(exc, type(self), self.table_path) from None
+
+    @classmethod
+    def parse(cls, data: Any, *, from_attributes: bool = False) -> Any:
+        """Validate a parsed TOML table (or, with `from_attributes`, an object with the same fields)."""
+        try:
+            return cls.model_validate(data, from_attributes=from_attributes)
+        except ValidationError as exc:
+            raise _config_error(exc, cls, cls.table_path) from None
 
 
-@dataclass
-class DatasetConfig:
-    resolutions: list[int] = field(
-        default_factory=lambda: [512],
-        metadata=_meta("Training side lengths; each sample is resized to about side x side pixels (area)."),
-    )
-    enable_ar_bucket: bool = field(default=True, metadata=_meta("Group samples into aspect-ratio buckets."))
-    min_ar: float = field(default=0.5, metadata=_meta("Smallest aspect ratio (width/height) bucket."))
-    max_ar: float = field(default=2.0, metadata=_meta("Largest aspect ratio (width/height) bucket."))
-    num_ar_buckets: int = field(default=7, metadata=_meta("Number of aspect-ratio buckets (log-spaced)."))
-    frame_buckets: list[int] = field(
-        default_factory=lambda: [1, 33],
-        metadata=_meta("Frame counts clips are cut to (each 4k+1; 1 = single image)."),
-    )
-    video_clip_mode: Literal["single_beginning", "single_middle"] = field(
-        default="single_beginning",
-        metadata=_meta("Where a clip is taken from a longer video.", ("single_beginning", "single_middle")),
-    )
-    directory: list[DirectoryConfig] = field(
-        default_factory=list, metadata=_meta("[[directory]] tables: path + num_repeats.")
-    )
+class DirectoryConfig(_Table):
+    path: Str = Field(description="Folder of images/videos with same-name .txt captions.")
+    num_repeats: Int = Field(1, description="How many times each file is seen per epoch.")
 
 
-@dataclass
-class ModelConfig:
-    type: Literal["wan"] = field(default="wan", metadata=_meta("Model family.", ("wan",)))
-    ckpt_path: str = field(
-        default="demo",
-        metadata=_meta("'demo' or a local diffusers folder (with model_index.json)."),
-    )
-    transformer_subfolder: str = field(
-        default="transformer",
-        metadata=_meta(
-            "Transformer to train. Wan2.2 A14B: 'transformer' = high-noise expert, "
-            "'transformer_2' = low-noise expert (set min_t/max_t to its range)."
-        ),
-    )
-    dtype: DType = field(
-        default="bfloat16",
-        metadata=_meta("Dtype of the frozen model on GPU (CPU always uses float32).", ("bfloat16", "float16", "float32")),
-    )
-    transformer_dtype: DType | None = field(
-        default=None, metadata=_meta("Transformer dtype on GPU; default = dtype.", ("bfloat16", "float16", "float32"))
-    )
-    timestep_sample_method: TimestepMethod = field(
-        default="logit_normal",
-        metadata=_meta("How training noise levels are drawn.", ("logit_normal", "uniform")),
-    )
-    shift: float = field(default=1.0, metadata=_meta("Flow shift applied to sampled t (1 = none, >1 = noisier)."))
-    min_t: float = field(default=0.0, metadata=_meta("Lowest noise level trained (0..1)."))
-    max_t: float = field(default=1.0, metadata=_meta("Highest noise level trained (0..1)."))
+def _one_table_is_a_list(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value  # `[dataset.directory]` written once
 
 
-@dataclass
-class AdapterConfig:
-    type: Literal["lora"] = field(default="lora", metadata=_meta("Adapter type.", ("lora",)))
-    rank: int = field(default=32, metadata=_meta("LoRA rank."))
-    alpha: int | None = field(default=None, metadata=_meta("LoRA alpha; default = rank (scale 1)."))
-    dropout: float = field(default=0.0, metadata=_meta("LoRA dropout probability."))
-    dtype: DType = field(
-        default="float32",
-        metadata=_meta("Dtype of the trained LoRA weights on GPU.", ("bfloat16", "float16", "float32")),
-    )
-    target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
-        metadata=_meta("Linear layers (name suffixes inside each block) that get LoRA."),
-    )
-    init_from_existing: str | None = field(
-        default=None, metadata=_meta("LoRA folder or .safetensors file to start from.")
-    )
+class DatasetConfig(_Table):
+    table_path = "dataset."
+
+    resolutions: list[Int] = Field(
+        [512], description="Training side lengths; each sample is resized to about side x side pixels (area).")
+    enable_ar_bucket: Bool = Field(True, description="Group samples into aspect-ratio buckets.")
+    min_ar: Float = Field(0.5, description="Smallest aspect ratio (width/height) bucket.")
+    max_ar: Float = Field(2.0, description="Largest aspect ratio (width/height) bucket.")
+    num_ar_buckets: Int = Field(7, description="Number of aspect-ratio buckets (log-spaced).")
+    frame_buckets: list[Int] = Field([1, 33], description="Frame counts clips are cut to (each 4k+1; 1 = single image).")
+    video_clip_mode: Literal["single_beginning", "single_middle"] = Field(
+        "single_beginning", description="Where a clip is taken from a longer video.")
+    directory: Annotated[list[DirectoryConfig], BeforeValidator(_one_table_is_a_list)] = Field(
+        [], description="[[directory]] tables: path + num_repeats.")
 
 
-@dataclass
-class OptimizerConfig:
-    type: Literal["adamw", "adamw_optimi", "AdamW"] = field(
-        default="adamw", metadata=_meta("Optimizer (torch AdamW).", ("adamw", "adamw_optimi", "AdamW"))
-    )
-    lr: float = field(default=2e-5, metadata=_meta("Peak learning rate."))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99], metadata=_meta("Adam betas."))
-    weight_decay: float = field(default=0.01, metadata=_meta("Decoupled weight decay."))
-    eps: float = field(default=1e-8, metadata=_meta("Adam epsilon."))
+class ModelConfig(_Table):
+    table_path = "model."
+
+    type: Literal["wan"] = Field("wan", description="Model family.")
+    ckpt_path: Str = Field("demo", description="'demo' or a local diffusers folder (with model_index.json).")
+    transformer_subfolder: Str = Field(
+        "transformer",
+        description="Transformer to train. Wan2.2 A14B: 'transformer' = high-noise expert, "
+                    "'transformer_2' = low-noise expert (set min_t/max_t to its range).")
+    dtype: DType = Field("bfloat16", description="Dtype of the frozen model on GPU (CPU always uses float32).")
+    transformer_dtype: DType | None = Field(None, description="Transformer dtype on GPU; default = dtype.")
+    timestep_sample_method: TimestepMethod = Field("logit_normal", description="How training noise levels are drawn.")
+    shift: Float = Field(1.0, description="Flow shift applied to sampled t (1 = none, >1 = noisier).")
+    min_t: Float = Field(0.0, description="Lowest noise level trained (0..1).")
+    max_t: Float = Field(1.0, description="Highest noise level trained (0..1).")
 
 
-@dataclass
-class PerformanceConfig:
-    """Speed options (engine/families/wan_perf.py); the defaults change nothing."""
+class AdapterConfig(_Table):
+    table_path = "adapter."
 
-    attention_backend: Literal["default", "cudnn", "flash", "efficient", "flash3"] = field(
-        default="default",
-        metadata=_meta("Attention kernel tried first; 'default' keeps PyTorch's choice (cuDNN on Hopper); "
-                       "'flash3' is FlashAttention-3 (Hopper, installed separately).",
-                       ("default", "cudnn", "flash", "efficient", "flash3")),
-    )
-    compile_blocks: bool = field(
-        default=False, metadata=_meta("torch.compile each transformer block (GPU; first step ~30 s slower).")
-    )
-    checkpointing: Literal["full", "save_attention"] = field(
-        default="full",
-        metadata=_meta("With activation checkpointing: recompute whole blocks, or keep self-attention outputs "
-                       "(faster, a little more memory).", ("full", "save_attention")),
-    )
-    lora_compute_dtype: Literal["adapter", "activation"] = field(
-        default="adapter",
-        metadata=_meta("LoRA matmuls in adapter.dtype, or in the model dtype (bf16) with fp32 weights kept.",
-                       ("adapter", "activation")),
-    )
+    type: Literal["lora"] = Field("lora", description="Adapter type.")
+    rank: Int = Field(32, description="LoRA rank.")
+    alpha: Int | None = Field(None, description="LoRA alpha; default = rank (scale 1).")
+    dropout: Float = Field(0.0, description="LoRA dropout probability.")
+    dtype: DType = Field("float32", description="Dtype of the trained LoRA weights on GPU.")
+    target_modules: list[Str] = Field(
+        list(DEFAULT_LORA_TARGETS), description="Linear layers (name suffixes inside each block) that get LoRA.")
+    init_from_existing: Str | None = Field(None, description="LoRA folder or .safetensors file to start from.")
 
 
-@dataclass
-class TrainConfig:
-    output_dir: str = field(metadata=_meta("Where run directories are created (output_dir/<timestamp>)."))
-    dataset: DatasetConfig = field(
-        default_factory=DatasetConfig, metadata=_meta("Dataset: a path to a dataset TOML, or an inline table.")
-    )
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=_meta("[model] table."))
-    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata=_meta("[adapter] table."))
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata=_meta("[optimizer] table."))
-    performance: PerformanceConfig = field(
-        default_factory=PerformanceConfig, metadata=_meta("[performance] table: GPU speed options.")
-    )
-    epochs: int = field(default=10, metadata=_meta("Passes over the dataset."))
-    max_steps: int | None = field(default=None, metadata=_meta("Stop after this many optimizer steps (optional)."))
-    micro_batch_size_per_gpu: int = field(default=1, metadata=_meta("Samples per rank per forward."))
-    gradient_accumulation_steps: int = field(default=1, metadata=_meta("Micro-batches per optimizer step."))
-    gradient_clipping: float = field(default=1.0, metadata=_meta("Max gradient norm (0 = off)."))
-    warmup_steps: int = field(default=0, metadata=_meta("Linear lr warmup steps."))
-    lr_scheduler: LrScheduler = field(
-        default="constant", metadata=_meta("Schedule after warmup.", ("constant", "linear", "cosine"))
-    )
-    save_every_n_epochs: int | None = field(
-        default=None, metadata=_meta("Save the LoRA every N epochs (default 1 when no save_every_n_steps).")
-    )
-    save_every_n_steps: int | None = field(default=None, metadata=_meta("Save the LoRA every N steps."))
-    checkpoint_every_n_epochs: int | None = field(
-        default=None, metadata=_meta("Write a resumable DeepSpeed checkpoint every N epochs.")
-    )
-    checkpoint_every_n_minutes: float | None = field(
-        default=None, metadata=_meta("Write a resumable DeepSpeed checkpoint every N minutes.")
-    )
-    activation_checkpointing: bool = field(
-        default=False, metadata=_meta("Recompute block activations in backward (less memory, ~30% slower).")
-    )
-    zero_stage: int = field(default=0, metadata=_meta("DeepSpeed ZeRO stage.", (0, 1, 2)))
-    pipeline_stages: int = field(default=1, metadata=_meta("Pipeline parallel stages (only 1 is supported).", (1,)))
-    seed: int = field(default=42, metadata=_meta("Seed for data order, noise and LoRA init."))
-    cache_dir: str | None = field(
-        default=None,
-        metadata=_meta("Latent/text cache; default STUDIO_HOME/cache/latents, else <output_dir>/../cache."),
-    )
-    save_dtype: DType = field(
-        default="bfloat16", metadata=_meta("Dtype of saved LoRA files.", ("bfloat16", "float16", "float32"))
-    )
-    caching_batch_size: int = field(default=1, metadata=_meta("Accepted for diffusion-pipe configs; caching encodes one file at a time."))
+class OptimizerConfig(_Table):
+    table_path = "optimizer."
 
+    type: Literal["adamw", "adamw_optimi", "AdamW"] = Field("adamw", description="Optimizer (torch AdamW).")
+    lr: Float = Field(2e-5, description="Peak learning rate.")
+    betas: list[Float] = Field([0.9, 0.99], description="Adam betas.")
+    weight_decay: Float = Field(0.01, description="Decoupled weight decay.")
+    eps: Float = Field(1e-8, description="Adam epsilon.")
+
+
+class PerformanceConfig(_Table):
+    """Speed options, applied by `engine.families.wan_perf.apply` (there named `PerfOptions`).
+
+    The defaults change nothing, so a machine without a GPU behaves as without the table.
+    """
+
+    table_path = "performance."
+
+    attention_backend: AttentionBackend = Field(
+        "default",
+        description="Attention kernel tried first; 'default' keeps PyTorch's choice (cuDNN on Hopper); "
+                    "'flash3' is FlashAttention-3 (Hopper, installed separately).")
+    compile_blocks: Bool = Field(False, description="torch.compile each transformer block (GPU; first step ~30 s slower).")
+    checkpointing: CheckpointPolicyName = Field(
+        "full",
+        description="With activation checkpointing: recompute whole blocks, or keep self-attention outputs "
+                    "(faster, a little more memory).")
+    lora_compute_dtype: LoraComputeDtype = Field(
+        "adapter", description="LoRA matmuls in adapter.dtype, or in the model dtype (bf16) with fp32 weights kept.")
+
+    @classmethod
+    def from_config(cls, section: Any | None) -> "PerformanceConfig":
+        """From this model, a dict, an object with the same attributes (missing ones: default), or None."""
+        if section is None:
+            return cls()
+        if isinstance(section, cls):
+            return section
+        return cls.parse(section, from_attributes=not isinstance(section, dict))
+
+
+class TrainConfig(_Table):
+    output_dir: Str = Field(description="Where run directories are created (output_dir/<timestamp>).")
+    dataset: DatasetConfig = Field(
+        default_factory=DatasetConfig, description="Dataset: a path to a dataset TOML, or an inline table.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="[model] table.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="[adapter] table.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="[optimizer] table.")
+    performance: PerformanceConfig = Field(
+        default_factory=PerformanceConfig, description="[performance] table: GPU speed options.")
+    epochs: Int = Field(10, description="Passes over the dataset.")
+    max_steps: Int | None = Field(None, description="Stop after this many optimizer steps (optional).")
+    micro_batch_size_per_gpu: Int = Field(1, description="Samples per rank per forward.")
+    gradient_accumulation_steps: Int = Field(1, description="Micro-batches per optimizer step.")
+    gradient_clipping: Float = Field(1.0, description="Max gradient norm (0 = off).")
+    warmup_steps: Int = Field(0, description="Linear lr warmup steps.")
+    lr_scheduler: LrScheduler = Field("constant", description="Schedule after warmup.")
+    save_every_n_epochs: Int | None = Field(
+        None, description="Save the LoRA every N epochs (default 1 when no save_every_n_steps).")
+    save_every_n_steps: Int | None = Field(None, description="Save the LoRA every N steps.")
+    checkpoint_every_n_epochs: Int | None = Field(
+        None, description="Write a resumable DeepSpeed checkpoint every N epochs.")
+    checkpoint_every_n_minutes: Float | None = Field(
+        None, description="Write a resumable DeepSpeed checkpoint every N minutes.")
+    activation_checkpointing: Bool = Field(
+        False, description="Recompute block activations in backward (less memory, ~30% slower).")
+    # Plain ints with a choice list: a Literal would reject 3 when parsing, but validate() says why.
+    zero_stage: Int = Field(0, description="DeepSpeed ZeRO stage.", json_schema_extra={"choices": (0, 1, 2)})
+    pipeline_stages: Int = Field(
+        1, description="Pipeline parallel stages (only 1 is supported).", json_schema_extra={"choices": (1,)})
+    seed: Int = Field(42, description="Seed for data order, noise and LoRA init.")
+    cache_dir: Str | None = Field(
+        None, description="Latent/text cache; default STUDIO_HOME/cache/latents, else <output_dir>/../cache.")
+    save_dtype: DType = Field("bfloat16", description="Dtype of saved LoRA files.")
+    caching_batch_size: Int = Field(
+        1, description="Accepted for diffusion-pipe configs; caching encodes one file at a time.")
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "TrainConfig":
@@ -244,7 +272,7 @@ class TrainConfig:
             dataset_base: Path | None = dataset_file.parent
         else:
             dataset_base = base
-        cfg = _build(cls, data, "")
+        cfg = cls.parse(data)
         if dataset_base is not None:
             for d in cfg.dataset.directory:
                 if not Path(d.path).is_absolute():
@@ -268,7 +296,7 @@ class TrainConfig:
 
     # ---- output --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _strip_none(dataclasses.asdict(self))
+        return self.model_dump(exclude_none=True)
 
     def to_toml(self) -> str:
         """TOML with the dataset inlined (None values are omitted: they mean 'default')."""
@@ -278,15 +306,14 @@ class TrainConfig:
     def get(self, path: str) -> Any:
         obj: Any = self
         for part in path.split("."):
-            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            if not isinstance(obj, BaseModel) or part not in type(obj).model_fields:
                 raise ConfigError(path, "no such key")
             obj = getattr(obj, part)
         return obj
 
     def with_value(self, path: str, value: Any) -> "TrainConfig":
         """A copy with one field replaced; the value is type-checked/coerced like TOML input."""
-        parts = path.split(".")
-        return _replace_path(self, parts, value, "")
+        return _replace_path(self, path.split("."), value, "")
 
     # ---- derived values ------------------------------------------------------------------------
     @property
@@ -387,27 +414,26 @@ def config_fields() -> list[FieldSpec]:
     return specs
 
 
-def _collect_fields(cls: type, prefix: str, out: list[FieldSpec]) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            _collect_fields(tp, path + ".", out)
+def _collect_fields(cls: type[BaseModel], prefix: str, out: list[FieldSpec]) -> None:
+    for name, info in cls.model_fields.items():
+        path = f"{prefix}{name}"
+        inner, optional = _unwrap_optional(info.annotation)
+        if _is_table(inner):
+            _collect_fields(inner, path + ".", out)
             continue
-        inner, optional = _unwrap_optional(tp)
-        if typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+        if typing.get_origin(inner) is list and _is_table(_strip_annotated(typing.get_args(inner)[0])):
             continue  # [[directory]] tables are edited as a list, not as form fields
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        )
-        choices = f.metadata.get("choices")
+        # A fresh copy: the form may mutate a list default.
+        default = None if info.is_required() else copy.deepcopy(info.get_default(call_default_factory=True))
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        choices = extra.get("choices")
         if choices is None and typing.get_origin(inner) is Literal:
             choices = typing.get_args(inner)
-        out.append(FieldSpec(path, _type_name(inner), default, choices, f.metadata.get("help", ""), optional))
+        out.append(FieldSpec(path, _type_name(inner), default, choices, info.description or "", optional))
 
 
 def _type_name(tp: Any) -> str:
+    tp = _strip_annotated(tp)
     if typing.get_origin(tp) is Literal:
         return "str"
     if typing.get_origin(tp) is list:
@@ -415,16 +441,37 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-# ---- parsing helpers ---------------------------------------------------------------------------
+# ---- annotations ---------------------------------------------------------------------------------
+
+
+def _strip_annotated(tp: Any) -> Any:
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(the type without `| None` and without Annotated metadata, whether None was allowed)."""
+    tp = _strip_annotated(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            return args[0], True
+            return _strip_annotated(args[0]), True
     return tp, False
 
+
+def _is_table(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _annotation_at(root: type[BaseModel], loc: tuple) -> Any:
+    """The type found at a pydantic error location (field names and list indexes) below `root`."""
+    tp: Any = root
+    for part in loc:
+        tp, _ = _unwrap_optional(tp)
+        tp = typing.get_args(tp)[0] if isinstance(part, int) else tp.model_fields[part].annotation
+    return _unwrap_optional(tp)[0]
+
+
+# ---- pydantic errors as ConfigErrors -------------------------------------------------------------
 
 # diffusion-pipe keys this trainer does not take, with what to do instead.
 _NO_EVAL = "evaluation runs are not supported by this trainer; remove the key"
@@ -442,104 +489,61 @@ _FOREIGN_KEYS = {
 }
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(prefix.rstrip(".") or "", "expected a table")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    errors: list[tuple[str, str]] = []
-    for key in data:
-        if key not in names:
-            path = f"{prefix}{key}"
-            if path in _FOREIGN_KEYS:
-                errors.append((path, _FOREIGN_KEYS[path]))
-                continue
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append((path, f"unknown key{hint}"))
-    if errors:
-        raise ConfigError(errors)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                errors.append((path, "required key is missing"))
-            continue
-        try:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], path)
-        except ConfigError as exc:
-            errors.extend(exc.errors)
-    if errors:
-        raise ConfigError(errors)
-    return cls(**kwargs)
+def _key_path(prefix: str, loc: tuple) -> str:
+    """("dataset", "directory", 0, "path") -> "dataset.directory[0].path" (after `prefix`)."""
+    return prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    inner, optional = _unwrap_optional(tp)
+def _config_error(exc: ValidationError, root: type[BaseModel], prefix: str) -> ConfigError:
+    errors = exc.errors()
+    # A table with unknown keys reports only those: its values (and tables below it) may be
+    # misnamed, so their errors would mislead.
+    bad_tables = {e["loc"][:-1] for e in errors if e["type"] == "extra_forbidden"}
+
+    def hidden(e: Any) -> bool:
+        own = e["loc"][:-1] if e["type"] == "extra_forbidden" else None
+        return any(e["loc"][:len(t)] == t and t != own for t in bad_tables)
+
+    return ConfigError([(_key_path(prefix, e["loc"]), _reason(e, root, prefix)) for e in errors if not hidden(e)])
+
+
+def _suggest(word: str, names: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _reason(error: Any, root: type[BaseModel], prefix: str) -> str:
+    kind, loc, value = error["type"], error["loc"], error.get("input")
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        foreign = _FOREIGN_KEYS.get(_key_path(prefix, loc))
+        return foreign or "unknown key" + _suggest(str(loc[-1]), _annotation_at(root, loc[:-1]).model_fields)
     if value is None:
-        if optional:
-            return None
-        raise ConfigError(path, "must not be empty")
-    if dataclasses.is_dataclass(inner):
-        return _build(inner, value, path + ".")
-    origin = typing.get_origin(inner)
-    if origin is Literal:
-        allowed = typing.get_args(inner)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(path, f"{value!r} is not one of {', '.join(map(repr, allowed))}{hint}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(inner)
-        if not isinstance(value, (list, tuple)):
-            if dataclasses.is_dataclass(item_tp) and isinstance(value, dict):
-                value = [value]
-            else:
-                raise ConfigError(path, f"expected a list, got {type(value).__name__}")
-        return [_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if inner is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(path, f"expected true or false, got {value!r}")
-    if inner is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(path, f"expected an integer, got {value!r}")
-    if inner is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(path, f"expected a number, got {value!r}")
-    if inner is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(path, f"expected a string, got {value!r}")
-    raise ConfigError(path, f"unsupported type {inner}")  # pragma: no cover - schema bug
+        return "must not be empty"
+    if kind == "model_type":
+        return "expected a table"
+    if kind == "list_type":
+        return f"expected a list, got {type(value).__name__}"
+    if kind == "literal_error":
+        allowed = typing.get_args(_annotation_at(root, loc))
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{value!r} is not one of {', '.join(map(repr, allowed))}{hint}"
+    return error["msg"]  # our scalar validators' own words
 
 
-def _replace_path(obj: Any, parts: list[str], value: Any, prefix: str) -> Any:
+def _replace_path(obj: _Table, parts: list[str], value: Any, prefix: str) -> Any:
     name = parts[0]
     path = f"{prefix}{name}"
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    fields = type(obj).model_fields
     if name not in fields:
-        close = difflib.get_close_matches(name, list(fields), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(path, f"no such key{hint}")
+        raise ConfigError(path, f"no such key{_suggest(name, fields)}")
     if len(parts) == 1:
-        tp = typing.get_type_hints(type(obj))[name]
-        return dataclasses.replace(obj, **{name: _coerce(tp, value, path)})
+        changed = obj.model_copy()
+        setattr(changed, name, value)  # validate_assignment: checked like TOML input
+        return changed
     child = getattr(obj, name)
-    if not dataclasses.is_dataclass(child):
+    if not isinstance(child, _Table):
         raise ConfigError(path, "is not a table")
-    return dataclasses.replace(obj, **{name: _replace_path(child, parts[1:], value, path + ".")})
-
-
-def _strip_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_strip_none(v) for v in value]
-    return value
+    return obj.model_copy(update={name: _replace_path(child, parts[1:], value, path + ".")})

@@ -161,3 +161,82 @@ def test_example_configs_parse() -> None:
     assert mains
     for path in mains:
         TrainConfig.from_toml_file(path)
+
+
+# ---- pinned to the output of the hand-rolled (pre-pydantic) config --------------------------------
+# tests/fixtures/config/before_pydantic.json was written by the dataclass version: the form registry,
+# the outcome and message of each TOML input, and rendered TOML (key order included).
+BEFORE = Path(__file__).resolve().parent / "fixtures" / "config" / "before_pydantic.json"
+
+
+def _pinned() -> dict:
+    import json
+
+    return json.loads(BEFORE.read_text())
+
+
+def test_form_registry_is_unchanged() -> None:
+    now = [[f.path, f.type, repr(f.default), repr(f.choices), f.help, f.optional] for f in config_fields()]
+    assert now == _pinned()["fields"]
+
+
+@pytest.mark.parametrize("name", sorted(_pinned()["toml"]))
+def test_parse_and_validate_messages_are_unchanged(name: str) -> None:
+    case = _pinned()["toml"][name]
+    try:
+        cfg = TrainConfig.from_toml_string(case["toml"])
+    except ConfigError as exc:
+        assert (case["stage"], str(exc)) == ("parse", case["message"])
+        return
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        assert (case["stage"], str(exc)) == ("validate", case["message"])
+        return
+    assert case["stage"] == "ok"
+    if name in _pinned()["rendered"]:
+        assert cfg.to_toml() == _pinned()["rendered"][name]
+
+
+def test_rendered_defaults_are_unchanged() -> None:
+    assert TrainConfig(output_dir="o").to_toml() == _pinned()["rendered"]["default"]
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("adapter.alpha", 2.5, "adapter.alpha: expected an integer, got 2.5"),
+        ("adapter.rnk", 1, "adapter.rnk: no such key (did you mean 'rank'?)"),
+        ("dataset.directory", [{"path": "x", "bad": 3}], "dataset.directory[0].bad: unknown key"),
+        ("epochs.x", 3, "epochs: is not a table"),
+        ("lr_scheduler", "cosin", "lr_scheduler: 'cosin' is not one of 'constant', 'linear', 'cosine' "
+                                  "(did you mean 'cosine'?)"),
+        ("model", 3, "model: expected a table"),
+        ("optimizer.lr", None, "optimizer.lr: must not be empty"),
+        ("performance.compile_blocks", "yes", "performance.compile_blocks: expected true or false, got 'yes'"),
+        ("zzz", 1, "zzz: no such key"),
+    ],
+)
+def test_with_value_messages(path: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(output_dir="o").with_value(path, value)
+    assert str(err.value) == message
+
+
+def test_assignment_and_direct_construction_are_checked_with_the_key_path() -> None:
+    from engine.config import DatasetConfig, DirectoryConfig, PerformanceConfig
+
+    cfg = TrainConfig(output_dir="o")
+    cfg.cache_dir = "/c"
+    cfg.dataset.directory = [DirectoryConfig(path="d", num_repeats=2)]
+    cfg.dataset.directory = {"path": "e"}  # one [dataset.directory] table is a list of one
+    assert cfg.resolved_cache_dir() == Path("/c") and cfg.dataset.directory[0].path == "e"
+    with pytest.raises(ConfigError, match=r"^optimizer\.lr: expected a number, got 'x'$"):
+        cfg.optimizer.lr = "x"
+    with pytest.raises(ConfigError, match=r"^dataset\.frame_buckets\[1\]: expected an integer, got 2\.5$"):
+        DatasetConfig(frame_buckets=[1, 2.5])
+    with pytest.raises(ConfigError, match=r"^performance\.checkpointing: 'most' is not one of"):
+        PerformanceConfig(checkpointing="most")
+    # with_value leaves the original alone
+    changed = cfg.with_value("optimizer.lr", 1)
+    assert changed.optimizer.lr == 1.0 and isinstance(changed.optimizer.lr, float) and cfg.optimizer.lr == 2e-5

@@ -64,7 +64,8 @@ def test_from_config_reads_a_section_object():
         compile_blocks = True
         checkpointing = "save_attention"
 
-    assert PerfOptions.from_config(Section()) == PerfOptions("cudnn", True, "save_attention")
+    expected = PerfOptions(attention_backend="cudnn", compile_blocks=True, checkpointing="save_attention")
+    assert PerfOptions.from_config(Section()) == expected
 
 
 def test_save_attention_keeps_self_attention_and_matches_full_checkpointing():
@@ -145,7 +146,7 @@ def test_mfu_counting_reproduces_reference_table():
 def test_bench_case_grammar():
     case = parse_case("trainer+attn=cudnn+ckpt=attn+compile+lora=bf16")
     assert (case.loop, case.attn, case.ckpt, case.compile, case.lora_dtype) == ("trainer", "cudnn", "attn", True, "bf16")
-    assert case.perf == PerfOptions("cudnn", True, "save_attention")
+    assert case.perf == PerfOptions(attention_backend="cudnn", compile_blocks=True, checkpointing="save_attention")
     with pytest.raises(ValueError):
         parse_case("plain+ckpt=sometimes")
     with pytest.raises(ValueError):
@@ -189,7 +190,8 @@ def test_train_config_performance_table_reaches_the_options():
     cfg = TrainConfig.from_toml_string(
         'output_dir = "o"\n[performance]\nattention_backend = "cudnn"\ncompile_blocks = true\n'
         'checkpointing = "save_attention"\nlora_compute_dtype = "activation"\n')
-    assert PerfOptions.from_config(cfg.performance) == PerfOptions("cudnn", True, "save_attention", "activation")
+    assert PerfOptions.from_config(cfg.performance) == PerfOptions(
+        attention_backend="cudnn", compile_blocks=True, checkpointing="save_attention", lora_compute_dtype="activation")
     assert PerfOptions.from_config(TrainConfig(output_dir="o").performance) == PerfOptions()
     with pytest.raises(ConfigError, match="performance.checkpointing"):
         TrainConfig.from_toml_string('output_dir = "o"\n[performance]\ncheckpointing = "most"\n')

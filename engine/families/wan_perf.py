@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
+from engine.config import AttentionBackend, CheckpointPolicyName, LoraComputeDtype
+from engine.config import PerformanceConfig as PerfOptions  # one definition: the [performance] table
 from engine.families import flash3
 
 logger = logging.getLogger(__name__)
@@ -48,13 +51,9 @@ __all__ = [
     "lora_in_activation_dtype",
 ]
 
-AttentionBackend = Literal["default", "cudnn", "flash", "efficient", "flash3"]
-CheckpointPolicyName = Literal["full", "save_attention"]
-LoraComputeDtype = Literal["adapter", "activation"]
-
-ATTENTION_BACKENDS: tuple[str, ...] = ("default", "cudnn", "flash", "efficient", "flash3")
-CHECKPOINT_POLICIES: tuple[str, ...] = ("full", "save_attention")
-LORA_COMPUTE_DTYPES: tuple[str, ...] = ("adapter", "activation")
+ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
+CHECKPOINT_POLICIES: tuple[str, ...] = typing.get_args(CheckpointPolicyName)
+LORA_COMPUTE_DTYPES: tuple[str, ...] = typing.get_args(LoraComputeDtype)
 
 # aten ops that compute fused attention; their outputs are what `save_attention` keeps.
 _ATTENTION_OP_NAMES = (
@@ -65,48 +64,6 @@ _ATTENTION_OP_NAMES = (
     "_scaled_dot_product_flash_attention_for_cpu",
     flash3.OP_BASENAME,
 )
-
-
-@dataclass(frozen=True)
-class PerfOptions:
-    """What `apply` does; mirrors the `[performance]` config table."""
-
-    attention_backend: AttentionBackend = "default"
-    compile_blocks: bool = False
-    checkpointing: CheckpointPolicyName = "full"
-    lora_compute_dtype: LoraComputeDtype = "adapter"
-
-    def __post_init__(self) -> None:
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"performance.attention_backend: {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
-            )
-        if self.checkpointing not in CHECKPOINT_POLICIES:
-            raise ValueError(
-                f"performance.checkpointing: {self.checkpointing!r} is not one of {', '.join(CHECKPOINT_POLICIES)}"
-            )
-        if self.lora_compute_dtype not in LORA_COMPUTE_DTYPES:
-            raise ValueError(
-                f"performance.lora_compute_dtype: {self.lora_compute_dtype!r} is not one of "
-                f"{', '.join(LORA_COMPUTE_DTYPES)}"
-            )
-
-    @classmethod
-    def from_config(cls, section: Any | None) -> "PerfOptions":
-        """From a `[performance]` dataclass, a dict, or None (all defaults)."""
-        if section is None:
-            return cls()
-        if isinstance(section, dict):
-            get = section.get
-        else:
-            def get(key: str, default: Any = None) -> Any:
-                return getattr(section, key, default)
-        return cls(
-            attention_backend=get("attention_backend", "default"),
-            compile_blocks=bool(get("compile_blocks", False)),
-            checkpointing=get("checkpointing", "full"),
-            lora_compute_dtype=get("lora_compute_dtype", "adapter"),
-        )
 
 
 @dataclass
