@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from engine.inference.speed import InferenceSpeed
 from engine.launcher import Nodes, included_hosts, read_hostfile
@@ -23,27 +24,43 @@ class SettingsError(ValueError):
     """A setting has an invalid value; the message names it."""
 
 
-@dataclass(frozen=True)
-class StudioSettings:
-    home: Path = Path("studio_data")
+# Flags and environment variables are strings: pydantic's lax mode reads "8001", "yes" and "0.05";
+# these add what a shell user expects beyond that: ~ in paths, an empty value for "unset" / off, and
+# a path list separated like PATH.
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
+BlankIsUnset = BeforeValidator(lambda value: None if value == "" else value)
+Switch = Annotated[bool, BeforeValidator(lambda value: False if value == "" else value)]
+
+
+def _path_list(value: Any) -> Any:
+    return [p for p in value.split(os.pathsep) if p] if isinstance(value, str) else value
+
+
+class StudioSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    home: UserPath = Path("studio_data")
     host: str = "127.0.0.1"
     port: int = 7860
-    auth_file: Path | None = None
-    allowed_roots: tuple[Path, ...] = ()
+    auth_file: Annotated[UserPath | None, BlankIsUnset] = None
+    allowed_roots: Annotated[tuple[UserPath, ...], BeforeValidator(_path_list)] = ()
     cpu_slots: int = 1
     max_upload_mb: int = 2048
-    share: bool = False
+    share: Switch = False
     log_level: str = "INFO"
     worker_idle_timeout_s: float = 600.0
-    infer_compile_blocks: bool = False  # torch.compile the transformer blocks in inference workers (CUDA)
+    infer_compile_blocks: Switch = False  # torch.compile the transformer blocks in inference workers (CUDA)
     infer_step_cache: float = 0.0  # First Block Cache threshold for inference (0 = off; changes outputs)
     infer_attention: str = "default"  # attention kernel of inference workers: default | flash3 (Hopper)
     poll_interval_s: float = 1.0
-    hostfile: Path | None = None  # DeepSpeed hostfile: jobs span its hosts (ssh/pdsh, or one launcher per node)
-    node_rank: int | None = None  # this machine's place in the hostfile: one launcher per node (--no_ssh)
-    master_addr: str | None = None  # address of node 0, reachable from every node
-    master_port: int | None = None  # fixed rendezvous port: every node must use the same one
-    deepspeed_include: str | None = None  # DeepSpeed --include filter over the hostfile, e.g. node0:0@node1:1
+    # DeepSpeed hostfile: jobs span its hosts (ssh/pdsh, or one launcher per node)
+    hostfile: Annotated[UserPath | None, BlankIsUnset] = None
+    # this machine's place in the hostfile: one launcher per node (--no_ssh)
+    node_rank: Annotated[int | None, BlankIsUnset] = None
+    master_addr: Annotated[str | None, BlankIsUnset] = None  # address of node 0, reachable from every node
+    master_port: Annotated[int | None, BlankIsUnset] = None  # fixed rendezvous port: every node must use the same one
+    # DeepSpeed --include filter over the hostfile, e.g. node0:0@node1:1
+    deepspeed_include: Annotated[str | None, BlankIsUnset] = None
 
     @property
     def dataset_roots(self) -> tuple[Path, ...]:
@@ -126,65 +143,34 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise SettingsError(f"{name}: {message}")
 
 
-_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(StudioSettings)}
+Sourced = dict[str, tuple[Any, str]]  # setting -> (raw value, where it came from)
 
 
-def _convert(name: str, raw: Any, source: str) -> Any:
-    """Turn a raw value (str from env/flags, or TOML value) into the field's type."""
-    kind = _FIELD_TYPES[name]
-    if kind.endswith(" | None"):
-        if str(raw) == "":
-            return None
-        kind = kind.removesuffix(" | None")
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in {"1", "true", "yes", "on"}:
-                return True
-            if text in {"0", "false", "no", "off", ""}:
-                return False
-            raise ValueError(f"not a boolean: {raw!r}")
-        if kind == "Path":
-            return Path(str(raw)).expanduser()
-        if kind.startswith("tuple"):
-            items = raw if isinstance(raw, list) else [p for p in str(raw).split(os.pathsep) if p]
-            return tuple(Path(str(p)).expanduser() for p in items)
-        return str(raw)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{name} (from {source}): {exc}") from None
-
-
-def _from_toml(path: Path) -> dict[str, Any]:
+def _from_toml(path: Path) -> Sourced:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SettingsError(f"settings file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"settings file {path}: {exc}") from None
-    unknown = sorted(set(data) - set(_FIELD_TYPES))
+    known = StudioSettings.model_fields
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise SettingsError(f"settings file {path}: unknown setting(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(_FIELD_TYPES))}")
-    return {k: _convert(k, v, str(path)) for k, v in data.items()}
+                            f"known: {', '.join(sorted(known))}")
+    return {k: (v, str(path)) for k, v in data.items()}
 
 
-def _from_env(env: dict[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+def _from_env(env: dict[str, str]) -> Sourced:
+    values: Sourced = {}
     # Spaces-style hosting sets GRADIO_SERVER_NAME/PORT; ours win when both are set.
-    if "GRADIO_SERVER_NAME" in env:
-        values["host"] = env["GRADIO_SERVER_NAME"]
-    if "GRADIO_SERVER_PORT" in env:
-        values["port"] = _convert("port", env["GRADIO_SERVER_PORT"], "GRADIO_SERVER_PORT")
-    for name in _FIELD_TYPES:
+    for name, key in (("host", "GRADIO_SERVER_NAME"), ("port", "GRADIO_SERVER_PORT")):
+        if key in env:
+            values[name] = (env[key], key)
+    for name in StudioSettings.model_fields:
         key = ENV_PREFIX + name.upper()
         if key in env:
-            values[name] = _convert(name, env[key], key)
+            values[name] = (env[key], key)
     return values
 
 
@@ -227,12 +213,27 @@ def load_settings(args: argparse.Namespace | None = None, env: dict[str, str] | 
     """Merge defaults < TOML file < environment < flags, then validate."""
     env = dict(os.environ if env is None else env)
     flags = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None}
-    values: dict[str, Any] = {}
+    values: Sourced = {}
     settings_file = flags.pop("settings", None) or env.get("STUDIO_SETTINGS")
     if settings_file:
         values.update(_from_toml(Path(settings_file)))
     values.update(_from_env(env))
     for name, raw in flags.items():
-        if name in _FIELD_TYPES:
-            values[name] = _convert(name, raw, f"--{name.replace('_', '-')}")
-    return replace(StudioSettings(), **values).validate()
+        if name in StudioSettings.model_fields:
+            values[name] = (raw, f"--{name.replace('_', '-')}")
+    try:
+        settings = StudioSettings.model_validate({name: raw for name, (raw, _) in values.items()})
+    except ValidationError as exc:
+        error = exc.errors()[0]  # one at a time, like the checks in validate()
+        name = str(error["loc"][0])
+        raise SettingsError(f"{name} (from {values[name][1]}): {_reason(error)}") from None
+    return settings.validate()
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false, yes/no, on/off, 1/0)",
+             "string": "a string", "path": "a path", "tuple": "a list of paths"}
+
+
+def _reason(error: Any) -> str:
+    expected = _EXPECTED.get(error["type"].split("_")[0])
+    return f"expected {expected}, got {error['input']!r}" if expected else error["msg"]

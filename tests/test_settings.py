@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,34 @@ def test_invalid_values_name_the_setting(argv: list[str], env: dict[str, str], n
     with pytest.raises(SettingsError) as info:
         load_settings(parse(argv), env=env)
     assert str(info.value).startswith(names)
+
+
+def test_type_errors_name_the_source_and_the_value(tmp_path: Path) -> None:
+    file = tmp_path / "s.toml"
+    file.write_text('port = "x"\n')
+    cases = [
+        ((["--port", "abc"], {}), "port (from --port): expected an integer, got 'abc'"),
+        (([], {"GRADIO_SERVER_PORT": "x"}), "port (from GRADIO_SERVER_PORT): expected an integer, got 'x'"),
+        (([], {"STUDIO_SETTINGS": str(file)}), f"port (from {file}): expected an integer, got 'x'"),
+        (([], {"STUDIO_POLL_INTERVAL_S": "x"}), "poll_interval_s (from STUDIO_POLL_INTERVAL_S): expected a number, got 'x'"),
+    ]
+    for (argv, env), message in cases:
+        with pytest.raises(SettingsError) as info:
+            load_settings(parse(argv), env=env)
+        assert str(info.value) == message
+
+
+def test_shell_style_values(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    env = {"STUDIO_SHARE": "", "STUDIO_INFER_COMPILE_BLOCKS": "Yes", "STUDIO_AUTH_FILE": "", "STUDIO_HOME": "~/h",
+           "STUDIO_ALLOWED_ROOTS": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"}
+    settings = load_settings(parse([]), env=env)
+    assert (settings.share, settings.infer_compile_blocks, settings.auth_file) == (False, True, None)
+    assert settings.home == Path("~/h").expanduser()
+    assert settings.allowed_roots == (tmp_path / "a", tmp_path / "b")
+    # only the value that wins is read: a flag replaces a bad environment value
+    assert load_settings(parse(["--port", "8003"]), env={"STUDIO_PORT": "abc"}).port == 8003
 
 
 def test_unknown_key_in_settings_file(tmp_path: Path) -> None:
@@ -113,7 +142,7 @@ def test_node_settings_become_one_nodes_object(hostfile: Path) -> None:
          "node_rank", "must be 0..0"),
         (["--node-rank", "1", "--master-addr", "n0", "--master-port", "29400", "--deepspeed-include", "b"],
          "a slots=1\nb slots=1\n", "node_rank", "kept by deepspeed_include"),
-        (["--node-rank", "one"], "a slots=1\n", "node_rank", "invalid literal"),
+        (["--node-rank", "one"], "a slots=1\n", "node_rank", "(from --node-rank): expected an integer, got 'one'"),
         (["--master-port", "70000"], "a slots=1\n", "master_port", "1..65535"),
         (["--deepspeed-include", "c:0"], "a slots=1\n", "deepspeed_include", "not in the hostfile"),
         ([], "", "hostfile", "lists no hosts"),
