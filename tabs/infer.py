@@ -16,6 +16,17 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 DEMO = request_defaults("demo")  # the form starts on the demo model
 
 
+def form_request(values: dict[str, Any]) -> dict[str, Any]:
+    """The Infer form's values as a generation request: seed -1 or empty = random, flow shift 0 or
+    empty = the model's own, whole numbers as ints (number boxes hand over floats)."""
+    req = dict(values)
+    req["seed"] = None if req.get("seed") is None or req["seed"] < 0 else int(req["seed"])
+    req["flow_shift"] = req.get("flow_shift") or None
+    for key in ("width", "height", "num_frames", "fps", "steps", "num_videos"):
+        req[key] = int(req[key]) if req.get(key) is not None else None
+    return req
+
+
 @dataclass
 class InferHandles:
     """Components other tabs fill ("reuse in Infer" from the Gallery)."""
@@ -53,8 +64,8 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
                 with gr.Row(elem_classes=["form-grid"]):
                     steps = gr.Slider(value=DEMO["steps"], step=1, label="steps", elem_id="infer-steps", **limits("steps"))
                     guidance = gr.Slider(value=DEMO["guidance_scale"], step=0.5, label="guidance scale", **limits("guidance_scale"))
-                    shift = gr.Number(None, step=0.1, label="flow shift (empty: the model's own)",
-                                      **limits("flow_shift"), min_width=120)
+                    shift = gr.Number(None, step=0.1, label="flow shift (0 or empty: the model's own)",
+                                      minimum=0, maximum=LIMITS["flow_shift"][1], min_width=120)
                 with gr.Row(elem_classes=["form-grid"]):
                     seed = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="infer-seed", min_width=140)
                     count = gr.Number(1, precision=0, label="videos", **limits("num_videos"), min_width=120)
@@ -108,10 +119,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
     def submit(values: dict, request: gr.Request):
         user = request_user(api, request)
         lora_values = [values[c] for c in (*stack.refs, *stack.weights)]
-        req = {name: values[c] for c, name in by_component.items()}
-        req["seed"] = None if req["seed"] is None or req["seed"] < 0 else int(req["seed"])
-        for key in ("width", "height", "num_frames", "fps", "steps", "num_videos"):
-            req[key] = int(req[key]) if req[key] is not None else req[key]
+        req = form_request({name: values[c] for c, name in by_component.items()})
         req["loras"] = LoraStack.read(values[stack.visible], lora_values)
         with user_errors():
             rid = api.generate(user, req)["request_id"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import gradio as gr
 from engine.config import ConfigError, DirectoryConfig, TrainConfig
 from studio import datasets as ds
 from studio.api import StudioApi
-from studio.http_api import request_user, user_errors
+from studio.auth import User
 from studio.context import StudioContext
+from studio.http_api import request_user, user_errors
 from studio.plots import loss_figure
 from studio.presets import DEMO_PRESET, PRESET_NAMES, load_preset
 from studio.widgets import ConfigForm, message, progress_bar, status_badge
@@ -27,9 +29,160 @@ def _job_row(job: dict[str, Any]) -> list[Any]:
     return [job["id"], job["name"], job["owner"], job["status"], job["progress"], gpus, created]
 
 
-def _dataset_dir(cfg: TrainConfig, folder: str, repeats: float | None) -> TrainConfig:
-    cfg.dataset.directory = [DirectoryConfig(path=folder.strip(), num_repeats=int(repeats or 1))] if folder else []
-    return cfg
+@dataclass
+class TrainForm:
+    """The config form plus the dataset folder and repeats: values <-> TrainConfig."""
+
+    form: ConfigForm
+    folder: gr.components.Component
+    repeats: gr.components.Component
+    runs_dir: Path
+
+    @property
+    def inputs(self) -> set[gr.components.Component]:
+        return self.form.inputs | {self.folder, self.repeats}
+
+    def config(self, values: dict) -> TrainConfig:
+        cfg = self.form.to_config(values, TrainConfig(output_dir=str(self.runs_dir)))
+        folder, repeats = values.get(self.folder) or "", values.get(self.repeats)
+        cfg.dataset.directory = [DirectoryConfig(path=folder.strip(), num_repeats=int(repeats or 1))] if folder else []
+        return cfg
+
+    def updates(self, cfg: TrainConfig) -> dict[gr.components.Component, Any]:
+        directory = cfg.dataset.directory[0] if cfg.dataset.directory else None
+        updates = self.form.updates(cfg)
+        # A config without a dataset keeps the folder already chosen.
+        updates[self.folder] = directory.path if directory else gr.skip()
+        updates[self.repeats] = directory.num_repeats if directory else gr.skip()
+        return updates
+
+
+# ---- handlers: (api, user, inputs) -> outputs, unit-tested in tests/test_train_tab.py -------------
+def render_toml(form: TrainForm, values: dict) -> tuple[str | None, str]:
+    """(TOML of the form, or None when the form cannot make a config; an error note or "")."""
+    try:
+        cfg = form.config(values)
+    except ConfigError as exc:
+        return None, message(str(exc), "error")
+    try:
+        cfg.validate()
+        return cfg.to_toml(), ""
+    except ConfigError as exc:
+        return cfg.to_toml(), message(str(exc), "error")
+
+
+def preset_config(api: StudioApi, name: str) -> TrainConfig:
+    return load_preset(name, api.ctx.layout.runs_dir, api.ctx.layout.home)
+
+
+def export_toml(text: str) -> str:
+    # A temp folder: Gradio hands out files from there, and nothing else lives in it.
+    target = Path(tempfile.mkdtemp(prefix="studio-toml-")) / f"train-{time.strftime('%Y%m%d-%H%M%S')}.toml"
+    target.write_text(text, encoding="utf-8")
+    return str(target)
+
+
+@dataclass
+class DatasetCheck:
+    note: str  # HTML: summary and problems
+    thumbnails: list[tuple[str, str]]
+    rows: list[list[Any]]
+
+
+def check_dataset(api: StudioApi, folder_text: str, buckets_text: str) -> DatasetCheck:
+    ctx = api.ctx
+    path = ds.confine(folder_text, ctx.settings.dataset_roots)
+    buckets = [int(b) for b in str(buckets_text).replace(" ", "").split(",") if b]
+    found = ds.scan_dataset(path)
+    problems = ds.check_dataset(found, buckets)
+    summary = f"{len(found)} files in {path.name}: " + (
+        "no problems found" if not problems else f"{len(problems)} problem(s)")
+    note = message(summary, "ok" if not problems else "error")
+    if problems:
+        note += "<ul class='problems'>" + "".join(f"<li>{p}</li>" for p in problems[:50]) + "</ul>"
+    rows = [[f.name, f.kind, f.frames if f.frames is not None else "?",
+             f"{f.width}x{f.height}" if f.width else "?",
+             ds.bucket_for(f.frames, buckets) if f.frames else "-", f.caption or ""] for f in found]
+    shots = [(str(t), f.name) for f in found[:64]
+             if (t := ds.thumbnail(path / f.name, ctx.layout.cache_dir / "thumbs")) is not None]
+    return DatasetCheck(note, shots, rows)
+
+
+def write_captions(api: StudioApi, folder_text: str, table: Any) -> str:
+    path = ds.confine(folder_text, api.ctx.settings.dataset_roots)
+    rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    for row in rows:
+        ds.save_caption(path, str(row[0]), str(row[-1] or ""))
+    return message(f"saved {len(rows)} captions", "ok")
+
+
+def import_dataset(api: StudioApi, user: User, paths: list[str] | None, name: str) -> tuple[Path, str]:
+    """Uploaded files into a new dataset folder of the user's: (folder, note)."""
+    if not paths:
+        raise ValueError("choose files to upload first")
+    dest = api.user_uploads(user) / "datasets" / ds.safe_name(name or time.strftime("upload-%Y%m%d-%H%M%S"))
+    written = ds.import_uploads(paths, dest, api.ctx.settings.max_upload_mb * 2**20)
+    return dest, message(f"imported {len(written)} files into {dest.name}", "ok")
+
+
+def start_run(api: StudioApi, user: User, cfg: TrainConfig, gpus: list[str] | None, count: Any,
+              name: str | None) -> dict[str, Any]:
+    """Queue the form's config (not the TOML preview, whose change events may still be in flight)."""
+    return api.start_training(user, cfg.to_toml(), ",".join(gpus or []), int(count or 1), name or "")
+
+
+def job_list(api: StudioApi, user: User, current: int | None) -> tuple[list[list[Any]], list[tuple[str, int]], int | None]:
+    """(table rows, run choices, the run to show: the current one if still listed, else the newest)."""
+    jobs = api.list_jobs(user, limit=50)
+    choices = [(f"#{j['id']} {j['name']} · {j['status']}", j["id"]) for j in jobs]
+    pick = current if current in {j["id"] for j in jobs} else (jobs[0]["id"] if jobs else None)
+    return [_job_row(j) for j in jobs], choices, pick
+
+
+@dataclass
+class JobPanel:
+    header: str
+    bar: str
+    series: dict[str, Any] | None  # the loss series, None when unchanged since `last_plot`
+    log: str
+    files: list[str] | None  # LoRA downloads, None when unchanged since `last_files`
+    plot_sig: str
+    files_sig: str
+
+
+def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_files: str) -> JobPanel:
+    job = api.job_status(user, job_id)
+    header = (f"{status_badge(job['status'])} <b>#{job['id']} {job['name']}</b>"
+              f" <span class='muted'>{job['owner']} · {job['phase'] or ''}</span>")
+    if job["failure_reason"]:
+        header += message(f"{job['failure_reason']} {job['failure_hint'] or ''}", "error")
+    fraction = (job["step"] or 0) / job["total_steps"] if job["total_steps"] else None
+    bar = progress_bar(fraction, job["progress"] or job["status"])
+    series = api.job_metrics(user, job_id)
+    sig = f"{job_id}:{len(series['step'])}:{series['step'][-1] if series['step'] else ''}:{job['status']}"
+    saves = api.job_lora_files(user, job_id)
+    fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
+    files = [str(api.lora_download(user, job_id, label)) for label, _ in saves] if fsig != last_files else None
+    return JobPanel(header, bar, series if sig != last_plot else None, api.job_log(user, job_id)[-6000:],
+                    files, sig, fsig)
+
+
+def control_job(api: StudioApi, user: User, job_id: int | None, action: str) -> str:
+    if job_id is None:
+        raise ValueError("select a run first")
+    job = api.control_job(user, job_id, action)
+    return message(f"#{job['id']}: {action} requested ({job['status']})", "ok")
+
+
+def gpu_choices(api: StudioApi, user: User) -> tuple[list[tuple[str, str]], str]:
+    """(the GPU picker's choices, its label)."""
+    status = api.gpu_status(user)
+    choices = [(f"GPU {g['index']} · {g['name']} · "
+                + (f"busy: {g['job']}" if g["job"] else
+                   f"free {((g['memory_total_mib'] or 0) - (g['memory_used_mib'] or 0)) / 1024:.0f} GiB"),
+                str(g["index"])) for g in status["gpus"]]
+    label = "GPUs (none ticked: any free)" if choices else "No GPU on this machine: runs use a CPU slot"
+    return choices, label
 
 
 def build(ctx: StudioContext, api: StudioApi) -> None:
@@ -105,198 +258,125 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     gpu_sig = gr.State("")
 
     # ---------------------------------------------------------------- form <-> TOML
-    form_inputs = form.inputs | {folder, repeats}
+    train_form = TrainForm(form, folder, repeats, ctx.layout.runs_dir)
+    form_inputs = train_form.inputs
 
-    def current_config(values: dict) -> TrainConfig:
-        cfg = form.to_config(values, TrainConfig(output_dir=str(ctx.layout.runs_dir)))
-        return _dataset_dir(cfg, values.get(folder) or "", values.get(repeats))
-
-    def render(values: dict, request: gr.Request):
+    def on_form_change(values: dict, request: gr.Request):
         request_user(api, request)
-        try:
-            cfg = current_config(values)
-        except ConfigError as exc:
-            return gr.skip(), message(str(exc), "error")
-        try:
-            cfg.validate()
-            note = ""
-        except ConfigError as exc:
-            note = message(str(exc), "error")
-        return cfg.to_toml(), note
+        toml_text, note = render_toml(train_form, values)
+        return (gr.skip() if toml_text is None else toml_text), note
 
     for component in form_inputs:
-        component.change(render, form_inputs, [toml_view, form_msg], queue=False, show_progress="hidden",
+        component.change(on_form_change, form_inputs, [toml_view, form_msg], queue=False, show_progress="hidden",
                          api_visibility="private")
 
-    def show_config(cfg: TrainConfig):
-        directory = cfg.dataset.directory[0] if cfg.dataset.directory else None
-        updates = form.updates(cfg)
-        # A preset without a dataset keeps the folder already chosen.
-        updates[folder] = directory.path if directory else gr.skip()
-        updates[repeats] = directory.num_repeats if directory else gr.skip()
-        return updates
-
-    def apply_preset(name: str, request: gr.Request):
+    def on_preset(name: str, request: gr.Request):
         request_user(api, request)
         with user_errors():
-            return show_config(load_preset(name, ctx.layout.runs_dir, ctx.layout.home))
+            return train_form.updates(preset_config(api, name))
 
-    preset.input(apply_preset, preset, list(form_inputs), api_visibility="private")
+    preset.input(on_preset, preset, list(form_inputs), api_visibility="private")
 
-    def apply_toml_file(file: str | None, request: gr.Request):
+    def on_toml_file(file: str | None, request: gr.Request):
         request_user(api, request)
         if not file:
             return gr.skip()
         with user_errors():
-            return show_config(TrainConfig.from_toml_file(file))
+            return train_form.updates(TrainConfig.from_toml_file(file))
 
-    load_toml.upload(apply_toml_file, load_toml, list(form_inputs), api_visibility="private")
+    load_toml.upload(on_toml_file, load_toml, list(form_inputs), api_visibility="private")
 
-    def export_toml(text: str, request: gr.Request):
+    def on_export(text: str, request: gr.Request):
         request_user(api, request)
-        # A temp folder: Gradio hands out files from there, and nothing else lives in it.
-        target = Path(tempfile.mkdtemp(prefix="studio-toml-")) / f"train-{time.strftime('%Y%m%d-%H%M%S')}.toml"
-        target.write_text(text, encoding="utf-8")
-        return str(target)
+        return export_toml(text)
 
-    save_toml.click(export_toml, toml_view, save_toml, api_visibility="private")
+    save_toml.click(on_export, toml_view, save_toml, api_visibility="private")
 
     # ---------------------------------------------------------------- dataset
-    def check(folder_text: str, buckets_text: str, request: gr.Request):
+    def on_check(folder_text: str, buckets_text: str, request: gr.Request):
         request_user(api, request)
         with user_errors():
-            path = ds.confine(folder_text, roots)
-            buckets = [int(b) for b in str(buckets_text).replace(" ", "").split(",") if b]
-            found = ds.scan_dataset(path)
-        problems = ds.check_dataset(found, buckets)
-        summary = f"{len(found)} files in {path.name}: " + (
-            "no problems found" if not problems else f"{len(problems)} problem(s)")
-        note = message(summary, "ok" if not problems else "error")
-        if problems:
-            note += "<ul class='problems'>" + "".join(f"<li>{p}</li>" for p in problems[:50]) + "</ul>"
-        rows = [[f.name, f.kind, f.frames if f.frames is not None else "?",
-                 f"{f.width}x{f.height}" if f.width else "?",
-                 ds.bucket_for(f.frames, buckets) if f.frames else "-", f.caption or ""] for f in found]
-        shots = [(str(t), f.name) for f in found[:64]
-                 if (t := ds.thumbnail(path / f.name, ctx.layout.cache_dir / "thumbs")) is not None]
-        has = bool(found)
-        return (note, gr.update(value=shots, visible=bool(shots)), gr.update(value=rows, visible=has),
-                gr.update(visible=has))
+            found = check_dataset(api, folder_text, buckets_text)
+        return (found.note, gr.update(value=found.thumbnails, visible=bool(found.thumbnails)),
+                gr.update(value=found.rows, visible=bool(found.rows)), gr.update(visible=bool(found.rows)))
 
     buckets_box = form.components["dataset.frame_buckets"]
-    check_btn.click(check, [folder, buckets_box], [check_msg, thumbs, files, save_captions],
-                    api_name="check_dataset", api_visibility="undocumented")
-    folder.input(check, [folder, buckets_box], [check_msg, thumbs, files, save_captions], api_visibility="private")
+    check_outputs = [check_msg, thumbs, files, save_captions]
+    check_btn.click(on_check, [folder, buckets_box], check_outputs, api_name="check_dataset",
+                    api_visibility="undocumented")
+    folder.input(on_check, [folder, buckets_box], check_outputs, api_visibility="private")
 
-    def write_captions(folder_text: str, table: Any, request: gr.Request):
+    def on_save_captions(folder_text: str, table: Any, request: gr.Request):
         request_user(api, request)
         with user_errors():
-            path = ds.confine(folder_text, roots)
-            rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
-            for row in rows:
-                ds.save_caption(path, str(row[0]), str(row[-1] or ""))
-        return message(f"saved {len(rows)} captions", "ok")
+            return write_captions(api, folder_text, table)
 
-    save_captions.click(write_captions, [folder, files], check_msg, api_visibility="private")
+    save_captions.click(on_save_captions, [folder, files], check_msg, api_visibility="private")
 
-    def import_files(paths: list[str] | None, name: str, request: gr.Request):
+    def on_import(paths: list[str] | None, name: str, request: gr.Request):
         user = request_user(api, request)
-        if not paths:
-            raise gr.Error("choose files to upload first")
-        dest = api.user_uploads(user) / "datasets" / ds.safe_name(name or time.strftime("upload-%Y%m%d-%H%M%S"))
         with user_errors():
-            written = ds.import_uploads(paths, dest, ctx.settings.max_upload_mb * 2**20)
-        return (gr.update(choices=ds.list_dataset_folders(roots), value=str(dest)),
-                message(f"imported {len(written)} files into {dest.name}", "ok"))
+            dest, note = import_dataset(api, user, paths, name)
+        return gr.update(choices=ds.list_dataset_folders(roots), value=str(dest)), note
 
-    upload_btn.click(import_files, [uploads, upload_name], [folder, check_msg], api_visibility="private").then(
-        check, [folder, buckets_box], [check_msg, thumbs, files, save_captions], api_visibility="private")
+    upload_btn.click(on_import, [uploads, upload_name], [folder, check_msg], api_visibility="private").then(
+        on_check, [folder, buckets_box], check_outputs, api_visibility="private")
 
     # ---------------------------------------------------------------- start
-    def start_run(values: dict, request: gr.Request):
-        # The config comes from the form itself, not from the TOML preview: the preview is refreshed by
-        # change events that can still be in flight when Start is clicked right after a preset or TOML load.
+    def on_start(values: dict, request: gr.Request):
         user = request_user(api, request)
         with user_errors():
-            toml_text = current_config(values).to_toml()
-            gpus, count = values.get(gpu_pick) or [], int(values.get(num_gpus) or 1)
-            job = api.start_training(user, toml_text, ",".join(gpus), count, values.get(run_name) or "")
+            job = start_run(api, user, train_form.config(values), values.get(gpu_pick), values.get(num_gpus),
+                            values.get(run_name))
         return (gr.update(value=job["id"], choices=[(f"#{job['id']} {job['name']}", job["id"])]),
                 message(f"queued run #{job['id']} ({job['name']})", "ok"))
 
-    start.click(start_run, form_inputs | {gpu_pick, num_gpus, run_name}, [job_pick, start_msg],
+    start.click(on_start, form_inputs | {gpu_pick, num_gpus, run_name}, [job_pick, start_msg],
                 api_visibility="private")
 
     # ---------------------------------------------------------------- live reads
-    def refresh_jobs(current: int | None, request: gr.Request):
-        user = request_user(api, request)
-        jobs = api.list_jobs(user, limit=50)
-        choices = [(f"#{j['id']} {j['name']} · {j['status']}", j["id"]) for j in jobs]
-        pick = current if current in {j["id"] for j in jobs} else (jobs[0]["id"] if jobs else None)
-        return [_job_row(j) for j in jobs], gr.update(choices=choices, value=pick)
+    def on_jobs_tick(current: int | None, request: gr.Request):
+        rows, choices, pick = job_list(api, request_user(api, request), current)
+        return rows, gr.update(choices=choices, value=pick)
 
-    timer.tick(refresh_jobs, job_pick, [jobs_table, job_pick], queue=False, show_progress="hidden",
+    timer.tick(on_jobs_tick, job_pick, [jobs_table, job_pick], queue=False, show_progress="hidden",
                api_visibility="private")
 
-    def refresh_job(job_id: int | None, last_plot: str, last_files: str, request: gr.Request):
+    def on_job_tick(job_id: int | None, last_plot: str, last_files: str, request: gr.Request):
         user = request_user(api, request)
         if job_id is None:
             return ("", progress_bar(None, "no run selected"), gr.skip(), "", gr.skip(), last_plot, last_files)
         try:
-            job = api.job_status(user, job_id)
+            panel = job_panel(api, user, job_id, last_plot, last_files)
         except Exception:  # deleted or not visible: clear the panel
             return ("", progress_bar(None, ""), loss_figure(None), "", None, "", "")
-        header = (f"{status_badge(job['status'])} <b>#{job['id']} {job['name']}</b>"
-                  f" <span class='muted'>{job['owner']} · {job['phase'] or ''}</span>")
-        if job["failure_reason"]:
-            header += message(f"{job['failure_reason']} {job['failure_hint'] or ''}", "error")
-        fraction = (job["step"] or 0) / job["total_steps"] if job["total_steps"] else None
-        bar = progress_bar(fraction, job["progress"] or job["status"])
-        series = api.job_metrics(user, job_id)
-        sig = f"{job_id}:{len(series['step'])}:{series['step'][-1] if series['step'] else ''}:{job['status']}"
-        plot = loss_figure(series) if sig != last_plot else gr.skip()
-        saves = api.job_lora_files(user, job_id)
-        fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
-        file_update = [str(api.lora_download(user, job_id, label)) for label, _ in saves] \
-            if fsig != last_files else gr.skip()
-        return header, bar, plot, api.job_log(user, job_id)[-6000:], file_update, sig, fsig
+        plot = gr.skip() if panel.series is None else loss_figure(panel.series)
+        files_update = gr.skip() if panel.files is None else panel.files
+        return panel.header, panel.bar, plot, panel.log, files_update, panel.plot_sig, panel.files_sig
 
-    timer.tick(refresh_job, [job_pick, plot_sig, files_sig],
+    timer.tick(on_job_tick, [job_pick, plot_sig, files_sig],
                [job_header, job_progress, loss_plot, log_view, lora_files, plot_sig, files_sig],
                queue=False, show_progress="hidden", api_visibility="private")
     job_pick.change(lambda: ("", ""), None, [plot_sig, files_sig], queue=False, api_visibility="private")
 
-    def select_row(evt: gr.SelectData):
+    def on_row_select(evt: gr.SelectData):
         row = getattr(evt, "row_value", None)
         return row[0] if row else gr.skip()
 
-    jobs_table.select(select_row, None, job_pick, queue=False, api_visibility="private")
-
-    def control(action: str):
-        def handler(job_id: int | None, request: gr.Request):
-            user = request_user(api, request)
-            if job_id is None:
-                raise gr.Error("select a run first")
-            with user_errors():
-                job = api.control_job(user, job_id, action)
-            return message(f"#{job['id']}: {action} requested ({job['status']})", "ok")
-
-        return handler
+    jobs_table.select(on_row_select, None, job_pick, queue=False, api_visibility="private")
 
     for button, action in ((stop_btn, "stop"), (save_btn, "save"), (resume_btn, "resume"), (cancel_btn, "cancel")):
-        button.click(control(action), job_pick, job_msg, api_visibility="private")
+        def on_control(job_id: int | None, request: gr.Request, action: str = action):
+            user = request_user(api, request)
+            with user_errors():
+                return control_job(api, user, job_id, action)
 
-    def refresh_gpus(last: str, request: gr.Request):
-        status = api.gpu_status(request_user(api, request))
-        choices = [(f"GPU {g['index']} · {g['name']} · "
-                    + (f"busy: {g['job']}" if g["job"] else
-                       f"free {((g['memory_total_mib'] or 0) - (g['memory_used_mib'] or 0)) / 1024:.0f} GiB"),
-                    str(g["index"])) for g in status["gpus"]]
+        button.click(on_control, job_pick, job_msg, api_visibility="private")
+
+    def on_gpus_tick(last: str, request: gr.Request):
+        choices, label = gpu_choices(api, request_user(api, request))
         sig = repr(choices)
-        if sig == last:
-            return gr.skip(), last
-        label = "GPUs (none ticked: any free)" if choices else "No GPU on this machine: runs use a CPU slot"
-        return gr.update(choices=choices, label=label), sig
+        return (gr.skip(), last) if sig == last else (gr.update(choices=choices, label=label), sig)
 
-    slow_timer.tick(refresh_gpus, gpu_sig, [gpu_pick, gpu_sig], queue=False, show_progress="hidden",
+    slow_timer.tick(on_gpus_tick, gpu_sig, [gpu_pick, gpu_sig], queue=False, show_progress="hidden",
                     api_visibility="private")

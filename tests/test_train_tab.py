@@ -1,0 +1,108 @@
+"""The Train tab's handlers without a browser: (api, user, inputs) -> outputs on a real studio context
+(SQLite, data directory, dataset files); the browser test drives the same functions through Gradio."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from engine.config import TrainConfig
+from studio.api import StudioApi
+from studio.auth import User
+from studio.context import StudioContext
+from studio.presets import DEMO_PRESET
+from studio.settings import StudioSettings
+from studio.widgets import ConfigForm
+from tabs import train
+from tests.ui_support import write_dataset
+
+ALICE, BOB = User("alice"), User("bob")
+
+
+@pytest.fixture
+def api(tmp_path: Path):
+    ctx = StudioContext.create(StudioSettings(home=tmp_path / "home").validate(), start=False)
+    yield StudioApi(ctx)
+    ctx.close()
+
+
+@pytest.fixture
+def form(api: StudioApi) -> train.TrainForm:
+    with gr.Blocks():
+        config_form = ConfigForm.build(TrainConfig(output_dir="x"))
+        folder, repeats = gr.Dropdown(allow_custom_value=True), gr.Number()
+    return train.TrainForm(config_form, folder, repeats, api.ctx.layout.runs_dir)
+
+
+def test_form_renders_the_config_and_names_a_bad_value(api: StudioApi, form: train.TrainForm) -> None:
+    dataset = write_dataset(api.ctx.layout.home)
+    cfg = train.preset_config(api, DEMO_PRESET)
+    cfg.dataset.directory[0].path = str(dataset)
+    values = form.updates(cfg)
+    text, note = train.render_toml(form, values)
+    assert note == "" and TrainConfig.from_toml_string(text).dataset.directory[0].path == str(dataset)
+    values[form.form.components["optimizer.lr"]] = 0
+    text, note = train.render_toml(form, values)
+    assert text is not None and "optimizer.lr: must be &gt; 0" in note  # HTML-escaped in the note
+
+
+def test_check_dataset_lists_files_and_problems(api: StudioApi) -> None:
+    dataset = write_dataset(api.ctx.layout.home, count=3)
+    (dataset / "orphan.txt").write_text("a caption without a video")
+    found = train.check_dataset(api, str(dataset), "1, 17")
+    assert "files in shapes" in found.note and len(found.rows) >= 3
+    assert {row[1] for row in found.rows} >= {"video"}
+    with pytest.raises(Exception, match="outside|allowed"):
+        train.check_dataset(api, "/etc", "17")
+    assert "saved 3 captions" in train.write_captions(api, str(dataset), [[r[0], "new caption"] for r in found.rows[:3]])
+
+
+def test_start_list_panel_and_control_a_run(api: StudioApi, form: train.TrainForm) -> None:
+    dataset = write_dataset(api.ctx.layout.home)
+    cfg = train.preset_config(api, DEMO_PRESET)
+    cfg.dataset.directory[0].path = str(dataset)
+    job = train.start_run(api, ALICE, cfg, [], 1, "my run")
+    assert job["status"] == "queued" and job["name"] == "my run"
+    rows, choices, pick = train.job_list(api, ALICE, current=None)
+    assert pick == job["id"] and rows[0][:4] == [job["id"], "my run", "alice", "queued"]
+    assert train.job_list(api, BOB, current=job["id"])[2] is None  # not bob's
+    panel = train.job_panel(api, ALICE, job["id"], last_plot="", last_files="")
+    assert f"#{job['id']} my run" in panel.header and panel.series["step"] == [] and panel.files == []
+    again = train.job_panel(api, ALICE, job["id"], panel.plot_sig, panel.files_sig)
+    assert again.series is None and again.files is None  # unchanged: the UI skips redrawing
+    with pytest.raises(ValueError, match="select a run"):
+        train.control_job(api, ALICE, None, "stop")
+    with pytest.raises(Exception, match="not found"):
+        train.control_job(api, BOB, job["id"], "cancel")
+    assert "cancel requested (stopped)" in train.control_job(api, ALICE, job["id"], "cancel")
+
+
+def test_gpu_picker_on_a_machine_without_gpus(api: StudioApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi
+    choices, label = train.gpu_choices(api, ALICE)
+    assert choices == [] and label.startswith("No GPU on this machine")
+
+
+def test_import_and_export(api: StudioApi, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="choose files"):
+        train.import_dataset(api, ALICE, [], "x")
+    clip = write_dataset(tmp_path / "elsewhere", count=1)
+    files = [str(p) for p in sorted(clip.iterdir())]
+    dest, note = train.import_dataset(api, ALICE, files, "my data")
+    assert dest.is_dir() and "alice" in str(dest) and f"imported {len(files)} files" in note
+    exported = Path(train.export_toml('epochs = 1\n'))
+    assert exported.read_text() == "epochs = 1\n" and exported.suffix == ".toml"
+
+
+def test_infer_form_values_become_a_request() -> None:
+    from engine.inference.request import InferRequest
+    from tabs.infer import form_request
+
+    req = form_request({"model": "demo", "prompt": "p", "seed": -1, "flow_shift": 0, "width": 64.0,
+                        "height": 48.0, "num_frames": 9.0, "fps": 16.0, "steps": 3.0, "num_videos": 1.0,
+                        "guidance_scale": 5.0, "negative_prompt": "", "fuse_loras": False})
+    assert req["seed"] is None and req["flow_shift"] is None and req["width"] == 64 and isinstance(req["steps"], int)
+    built = InferRequest.from_dict(req).validate()
+    assert built.flow_shift is None and (built.width, built.height, built.num_frames) == (64, 48, 9)
+    assert form_request({"seed": 7, "flow_shift": 2.5})["flow_shift"] == 2.5
