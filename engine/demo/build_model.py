@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import multiprocessing
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,11 +26,12 @@ import numpy as np
 import torch
 
 from engine.demo import world
+from engine.demo.build_parts import (TEXT_DIM, build_text_encoder, build_tokenizer, compose, encode_captions,
+                                     load_checkpoint, lr_factor, palette_colors, render_pool, save_checkpoint,
+                                     time_budget_end)
 
 log = logging.getLogger(__name__)
 
-MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default: embeddings are zero-padded to this length
-TEXT_DIM = 64
 Z_DIM = 8
 FLOW_SHIFT = 2.0
 
@@ -110,131 +109,12 @@ PRESETS: dict[str, BuildSettings] = {
 # ---------------------------------------------------------------- text
 
 
-def build_tokenizer():
-    """Word-level tokenizer over the caption vocabulary, shaped like UMT5's (pad 0, eos 1, unk 2, eos appended)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in world.caption_vocabulary():
-        vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=MAX_SEQUENCE_LENGTH,
-        padding_side="right",
-    )
-
-
-def build_text_encoder(vocab_size: int, seed: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(config).eval()
-
-
 def stage_text(work: Path, settings: BuildSettings) -> None:
     tokenizer = build_tokenizer()
     encoder = build_text_encoder(len(tokenizer), settings.seed)
     tokenizer.save_pretrained(work / "text" / "tokenizer")
     encoder.save_pretrained(work / "text" / "text_encoder")
 
-
-def encode_captions(work: Path, prompts: list[str]) -> torch.Tensor:
-    """Embeddings exactly as WanPipeline computes them (its own method, on our text parts)."""
-    from diffusers import WanPipeline
-    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
-
-    pipe = WanPipeline(
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(work / "text" / "tokenizer"),
-        text_encoder=UMT5EncoderModel.from_pretrained(work / "text" / "text_encoder"),
-        transformer=None,
-        vae=None,
-        scheduler=None,
-    )
-    with torch.no_grad():
-        return pipe._get_t5_prompt_embeds(prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, device=torch.device("cpu"))
-
-
-# ---------------------------------------------------------------- data
-
-
-def _coverage_and_labels(spec: world.ClipSpec) -> tuple[np.ndarray, str]:
-    return world.render_coverage(spec).astype(np.float16), spec.caption.text()
-
-
-def render_pool(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[world.ClipSpec]]:
-    """Coverage maps (N, T, H, W) float16 of base-split clips; colors are composed later."""
-    specs = world.sample_specs(count, seed)
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.map(_coverage_and_labels, specs, chunksize=64)
-    else:
-        results = [_coverage_and_labels(s) for s in specs]
-    return np.stack([r[0] for r in results]), specs
-
-
-def compose(coverage: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, W) coverage + (B, 3) colors in [0, 255] -> (B, 3, T, H, W) video in [-1, 1]."""
-    cov = coverage.float().unsqueeze(1)
-    fg = foreground.view(-1, 3, 1, 1, 1) / 127.5 - 1
-    bg = background.view(-1, 3, 1, 1, 1) / 127.5 - 1
-    return bg * (1 - cov) + fg * cov
-
-
-def palette_colors(specs: list[world.ClipSpec]) -> tuple[torch.Tensor, torch.Tensor]:
-    fg = torch.tensor([world.COLORS[s.color] for s in specs], dtype=torch.float32)
-    bg = torch.tensor([world.BACKGROUNDS[s.background] for s in specs], dtype=torch.float32)
-    return fg, bg
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a crash mid-save keeps the previous checkpoint
-
-
-def _load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-
-
-def _deadline(minutes: float) -> float:
-    return time.time() + minutes * 60 if minutes > 0 else math.inf
-
-
-def _lr_factor(step: int, total: int, started: float, minutes: float, warmup: int = 200) -> float:
-    """Linear warmup, then cosine to 10% over whichever ends first: the steps or the time budget."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    if minutes > 0:
-        progress = max(progress, (time.time() - started) / (minutes * 60))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ---------------------------------------------------------------- vae
@@ -251,13 +131,13 @@ def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     ckpt_path = work / "vae_ckpt.pt"
     start = _resume(ckpt_path, vae, optimizer)
-    started, deadline = time.time(), _deadline(settings.vae_minutes)
+    started, deadline = time.time(), time_budget_end(settings.vae_minutes)
     generator = torch.Generator().manual_seed(settings.seed + 2 + start)
     fg_palette, bg_palette = palette_colors(specs)
     for step in range(start, settings.vae_steps):
         video = _vae_batch(pool, fg_palette, bg_palette, settings, generator)
         for group in optimizer.param_groups:
-            group["lr"] = settings.vae_lr * _lr_factor(step, settings.vae_steps, started, settings.vae_minutes)
+            group["lr"] = settings.vae_lr * lr_factor(step, settings.vae_steps, started, settings.vae_minutes)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             latents = vae.encode(video).latent_dist.mode()
             recon = vae.decode(latents).sample.float()
@@ -274,7 +154,7 @@ def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None
             log.info("vae step %d/%d loss %.4f", step + 1, settings.vae_steps, loss.item())
         out_of_time = time.time() > deadline
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.vae_steps or out_of_time:
-            _save_checkpoint(ckpt_path, {"step": step + 1, "model": vae.state_dict(), "optimizer": optimizer.state_dict()})
+            save_checkpoint(ckpt_path, {"step": step + 1, "model": vae.state_dict(), "optimizer": optimizer.state_dict()})
         if out_of_time:
             log.info("vae: time budget reached at step %d", step + 1)
             break
@@ -306,7 +186,7 @@ def _initial(model_class, work: Path, name: str, config: dict, settings: BuildSe
 
 
 def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema=None) -> int:
-    state = _load_checkpoint(path)
+    state = load_checkpoint(path)
     if state is None:
         return 0
     model.load_state_dict(state["model"])
@@ -380,7 +260,7 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
     optimizer = torch.optim.AdamW(_decay_groups(model, 0.01), lr=settings.transformer_lr)
     ckpt_path = work / "transformer_ckpt.pt"
     start = _resume(ckpt_path, model, optimizer, ema)
-    started, deadline = time.time(), _deadline(settings.transformer_minutes)
+    started, deadline = time.time(), time_budget_end(settings.transformer_minutes)
     generator = torch.Generator(device=device).manual_seed(settings.seed + 4 + start)
     batch = settings.transformer_batch
     for step in range(start, settings.transformer_steps):
@@ -392,7 +272,7 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
         sigma = _sample_sigmas(batch, generator, device)
         noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
         for group in optimizer.param_groups:
-            group["lr"] = settings.transformer_lr * _lr_factor(
+            group["lr"] = settings.transformer_lr * lr_factor(
                 step, settings.transformer_steps, started, settings.transformer_minutes
             )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -407,7 +287,7 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
             log.info("transformer step %d/%d loss %.4f", step + 1, settings.transformer_steps, loss.item())
         out_of_time = time.time() > deadline
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.transformer_steps or out_of_time:
-            _save_checkpoint(
+            save_checkpoint(
                 ckpt_path,
                 {"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict()},
             )
