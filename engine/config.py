@@ -13,18 +13,18 @@ The UI binds widgets through `config_fields()` and `TrainConfig.get(path)` / `wi
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import tomllib
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from engine.config_types import (Bool, ConfigError, Float, Int, Str, config_error, is_table, strip_annotated,
+                                 suggest, unwrap_optional)
 
 __all__ = [
     "ConfigError",
@@ -41,46 +41,6 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A bad configuration. `errors` holds (key_path, reason) pairs; str() names them all."""
-
-    def __init__(self, errors: list[tuple[str, str]] | str, reason: str | None = None):
-        if isinstance(errors, str):
-            errors = [(errors, reason or "invalid value")]
-        self.errors = list(errors)
-        super().__init__("; ".join(f"{path}: {why}" if path else why for path, why in self.errors))
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for path, _ in self.errors]
-
-
-# ---- scalar types --------------------------------------------------------------------------------
-# TOML values are taken as written: pydantic's lax mode would turn "2" or true into 2 and 1 into
-# true, which hides typos in a hand-written config. An integral float is an int (forms send 4.0).
-
-
-def _scalar(ok: typing.Callable[[Any], bool], convert: typing.Callable[[Any], Any], expected: str) -> PlainValidator:
-    def check(value: Any) -> Any:
-        if not ok(value):
-            raise PydanticCustomError("config_type", "expected {expected}, got {got}",
-                                      {"expected": expected, "got": repr(value)})
-        return convert(value)
-
-    return PlainValidator(check)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-Int = Annotated[int, _scalar(lambda v: _is_number(v) and (isinstance(v, int) or v.is_integer()), int, "an integer")]
-Float = Annotated[float, _scalar(_is_number, float, "a number")]
-Bool = Annotated[bool, _scalar(lambda v: isinstance(v, bool), bool, "true or false")]
-Str = Annotated[str, _scalar(lambda v: isinstance(v, str), str, "a string")]
-
-# Linears inside each Wan block that LoRA targets by default: self/cross attention and the FFN.
-# diffusers' Wan LoRA loader accepts exactly these (plus time/head projections).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 LrScheduler = Literal["constant", "linear", "cosine"]
@@ -101,7 +61,7 @@ class _Table(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _config_error(exc, type(self), self.table_path) from None
+            raise config_error(exc, type(self), self.table_path) from None
 
     # Otherwise pydantic would call this __init__ for every nested table it validates, and the
     # outer table would see a ConfigError instead of the errors it rewrites with the full path.
@@ -111,7 +71,7 @@ class _Table(BaseModel):
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
-            raise _config_error(exc, type(self), self.table_path) from None
+            raise config_error(exc, type(self), self.table_path) from None
 
     @classmethod
     def parse(cls, data: Any, *, from_attributes: bool = False) -> Any:
@@ -119,7 +79,7 @@ class _Table(BaseModel):
         try:
             return cls.model_validate(data, from_attributes=from_attributes)
         except ValidationError as exc:
-            raise _config_error(exc, cls, cls.table_path) from None
+            raise config_error(exc, cls, cls.table_path) from None
 
 
 class DirectoryConfig(_Table):
@@ -417,11 +377,11 @@ def config_fields() -> list[FieldSpec]:
 def _collect_fields(cls: type[BaseModel], prefix: str, out: list[FieldSpec]) -> None:
     for name, info in cls.model_fields.items():
         path = f"{prefix}{name}"
-        inner, optional = _unwrap_optional(info.annotation)
-        if _is_table(inner):
+        inner, optional = unwrap_optional(info.annotation)
+        if is_table(inner):
             _collect_fields(inner, path + ".", out)
             continue
-        if typing.get_origin(inner) is list and _is_table(_strip_annotated(typing.get_args(inner)[0])):
+        if typing.get_origin(inner) is list and is_table(strip_annotated(typing.get_args(inner)[0])):
             continue  # [[directory]] tables are edited as a list, not as form fields
         # A fresh copy: the form may mutate a list default.
         default = None if info.is_required() else copy.deepcopy(info.get_default(call_default_factory=True))
@@ -433,7 +393,7 @@ def _collect_fields(cls: type[BaseModel], prefix: str, out: list[FieldSpec]) -> 
 
 
 def _type_name(tp: Any) -> str:
-    tp = _strip_annotated(tp)
+    tp = strip_annotated(tp)
     if typing.get_origin(tp) is Literal:
         return "str"
     if typing.get_origin(tp) is list:
@@ -441,104 +401,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-# ---- annotations ---------------------------------------------------------------------------------
-
-
-def _strip_annotated(tp: Any) -> Any:
-    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    """(the type without `| None` and without Annotated metadata, whether None was allowed)."""
-    tp = _strip_annotated(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return _strip_annotated(args[0]), True
-    return tp, False
-
-
-def _is_table(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _annotation_at(root: type[BaseModel], loc: tuple) -> Any:
-    """The type found at a pydantic error location (field names and list indexes) below `root`."""
-    tp: Any = root
-    for part in loc:
-        tp, _ = _unwrap_optional(tp)
-        tp = typing.get_args(tp)[0] if isinstance(part, int) else tp.model_fields[part].annotation
-    return _unwrap_optional(tp)[0]
-
-
-# ---- pydantic errors as ConfigErrors -------------------------------------------------------------
-
-# diffusion-pipe keys this trainer does not take, with what to do instead.
-_NO_EVAL = "evaluation runs are not supported by this trainer; remove the key"
-_FOREIGN_KEYS = {
-    "video_clip_mode": "set it in the dataset ([dataset] video_clip_mode)",
-    "eval_every_n_epochs": _NO_EVAL,
-    "eval_before_first_step": _NO_EVAL,
-    "eval_micro_batch_size_per_gpu": _NO_EVAL,
-    "eval_gradient_accumulation_steps": _NO_EVAL,
-    "eval_datasets": _NO_EVAL,
-    "partition_method": "not used (no pipeline parallelism); remove the key",
-    "steps_per_print": "not used (every step is written to metrics.jsonl); remove the key",
-    "blocks_to_swap": "block swapping is not supported; use activation_checkpointing and zero_stage",
-    "compile": "use the [performance] table (compile_blocks)",
-}
-
-
-def _key_path(prefix: str, loc: tuple) -> str:
-    """("dataset", "directory", 0, "path") -> "dataset.directory[0].path" (after `prefix`)."""
-    return prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def _config_error(exc: ValidationError, root: type[BaseModel], prefix: str) -> ConfigError:
-    errors = exc.errors()
-    # A table with unknown keys reports only those: its values (and tables below it) may be
-    # misnamed, so their errors would mislead.
-    bad_tables = {e["loc"][:-1] for e in errors if e["type"] == "extra_forbidden"}
-
-    def hidden(e: Any) -> bool:
-        own = e["loc"][:-1] if e["type"] == "extra_forbidden" else None
-        return any(e["loc"][:len(t)] == t and t != own for t in bad_tables)
-
-    return ConfigError([(_key_path(prefix, e["loc"]), _reason(e, root, prefix)) for e in errors if not hidden(e)])
-
-
-def _suggest(word: str, names: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _reason(error: Any, root: type[BaseModel], prefix: str) -> str:
-    kind, loc, value = error["type"], error["loc"], error.get("input")
-    if kind == "missing":
-        return "required key is missing"
-    if kind == "extra_forbidden":
-        foreign = _FOREIGN_KEYS.get(_key_path(prefix, loc))
-        return foreign or "unknown key" + _suggest(str(loc[-1]), _annotation_at(root, loc[:-1]).model_fields)
-    if value is None:
-        return "must not be empty"
-    if kind == "model_type":
-        return "expected a table"
-    if kind == "list_type":
-        return f"expected a list, got {type(value).__name__}"
-    if kind == "literal_error":
-        allowed = typing.get_args(_annotation_at(root, loc))
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{value!r} is not one of {', '.join(map(repr, allowed))}{hint}"
-    return error["msg"]  # our scalar validators' own words
-
-
 def _replace_path(obj: _Table, parts: list[str], value: Any, prefix: str) -> Any:
     name = parts[0]
     path = f"{prefix}{name}"
     fields = type(obj).model_fields
     if name not in fields:
-        raise ConfigError(path, f"no such key{_suggest(name, fields)}")
+        raise ConfigError(path, f"no such key{suggest(name, fields)}")
     if len(parts) == 1:
         changed = obj.model_copy()
         setattr(changed, name, value)  # validate_assignment: checked like TOML input
