@@ -74,27 +74,16 @@ class StudioContext:
     @classmethod
     def create(cls, settings: StudioSettings, *, start: bool = True) -> "StudioContext":
         from engine.demo.setup import ensure_demo_assets
-        from engine.gallery import Gallery
-        from engine.gpus import GpuInventory
-        from engine.inference.service import InferenceService
-        from engine.scheduler import Scheduler
-        from engine.store.jobs import JobStore
+        from studio.services import open_services
 
-        layout = DataLayout(settings.home.resolve()).ensure()
-        db = Database(layout.db_path)
-        ensure_demo_assets(layout.home)  # the demo preset's dataset (quick when already there)
+        services = open_services(settings)
+        ensure_demo_assets(services.layout.home)  # the demo preset's dataset (quick when already there)
         users = UsersFile(settings.auth_file) if settings.auth_file else None
-        gpus = GpuInventory(ttl_s=2.0)
-        scheduler = Scheduler(JobStore(db), layout, gpus, cpu_slots=settings.cpu_slots,
-                              nodes=settings.nodes())
-        gallery = Gallery(db, layout)
-        inference = InferenceService(db, layout, scheduler, gallery,
-                                     idle_timeout_s=settings.worker_idle_timeout_s,
-                                     speed=settings.inference_speed())
-        ctx = cls(settings=settings, layout=layout, db=db, accounts=Accounts(users), gpus=gpus,
-                  scheduler=scheduler, gallery=gallery, inference=inference)
+        ctx = cls(settings=settings, layout=services.layout, db=services.db, accounts=Accounts(users),
+                  gpus=services.gpus, scheduler=services.scheduler, gallery=services.gallery,
+                  inference=services.inference())
         if start:
-            scheduler.start()
+            ctx.scheduler.start()
         return ctx
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICES = ["studio.api", "studio.context", "studio.datasets", "studio.auth", "studio.settings", "studio.cli",
+SERVICES = ["studio.api", "studio.services", "studio.context", "studio.datasets", "studio.auth", "studio.settings", "studio.cli",
             "studio.cli.train", "studio.cli.jobs", "studio.cli.infer", "studio.cli.gallery"]
 
 

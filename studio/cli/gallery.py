@@ -39,12 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _open(settings: StudioSettings):
-    from engine.gallery import Gallery
-    from engine.paths import DataLayout
-    from engine.store.db import Database
+    from studio.services import open_services
 
-    layout = DataLayout(settings.home.resolve()).ensure()
-    return Gallery(Database(layout.db_path), layout)
+    return open_services(settings).gallery
 
 
 def _errors(func):

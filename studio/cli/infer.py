@@ -55,24 +55,16 @@ def build_request(args: argparse.Namespace) -> InferRequest:
 
 
 def run(args: argparse.Namespace, settings: StudioSettings) -> int:
-    from engine.gallery import Gallery
-    from engine.gpus import GpuInventory
-    from engine.inference.service import TERMINAL_STATES, InferenceService
-    from engine.paths import DataLayout
-    from engine.scheduler import Scheduler
-    from engine.store.db import Database
+    from engine.inference.service import TERMINAL_STATES
+    from studio.services import open_services
 
     try:
         req = build_request(args).validate()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    layout = DataLayout(settings.home.resolve()).ensure()
-    db = Database(layout.db_path)
-    scheduler = Scheduler(db, layout, GpuInventory(), cpu_slots=settings.cpu_slots, nodes=settings.nodes())
-    gallery = Gallery(db, layout)
-    service = InferenceService(db, layout, scheduler, gallery, idle_timeout_s=settings.worker_idle_timeout_s,
-                               speed=settings.inference_speed())
+    services = open_services(settings)
+    db, gallery, service = services.db, services.gallery, services.inference()
     try:
         try:
             request_id = service.submit(req, owner=args.owner or _login())

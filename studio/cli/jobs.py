@@ -12,21 +12,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from engine.gpus import GpuInventory
 from engine.jobs import Job, JobError, JobStatus, format_duration
-from engine.paths import DataLayout
 from engine.rundir import read_log_tail
 from engine.scheduler import Scheduler
-from engine.store.db import Database
 from studio.settings import StudioSettings
 
 FOLLOW_POLL_S = 0.5
 
 
 def open_scheduler(settings: StudioSettings) -> Scheduler:
-    layout = DataLayout(settings.home.resolve()).ensure()
-    return Scheduler(Database(layout.db_path), layout, GpuInventory(), cpu_slots=settings.cpu_slots,
-                     nodes=settings.nodes(), poll_interval_s=min(settings.poll_interval_s, 1.0))
+    from studio.services import open_services
+
+    return open_services(settings, poll_interval_s=min(settings.poll_interval_s, 1.0)).scheduler
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
