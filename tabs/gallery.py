@@ -4,13 +4,15 @@ from __future__ import annotations
 import html
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
 from studio.api import StudioApi
-from studio.http_api import request_user, user_errors
+from studio.auth import User
 from studio.context import StudioContext
+from studio.http_api import request_user, user_errors
 from studio.widgets import LoraStack, message
 from tabs.infer import InferHandles
 
@@ -44,6 +46,70 @@ def _details(item: dict[str, Any]) -> str:
                                               if isinstance(v, (int, float)))))
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table class='details'>{body}</table>"
+
+
+# ---- handlers: (api, user, inputs) -> outputs, unit-tested in tests/test_gallery_tab.py -----------
+@dataclass
+class GalleryPage:
+    media: list[tuple[str, str]]  # (poster or video file, caption)
+    ids: list[str]
+    info: str
+    signature: str  # unchanged signature: the grid need not be redrawn
+
+
+def gallery_page(api: StudioApi, user: User, query: str, model: str, lora: str, favorites: bool, only_mine: bool,
+                 page: int) -> GalleryPage:
+    result = api.gallery_list(user, query, model, lora, favorites, page, PAGE_SIZE, all_users=not only_mine)
+    items = result["items"]
+    pages = max(1, -(-result["total"] // PAGE_SIZE))
+    media = []
+    for item in items:
+        record = api.own_item(user, item["id"])
+        # Posters keep the grid light; the selected video plays in the detail panel.
+        shown = record.poster_path if record.poster_path.is_file() else record.video_path
+        media.append((str(shown), _caption(item)))
+    signature = json.dumps([[i["id"], i.get("favorite")] for i in items]) + f"{page}/{pages}"
+    return GalleryPage(media, [i["id"] for i in items], f"page {page} of {pages} · {result['total']} videos",
+                       signature)
+
+
+def item_view(api: StudioApi, user: User, item_id: str) -> tuple[str, str, str]:
+    """(video file, details table, favorite button label) of one item."""
+    item = api.gallery_item(user, item_id)
+    record = api.own_item(user, item_id)
+    return str(record.video_path), _details(item), "★ Unfavorite" if item["favorite"] else "☆ Favorite"
+
+
+def _selected(item_id: str | None) -> str:
+    if not item_id:
+        raise ValueError("select a video first")
+    return item_id
+
+
+def toggle_favorite(api: StudioApi, user: User, item_id: str | None) -> bool:
+    item = api.gallery_item(user, _selected(item_id))
+    return api.gallery_favorite(user, item_id, not item["favorite"])["favorite"]
+
+
+def delete_item(api: StudioApi, user: User, item_id: str | None) -> str:
+    api.gallery_delete(user, _selected(item_id))
+    return message(f"deleted {item_id}", "ok")
+
+
+def reuse_values(api: StudioApi, user: User, item_id: str | None,
+                 names: list[str]) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
+    """An item's settings for the Infer form: (values of `names`, LoRA stack, LoRAs no longer there)."""
+    record = api.own_item(user, _selected(item_id))
+    params = dict(record.params or {})
+    values = [record.seed if name == "seed" else params.get(name, getattr(record, name, None)) for name in names]
+    loras, missing = [], []
+    for lora in record.loras or []:
+        reference = api.lora_reference(user, lora.get("path", ""))
+        if reference:
+            loras.append({"lora": reference, "weight": lora.get("weight", 1.0)})
+        else:
+            missing.append(str(lora.get("name")))
+    return values, loras, missing
 
 
 def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs) -> None:
@@ -81,20 +147,10 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
     def load(q: str, m: str, l: str, fav: bool, only_mine: bool, pg: int, last_sig: str, request: gr.Request):
         user = request_user(api, request)
         with user_errors():
-            result = api.gallery_list(user, q, m, l, fav, pg, PAGE_SIZE, all_users=not only_mine)
-        items = result["items"]
-        pages = max(1, -(-result["total"] // PAGE_SIZE))
-        sig = json.dumps([[i["id"], i.get("favorite")] for i in items]) + f"{pg}/{pages}"
-        if sig == last_sig:
+            found = gallery_page(api, user, q, m, l, fav, only_mine, pg)
+        if found.signature == last_sig:
             return gr.skip(), gr.skip(), gr.skip(), last_sig
-        media = []
-        for item in items:
-            record = api.own_item(user, item["id"])
-            # Posters keep the grid light; the selected video plays in the detail panel.
-            shown = record.poster_path if record.poster_path.is_file() else record.video_path
-            media.append((str(shown), _caption(item)))
-        info = f"page {pg} of {pages} · {result['total']} videos"
-        return media, [i["id"] for i in items], info, sig
+        return found.media, found.ids, found.info, found.signature
 
     listing = dict(inputs=[*filters, listing_sig], outputs=[grid, ids, page_info, listing_sig],
                    api_visibility="private")
@@ -114,10 +170,8 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
         if not item_id:
             return None, "", gr.update(value="☆ Favorite"), None
         with user_errors():
-            item = api.gallery_item(user, item_id)
-            record = api.own_item(user, item_id)
-        star = "★ Unfavorite" if item["favorite"] else "☆ Favorite"
-        return str(record.video_path), _details(item), gr.update(value=star), str(record.video_path)
+            video_file, table, star = item_view(api, user, item_id)
+        return video_file, table, gr.update(value=star), video_file
 
     def pick(id_list: list[str], evt: gr.SelectData):
         return id_list[evt.index] if evt.index is not None and evt.index < len(id_list) else None
@@ -129,56 +183,38 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
                                 [selected, tabs], queue=False, api_visibility="private").then(
         show, selected, [video, details, favorite, download], api_visibility="private")
 
-    def user_of_selection(item_id: str | None, request: gr.Request):
-        """The signed-in user, once a video is selected (the buttons act on the selection)."""
+    def on_favorite(item_id: str | None, request: gr.Request):
         user = request_user(api, request)
-        if not item_id:
-            raise gr.Error("select a video first")
-        return user
-
-    def toggle_favorite(item_id: str | None, request: gr.Request):
-        user = user_of_selection(item_id, request)
         with user_errors():
-            item = api.gallery_item(user, item_id)
-            api.gallery_favorite(user, item_id, not item["favorite"])
+            toggle_favorite(api, user, item_id)
         return ""
 
-    favorite.click(toggle_favorite, selected, note, api_visibility="private").then(
+    favorite.click(on_favorite, selected, note, api_visibility="private").then(
         show, selected, [video, details, favorite, download], api_visibility="private").then(load, **listing)
 
-    def remove(item_id: str | None, request: gr.Request):
-        user = user_of_selection(item_id, request)
+    def on_delete(item_id: str | None, request: gr.Request):
+        user = request_user(api, request)
         with user_errors():
-            api.gallery_delete(user, item_id)
-        return None, None, "", None, message(f"deleted {item_id}", "ok")
+            note_html = delete_item(api, user, item_id)
+        return None, None, "", None, note_html
 
-    delete.click(remove, selected, [selected, video, details, download, note], api_visibility="private").then(
+    delete.click(on_delete, selected, [selected, video, details, download, note], api_visibility="private").then(
         load, **listing)
 
     # "Reuse in Infer": fill the Infer tab's widgets and switch to it.
     infer_params = infer.params
     stack = infer.loras
 
-    def reuse_item(item_id: str | None, request: gr.Request):
-        user = user_of_selection(item_id, request)
+    def on_reuse(item_id: str | None, request: gr.Request):
+        user = request_user(api, request)
         with user_errors():
-            record = api.own_item(user, item_id)
-        params = dict(record.params or {})
-        values = [params.get(name, getattr(record, name, None)) for name in infer_params]
-        values = [record.seed if name == "seed" else v for name, v in zip(infer_params, values)]
-        loras, missing = [], []
-        for lora in record.loras or []:
-            reference = api.lora_reference(user, lora.get("path", ""))
-            (loras if reference else missing).append({"lora": reference or lora.get("name"),
-                                                      "weight": lora.get("weight", 1.0)})
-        choices = api.lora_choices(user)
+            values, loras, missing = reuse_values(api, user, item_id, list(infer_params))
         filled = LoraStack.fill(loras)
         n = len(stack.refs)
-        refs = [gr.update(choices=choices, value=v) for v in filled[1:1 + n]]
-        notice = message(f"LoRA no longer available: {', '.join(m['lora'] for m in missing)}", "error") if missing \
-            else ""
+        refs = [gr.update(choices=api.lora_choices(user), value=v) for v in filled[1:1 + n]]
+        notice = message(f"LoRA no longer available: {', '.join(missing)}", "error") if missing else ""
         return [*values, filled[0], *refs, *filled[1 + n:], gr.Tabs(selected=infer.tab_id), notice]
 
-    reuse.click(reuse_item, selected,
+    reuse.click(on_reuse, selected,
                 [*infer_params.values(), stack.visible, *stack.refs, *stack.weights, *stack.rows, tabs, note],
                 api_visibility="private")

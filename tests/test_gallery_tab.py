@@ -1,0 +1,53 @@
+"""The Gallery tab's handlers without a browser: pages, the detail view, favorite, delete and
+"reuse in Infer", on a real studio context and gallery items with real files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from studio.api import StudioApi
+from studio.auth import User
+from studio.context import StudioContext
+from studio.settings import StudioSettings
+from tabs import gallery as tab
+from tests.gallery_support import add
+
+ALICE, BOB = User("alice"), User("bob")
+
+
+@pytest.fixture
+def api(tmp_path: Path):
+    ctx = StudioContext.create(StudioSettings(home=tmp_path / "home").validate(), start=False)
+    yield StudioApi(ctx)
+    ctx.close()
+
+
+def test_pages_show_posters_and_only_change_when_the_items_do(api: StudioApi) -> None:
+    first = add(api.ctx.gallery, "a", prompt="a purple star", seed=1)
+    add(api.ctx.gallery, "b", prompt="a red circle", seed=2)
+    add(api.ctx.gallery, "c", owner="bob", prompt="bob's square", seed=3)
+    page = tab.gallery_page(api, ALICE, "", "", "", False, True, 1)
+    assert len(page.ids) == 2 and page.info == "page 1 of 1 · 2 videos"
+    assert all(Path(file).name == "poster.png" and Path(file).is_file() for file, _ in page.media)
+    assert tab.gallery_page(api, ALICE, "purple", "", "", False, True, 1).ids == [first.id]
+    again = tab.gallery_page(api, ALICE, "", "", "", False, True, 1)
+    assert again.signature == page.signature  # nothing changed: the grid is not redrawn
+    assert tab.toggle_favorite(api, ALICE, first.id) is True
+    assert tab.gallery_page(api, ALICE, "", "", "", False, True, 1).signature != page.signature
+    assert tab.gallery_page(api, ALICE, "", "", "", True, True, 1).ids == [first.id]
+
+
+def test_view_reuse_and_delete_one_item(api: StudioApi) -> None:
+    item = add(api.ctx.gallery, "a", seed=7, loras=[{"path": "/gone/lora.safetensors", "name": "old", "weight": 0.5}])
+    video, table, star = tab.item_view(api, ALICE, item.id)
+    assert Path(video).is_file() and "seed" in table and star == "☆ Favorite"
+    with pytest.raises(Exception, match="not found"):
+        tab.item_view(api, BOB, item.id)
+    values, loras, missing = tab.reuse_values(api, ALICE, item.id, ["prompt", "width", "seed", "flow_shift"])
+    assert values == ["a purple star", 48, 7, 3.0] and loras == []
+    assert missing == [item.loras[0]["name"]]  # its file is gone: reported, not stacked
+    with pytest.raises(ValueError, match="select a video"):
+        tab.delete_item(api, ALICE, None)
+    assert f"deleted {item.id}" in tab.delete_item(api, ALICE, item.id)
+    assert tab.gallery_page(api, ALICE, "", "", "", False, True, 1).ids == []
