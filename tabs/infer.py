@@ -8,8 +8,9 @@ import gradio as gr
 
 from engine.inference.request import LIMITS, request_defaults
 from studio.api import StudioApi
-from studio.http_api import request_user, user_errors
+from studio.auth import AccessDenied, User
 from studio.context import StudioContext
+from studio.http_api import request_user, user_errors
 from studio.widgets import LoraStack, message, progress_bar
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -25,6 +26,52 @@ def form_request(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("width", "height", "num_frames", "fps", "steps", "num_videos"):
         req[key] = int(req[key]) if req.get(key) is not None else None
     return req
+
+
+@dataclass
+class GenerationView:
+    """What the result panel shows for a request; `final` once it ended."""
+
+    bar: str
+    final: bool
+    video: str | None = None
+    link: str = ""
+    error: str = ""
+    timings: dict[str, Any] | None = None
+    item_id: str | None = None
+
+
+def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationView:
+    try:
+        status = api.generation_status(user, request_id)
+    except AccessDenied:  # forgotten after a restart, or not this user's
+        return GenerationView(progress_bar(None, "request not found"), final=True)
+    state, total = status["state"], status.get("total_steps") or 0
+    text = f"{state} · step {status.get('step', 0)}/{total}" if total else state
+    if status.get("eta_s") and state == "running":
+        text += f" · ETA {status['eta_s']:.0f}s"
+    if state not in TERMINAL:
+        return GenerationView(progress_bar(status.get("step", 0) / total if total else None, text), final=False)
+    if state != "succeeded":
+        error = status.get("error") or state
+        return GenerationView(progress_bar(None, f"{state}: {status.get('error') or ''}"), final=True,
+                              error=message(error, "error"))
+    item_id = status["gallery_ids"][0]
+    item = api.own_item(user, item_id)
+    return GenerationView(progress_bar(1.0, f"done · seed {item.seed}"), final=True, video=str(item.video_path),
+                          link=f"<span class='gallery-link'>Gallery entry {item_id} (seed {item.seed})</span>",
+                          timings=status.get("timings"), item_id=item_id)
+
+
+def cancel_generation(api: StudioApi, user: User, request_id: str | None) -> str:
+    if not request_id:
+        return message("nothing to cancel", "info")
+    return message(f"cancel requested ({api.cancel_generation(user, request_id)['state']})", "ok")
+
+
+def stack_with_upload(api: StudioApi, user: User, file: str, loras: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The LoRA stack with an uploaded .safetensors added at weight 1 (checked, stored per user)."""
+    return [*loras, {"lora": api.upload_lora(user, file), "weight": 1.0}]
 
 
 @dataclass
@@ -105,12 +152,10 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         if not file:
             return gr.skip()
         with user_errors():
-            reference = api.upload_lora(user, file)
-        loras = LoraStack.read(count, list(values)) + [{"lora": reference, "weight": 1.0}]
-        choices = api.lora_choices(user)
+            loras = stack_with_upload(api, user, file, LoraStack.read(count, list(values)))
         filled = LoraStack.fill(loras)
         n = len(stack.refs)
-        refs = [gr.update(choices=choices, value=v) for v in filled[1:1 + n]]
+        refs = [gr.update(choices=api.lora_choices(user), value=v) for v in filled[1:1 + n]]
         return [filled[0], *refs, *filled[1 + n:]]
 
     upload.upload(add_upload, [upload, stack.visible, *stack.refs, *stack.weights],
@@ -130,40 +175,22 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
 
     def stop(rid: str | None, request: gr.Request):
         user = request_user(api, request)
-        if not rid:
-            return message("nothing to cancel", "info")
         with user_errors():
-            status = api.cancel_generation(user, rid)
-        return message(f"cancel requested ({status['state']})", "ok")
+            return cancel_generation(api, user, rid)
 
     cancel.click(stop, request_id, request_msg, api_visibility="private")
 
     def poll(rid: str | None, last_shown: str | None, request: gr.Request):
         user = request_user(api, request)
-        unchanged = (gr.skip(),) * 4
         if not rid or rid == last_shown:
-            return (*unchanged, last_shown, gr.skip(), gr.skip())
-        try:
-            status = api.generation_status(user, rid)
-        except gr.Error:
-            return progress_bar(None, "request not found"), gr.skip(), gr.skip(), gr.skip(), rid, gr.skip(), \
-                gr.skip()
-        state = status["state"]
-        total = status.get("total_steps") or 0
-        text = f"{state} · step {status.get('step', 0)}/{total}" if total else state
-        if status.get("eta_s") and state == "running":
-            text += f" · ETA {status['eta_s']:.0f}s"
-        if state not in TERMINAL:
-            fraction = status.get("step", 0) / total if total else None
-            return progress_bar(fraction, text), gr.skip(), gr.skip(), gr.skip(), last_shown, gr.skip(), gr.skip()
-        if state != "succeeded":
-            return progress_bar(None, f"{state}: {status.get('error') or ''}"), gr.skip(), \
-                message(status.get("error") or state, "error"), gr.skip(), rid, gr.skip(), gr.skip()
-        item_id = status["gallery_ids"][0]
-        item = api.own_item(user, item_id)
-        link = f"<span class='gallery-link'>Gallery entry {item_id} (seed {item.seed})</span>"
-        return progress_bar(1.0, f"done · seed {item.seed}"), str(item.video_path), link, \
-            gr.update(value=status.get("timings"), visible=True), rid, item_id, gr.update(visible=True)
+            return (*(gr.skip(),) * 4, last_shown, gr.skip(), gr.skip())
+        view = generation_view(api, user, rid)
+        if not view.final:
+            return view.bar, gr.skip(), gr.skip(), gr.skip(), last_shown, gr.skip(), gr.skip()
+        if view.item_id is None:  # failed, cancelled or gone
+            return view.bar, gr.skip(), view.error or gr.skip(), gr.skip(), rid, gr.skip(), gr.skip()
+        return (view.bar, view.video, view.link, gr.update(value=view.timings, visible=True), rid, view.item_id,
+                gr.update(visible=True))
 
     timer.tick(poll, [request_id, shown],
                [progress, video, gallery_link, timings, shown, last_item, open_in_gallery], queue=False,

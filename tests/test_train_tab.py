@@ -106,3 +106,15 @@ def test_infer_form_values_become_a_request() -> None:
     built = InferRequest.from_dict(req).validate()
     assert built.flow_shift is None and (built.width, built.height, built.num_frames) == (64, 48, 9)
     assert form_request({"seed": 7, "flow_shift": 2.5})["flow_shift"] == 2.5
+
+
+def test_infer_result_panel_and_cancel(api: StudioApi) -> None:
+    from tabs import infer
+
+    missing = infer.generation_view(api, ALICE, "nope")
+    assert missing.final and "request not found" in missing.bar and missing.item_id is None
+    assert "nothing to cancel" in infer.cancel_generation(api, ALICE, None)
+    with pytest.raises(Exception, match="not found"):
+        infer.cancel_generation(api, ALICE, "nope")
+    with pytest.raises(Exception, match="safetensors|LoRA|not"):
+        infer.stack_with_upload(api, ALICE, __file__, [])  # not a LoRA file: refused, nothing stored
