@@ -35,3 +35,15 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def api(tmp_path: Path):
+    """The studio's authorised actions on a fresh data directory (services built, queue not started)."""
+    from studio.api import StudioApi
+    from studio.context import StudioContext
+    from studio.settings import StudioSettings
+
+    ctx = StudioContext.create(StudioSettings(home=tmp_path / "home").validate(), start=False)
+    yield StudioApi(ctx)
+    ctx.close()

@@ -8,19 +8,10 @@ import pytest
 
 from studio.api import StudioApi
 from studio.auth import User
-from studio.context import StudioContext
-from studio.settings import StudioSettings
 from tabs import gallery as tab
 from tests.gallery_support import add
 
 ALICE, BOB = User("alice"), User("bob")
-
-
-@pytest.fixture
-def api(tmp_path: Path):
-    ctx = StudioContext.create(StudioSettings(home=tmp_path / "home").validate(), start=False)
-    yield StudioApi(ctx)
-    ctx.close()
 
 
 def test_pages_show_posters_and_only_change_when_the_items_do(api: StudioApi) -> None:

@@ -10,21 +10,12 @@ import pytest
 from engine.config import TrainConfig
 from studio.api import StudioApi
 from studio.auth import User
-from studio.context import StudioContext
 from studio.presets import DEMO_PRESET
-from studio.settings import StudioSettings
 from studio.widgets import ConfigForm
 from tabs import train
 from tests.ui_support import write_dataset
 
 ALICE, BOB = User("alice"), User("bob")
-
-
-@pytest.fixture
-def api(tmp_path: Path):
-    ctx = StudioContext.create(StudioSettings(home=tmp_path / "home").validate(), start=False)
-    yield StudioApi(ctx)
-    ctx.close()
 
 
 @pytest.fixture
