@@ -248,7 +248,7 @@ class StudioApi:
 
         values = dict(request)
         loras = values.pop("loras", None) or []
-        specs = [LoraSpec(path=str(self.lora_file(user, item["lora"])), weight=float(item.get("weight", 1.0)))
+        specs = [LoraSpec(path=str(self.lora_file(user, item["lora"])), weight=item.get("weight", 1.0))
                  for item in loras if str(item.get("lora", "")).strip()]
         if values.get("seed") in ("", -1):
             values["seed"] = None

@@ -76,7 +76,7 @@ def register_api(api: StudioApi) -> None:
         832x480x81, 30 steps; flow_shift the model's own), as in the UI and the CLI."""
         values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt,
                       width=width, height=height, num_frames=num_frames, steps=steps,
-                      guidance_scale=guidance_scale, flow_shift=flow_shift, seed=None if seed < 0 else seed,
+                      guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed,
                       fps=fps, num_videos=num_videos, fuse_loras=fuse_loras)
         return _wrap(api, api.generate)(values, request=request)
 

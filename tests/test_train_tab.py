@@ -109,3 +109,12 @@ def test_infer_result_panel_and_cancel(api: StudioApi) -> None:
         infer.cancel_generation(api, ALICE, "nope")
     with pytest.raises(Exception, match="safetensors|LoRA|not"):
         infer.stack_with_upload(api, ALICE, __file__, [])  # not a LoRA file: refused, nothing stored
+
+
+def test_generate_names_a_bad_seed_instead_of_crashing(api: StudioApi) -> None:
+    from engine.config import ConfigError
+
+    for seed in ("abc", 1.5, -3):
+        with pytest.raises(ConfigError, match="seed") as err:
+            api.generate(ALICE, {"prompt": "a star", "model": "demo", "seed": seed})
+        assert err.value.paths == ["seed"]
