@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return early_error(f"config error: {exc}")
 
-    from engine.trainer.distributed import broadcast_object, init_distributed
+    from engine.trainer.distributed import broadcast_object, close_distributed, init_distributed
     from engine.trainer.loop import Trainer
 
     dist = init_distributed()
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     events = MetricsWriter(run_dir / METRICS_FILE if dist.is_main else None)
     try:
-        return Trainer(cfg, run_dir, dist, events, resume=args.resume).run()
+        code = Trainer(cfg, run_dir, dist, events, resume=args.resume).run()
+        close_distributed(dist)  # on the clean path only: a rank that crashed cannot take part
+        return code
     except _bad_input_errors() as exc:
         events.emit("error", message=str(exc))
         logger.error("%s", exc)
