@@ -19,6 +19,8 @@ from typing import Mapping
 
 import torch
 
+from engine.rundir import LORA_FILE
+
 __all__ = [
     "LoraError",
     "LoraFormatError",
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 COMFY_PREFIX = "diffusion_model."
-ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_FILE = LORA_FILE  # the run directory's name for a save's weights
 CONFIG_FILE = "adapter_config.json"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 

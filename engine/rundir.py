@@ -78,9 +78,6 @@ class RunDir:
         os.replace(tmp, self.config)
         return self.config
 
-    def log_tail(self, lines: int = 50, node_rank: int | None = None) -> str:
-        return read_log_tail(self.log(node_rank), lines)
-
     def final_event(self, tail_bytes: int = 64 << 10) -> dict[str, Any] | None:
         """The trainer's last done/stopped/error event, unless a later launch started after it;
         reads only the end of the file."""

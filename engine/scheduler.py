@@ -92,7 +92,7 @@ class Scheduler:
             self._thread.join(timeout_s)
             self._thread = None
         with self._tick_lock:
-            self.supervisor.watched.clear()
+            self.supervisor.forget_all()
             if self._leader:
                 self._lock_file.release()
                 self._leader = False
@@ -106,7 +106,7 @@ class Scheduler:
             try:
                 self._supervise()
             finally:
-                self.supervisor.watched.clear()
+                self.supervisor.forget_all()
                 self._lock_file.release()
                 self._leader = False
 
@@ -143,7 +143,7 @@ class Scheduler:
             self._recover()
         except BaseException:
             # Half a recovery would leave running jobs unwatched: give the lead up, retry next tick.
-            self.supervisor.watched.clear()
+            self.supervisor.forget_all()
             self._lock_file.release()
             self._leader = False
             raise

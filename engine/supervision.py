@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.failures import classify_failure
 from engine.jobs import ACTIVE_STATUSES, Job, JobStatus
@@ -33,8 +32,6 @@ class Watched:
 
     job_id: int
     pid: int
-    run_dir: Path
-    log_path: Path
     reader: MetricsReader
     popen: subprocess.Popen | None = None  # when we launched it ourselves (exit code known)
     final_event: dict | None = None
@@ -99,14 +96,16 @@ class Supervisor:
 
     # ---- watching ------------------------------------------------------------------------------
     def watch(self, job: Job, popen: subprocess.Popen | None, reattach: bool) -> None:
-        files = RunDir(job.run_dir or "")
-        reader = MetricsReader(files.metrics)
+        reader = MetricsReader(RunDir(job.run_dir or "").metrics)
         if reattach:
             reader.seek_tail(REATTACH_TAIL_BYTES)
         else:
             reader.skip_to_end()  # events of earlier launches in this run dir do not count
-        self.watched[job.id] = Watched(job_id=job.id, pid=int(job.pid or 0), run_dir=files.path,
-                                       log_path=Path(job.log_path or files.log()), reader=reader, popen=popen)
+        self.watched[job.id] = Watched(job_id=job.id, pid=int(job.pid or 0), reader=reader, popen=popen)
+
+    def forget_all(self) -> None:
+        """Stop watching (leadership lost or given up); the next leader re-attaches from the store."""
+        self.watched.clear()
 
     def supervise(self) -> None:
         jobs = {job.id: job for job in self.store.active()}

@@ -64,7 +64,7 @@ def test_config_and_logs(tmp_path: Path) -> None:
     assert files.log().name == "train.log" and files.log(0).name == "train.log"
     assert files.log(2).name == "train.node2.log"
     files.log().write_text("".join(f"line {i}\n" for i in range(100)))
-    assert files.log_tail(3) == "line 97\nline 98\nline 99"
+    assert read_log_tail(files.log(), 3) == "line 97\nline 98\nline 99"
     # Reading only the end: a first line cut by the byte limit is dropped.
     assert read_log_tail(files.log(), lines=None, max_bytes=20) == "line 98\nline 99"
     assert read_log_tail(None) == "" and read_log_tail(tmp_path / "missing.log") == ""

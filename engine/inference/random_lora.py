@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.config import DEFAULT_LORA_TARGETS
-from engine.lora import save_lora
+from engine.lora import ADAPTER_FILE, save_lora
 
 __all__ = ["random_lora"]
 
@@ -39,4 +39,4 @@ def random_lora(model_dir: str | Path, out_dir: str | Path, *, rank: int = 4, se
         state[f"{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * scale / rank ** 0.5
     folder = save_lora(state, out_dir, rank=rank, alpha=rank, target_modules=list(targets), dtype=torch.float32,
                        metadata={"purpose": "random test LoRA"})
-    return folder / "adapter_model.safetensors"
+    return folder / ADAPTER_FILE

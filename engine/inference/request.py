@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError
-from engine.rundir import RunDir
+from engine.rundir import LORA_FILE, RunDir
 
 __all__ = ["LoraSpec", "InferRequest", "LIMITS", "request_defaults", "resolve_lora_path", "random_seed"]
 
@@ -193,7 +193,7 @@ def resolve_lora_path(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: LoRA file or folder not found")
     direct = sorted(path.glob("*" + LORA_SUFFIX))
     if direct:
-        preferred = [p for p in direct if p.name == "adapter_model.safetensors"]
+        preferred = [p for p in direct if p.name == LORA_FILE]
         if len(preferred) == 1 or len(direct) == 1:
             return (preferred or direct)[0].resolve()
         raise FileNotFoundError(f"{path}: folder holds several .safetensors files; name one")
