@@ -118,7 +118,16 @@ def config_error(exc: ValidationError, root: type[BaseModel], prefix: str) -> Co
         own = e["loc"][:-1] if e["type"] == "extra_forbidden" else None
         return any(e["loc"][:len(t)] == t and t != own for t in bad_tables)
 
-    return ConfigError([(_key_path(prefix, e["loc"]), _reason(e, root, prefix)) for e in errors if not hidden(e)])
+    return ConfigError([pair for e in errors if not hidden(e) for pair in _pairs(e, root, prefix)])
+
+
+def _pairs(error: Any, root: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
+    """One error's (key path, reason); a nested model that raised its own ConfigError keeps its paths."""
+    path = _key_path(prefix, error["loc"])
+    inner = error.get("ctx", {}).get("error")
+    if isinstance(inner, ConfigError):
+        return [(f"{path}.{sub}" if sub else path, why) for sub, why in inner.errors]
+    return [(path, _reason(error, root, prefix))]
 
 
 def suggest(word: str, names: typing.Iterable[str]) -> str:

@@ -244,11 +244,11 @@ class StudioApi:
 
     # ---- inference -----------------------------------------------------------------------------
     def generate(self, user: User, request: dict[str, Any]) -> dict[str, Any]:
-        from engine.inference.request import InferRequest, LoraSpec
+        from engine.inference.request import InferRequest
 
         values = dict(request)
         loras = values.pop("loras", None) or []
-        specs = [LoraSpec(path=str(self.lora_file(user, item["lora"])), weight=item.get("weight", 1.0))
+        specs = [{"path": str(self.lora_file(user, item["lora"])), "weight": item.get("weight", 1.0)}
                  for item in loras if str(item.get("lora", "")).strip()]
         if values.get("seed") in ("", -1):
             values["seed"] = None

@@ -33,7 +33,9 @@ def test_defaults_with_a_prompt_are_valid() -> None:
     ({"seed": -3}, "seed", "[0,"),
     ({"prompt": "   "}, "prompt", "empty"),
     ({"model": ""}, "model", "model"),
-    ({"loras": [LoraSpec("a.safetensors", 9.0)]}, "loras[0].weight", "[-4, 4]"),
+    ({"loras": [{"path": "a.safetensors", "weight": 9.0}]}, "loras[0].weight", "[-4, 4]"),
+    ({"seed": "abc"}, "seed", "whole number"),
+    ({"fuse_loras": "yes"}, "fuse_loras", "true or false"),
     ({"loras": [LoraSpec("a.safetensors"), LoraSpec("a.safetensors")]}, "loras[1].path", "twice"),
 ])
 def test_out_of_range_fields_are_named(changes, field, hint) -> None:

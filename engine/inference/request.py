@@ -1,20 +1,24 @@
 """A generation request: typed, validated before any model work, and serialisable to JSON.
 
-`InferRequest.validate()` checks every field against the limits below and raises one
-`engine.config.ConfigError` naming each bad field (`width: must be a multiple of 16, got 500`).
-`resolve_lora_path` turns "a file", "a LoRA folder" or "a run directory's epochN folder" into the
-safetensors file the worker loads.
+`InferRequest` is a pydantic model: building one checks each field's type and range and raises one
+`engine.config.ConfigError` naming every bad field (`steps: must be in [1, 200], got 0`).
+`validate()` adds the checks that depend on the model family (width a multiple of 16, frames 4k+1)
+and across fields (a LoRA listed twice). `resolve_lora_path` turns "a file", "a LoRA folder" or
+"a run directory's epochN folder" into the safetensors file the worker loads.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.config import ConfigError
+from engine.config_types import config_error
 from engine.rundir import LORA_FILE, RunDir
 
 __all__ = ["LoraSpec", "InferRequest", "LIMITS", "request_defaults", "resolve_lora_path", "random_seed"]
@@ -44,12 +48,93 @@ def random_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-@dataclass(frozen=True)
-class LoraSpec:
+# ---- field types: strict (a string seed is refused, not compared), bounded by LIMITS ---------------
+
+def _refuse(message: str) -> PydanticCustomError:
+    return PydanticCustomError("request_value", message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(limit: str) -> Any:
+    low, high = LIMITS[limit]
+
+    def check(value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # widgets hand numbers over as floats (42.0)
+        if not _is_int(value):
+            raise _refuse(f"must be a whole number, got {value!r}")
+        if not low <= value <= high:
+            raise _refuse(f"must be in [{int(low)}, {int(high)}], got {value}")
+        return value
+
+    return Annotated[int, PlainValidator(check)]
+
+
+def _number(limit: str, template: str = "must be a number, got {value!r}") -> Any:
+    low, high = LIMITS[limit]
+
+    def check(value: Any) -> float:
+        if not _is_number(value):
+            raise _refuse(template.format(value=value))
+        if not low <= value <= high:
+            raise _refuse(f"must be in [{low:g}, {high:g}], got {value:g}")
+        return float(value)
+
+    return Annotated[float, PlainValidator(check)]
+
+
+def _text() -> Any:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _refuse(f"must be text, got {value!r}")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise _refuse(f"must be at most {MAX_PROMPT_CHARS} characters")
+        return value
+
+    return Annotated[str, PlainValidator(check)]
+
+
+def _path_text(value: Any) -> str:
+    if not isinstance(value, (str, Path)):
+        raise _refuse(f"must be a file or folder path, got {value!r}")
+    return str(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _refuse("must be true or false")
+    return value
+
+
+class _Strict(BaseModel):
+    """Unknown fields are refused; any bad field raises one ConfigError naming them all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), "") from None
+
+
+class LoraSpec(_Strict):
     """One LoRA of a stack: a .safetensors file, a LoRA folder or a run's `epochN` folder, and its weight."""
 
-    path: str
-    weight: float = 1.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[str, PlainValidator(_path_text)]
+    weight: _number("lora_weight", "must be a number in [-4, 4], got {value!r}") = 1.0
+
+    def __init__(self, path: Any = None, weight: Any = 1.0, **values: Any):
+        super().__init__(path=path if path is not None else values.pop("path", ""), weight=weight, **values)
 
     @classmethod
     def parse(cls, text: str) -> "LoraSpec":
@@ -57,112 +142,83 @@ class LoraSpec:
         head, sep, tail = text.rpartition(":")
         if sep and head:
             try:
-                return cls(path=head, weight=float(tail))
+                weight = float(tail)
             except ValueError:
                 pass  # a colon inside the path, no weight
+            else:
+                return cls(path=head, weight=weight)  # an out-of-range weight is refused, not read as a path
         return cls(path=text, weight=1.0)
 
 
-@dataclass
-class InferRequest:
-    model: str = "demo"
-    prompt: str = ""
-    negative_prompt: str = ""
-    loras: list[LoraSpec] = field(default_factory=list)
-    width: int = 832
-    height: int = 480
-    num_frames: int = 81
-    steps: int = 30
-    guidance_scale: float = 5.0
-    flow_shift: float | None = None  # None: the model's own (its scheduler config), recorded at submit
-    seed: int | None = None
-    fps: int = 16
-    num_videos: int = 1
-    fuse_loras: bool = False
+class InferRequest(_Strict):
+    model: _text() = "demo"
+    prompt: _text() = ""
+    negative_prompt: _text() = ""
+    loras: list[LoraSpec] = []
+    width: _whole("width") = 832
+    height: _whole("height") = 480
+    num_frames: _whole("num_frames") = 81
+    steps: _whole("steps") = 30
+    guidance_scale: _number("guidance_scale") = 5.0
+    flow_shift: _number("flow_shift") | None = None  # None: the model's own (scheduler config), recorded at submit
+    seed: _whole("seed") | None = None
+    fps: _whole("fps") = 16
+    num_videos: _whole("num_videos") = 1
+    fuse_loras: Annotated[bool, PlainValidator(_flag)] = False
 
-    # ---- checks -------------------------------------------------------------------------------
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_pairs(cls, value: Any) -> Any:
+        """The CLI and old records give (path, weight) pairs; a LoraSpec or a dict is taken as is."""
+        if not isinstance(value, (list, tuple)):
+            raise _refuse(f"must be a list of LoRAs, got {value!r}")
+        if len(value) > MAX_LORAS:
+            raise _refuse(f"at most {MAX_LORAS} LoRAs per request, got {len(value)}")
+        return [{"path": spec[0], "weight": spec[1]} if isinstance(spec, (list, tuple)) and len(spec) == 2 else spec
+                for spec in value]
+
+    # ---- checks that need the model family or several fields -----------------------------------
     def validate(self, spatial_multiple: int = SPATIAL_MULTIPLE, temporal_stride: int = TEMPORAL_STRIDE) -> "InferRequest":
-        """Raise ConfigError naming every out-of-range field; returns self when all is well."""
+        """Raise ConfigError naming every field the model cannot take; returns self when all is well."""
         errors: list[tuple[str, str]] = []
-        if not str(self.model).strip():
+        if not self.model.strip():
             errors.append(("model", "must name a model ('demo' or a local diffusers folder)"))
         if not self.prompt.strip():
             errors.append(("prompt", "must not be empty"))
-        for name in ("prompt", "negative_prompt"):
-            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
-                errors.append((name, f"must be at most {MAX_PROMPT_CHARS} characters"))
-        for name in ("width", "height", "num_frames", "steps", "fps", "num_videos"):
-            errors += _check_int(name, getattr(self, name))
-        errors += _check_float("guidance_scale", self.guidance_scale)
-        if self.flow_shift is not None:
-            errors += _check_float("flow_shift", self.flow_shift)
         for name in ("width", "height"):
             value = getattr(self, name)
-            if _is_int(value) and value % spatial_multiple:
+            if value % spatial_multiple:
                 lower = max(spatial_multiple, value // spatial_multiple * spatial_multiple)
                 errors.append((name, f"must be a multiple of {spatial_multiple}, got {value} (try {lower})"))
-        if _is_int(self.num_frames) and (self.num_frames - 1) % temporal_stride:
+        if (self.num_frames - 1) % temporal_stride:
             k = max(0, round((self.num_frames - 1) / temporal_stride))
             errors.append(("num_frames", f"must be {temporal_stride}k+1 (1, 5, 9, ... 81), got {self.num_frames} "
                                          f"(try {temporal_stride * k + 1})"))
-        if self.seed is not None:
-            errors += _check_int("seed", self.seed)
-        if not isinstance(self.fuse_loras, bool):
-            errors.append(("fuse_loras", "must be true or false"))
-        errors += self._lora_errors()
+        seen: set[str] = set()
+        for i, spec in enumerate(self.loras):
+            if not spec.path.strip():
+                errors.append((f"loras[{i}].path", "must not be empty"))
+            elif spec.path in seen:
+                errors.append((f"loras[{i}].path", f"{spec.path} is listed twice; give it one weight"))
+            seen.add(spec.path)
         if errors:
             raise ConfigError(errors)
         return self
 
-    def _lora_errors(self) -> list[tuple[str, str]]:
-        errors: list[tuple[str, str]] = []
-        if len(self.loras) > MAX_LORAS:
-            errors.append(("loras", f"at most {MAX_LORAS} LoRAs per request, got {len(self.loras)}"))
-        low, high = LIMITS["lora_weight"]
-        seen: set[str] = set()
-        for i, spec in enumerate(self.loras):
-            if not isinstance(spec, LoraSpec):
-                errors.append((f"loras[{i}]", "must be a LoraSpec(path, weight)"))
-                continue
-            if not str(spec.path).strip():
-                errors.append((f"loras[{i}].path", "must not be empty"))
-            elif str(spec.path) in seen:
-                errors.append((f"loras[{i}].path", f"{spec.path} is listed twice; give it one weight"))
-            seen.add(str(spec.path))
-            if not _is_number(spec.weight) or not (low <= spec.weight <= high):
-                errors.append((f"loras[{i}].weight", f"must be a number in [{low:g}, {high:g}], got {spec.weight!r}"))
-        return errors
-
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["loras"] = [{"path": s.path, "weight": s.weight} for s in self.loras]
-        return data
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InferRequest":
         """From UI/API/CLI values; a size or sampling field left out or None takes the model's default."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError([(name, "unknown field") for name in unknown])
-        values = {**request_defaults(str(data.get("model") or cls.model)),
-                  **{k: v for k, v in data.items() if not (k in MODEL_DEFAULT_FIELDS and v is None)}}
-        for name in _INT_FIELDS:  # widgets hand numbers over as floats (42.0): keep whole ones
-            value = values.get(name)
-            if isinstance(value, float) and value.is_integer():
-                values[name] = int(value)
-        values["loras"] = [
-            spec if isinstance(spec, LoraSpec) else
-            LoraSpec(path=str(spec["path"]), weight=spec.get("weight", 1.0)) if isinstance(spec, dict) else
-            LoraSpec(path=str(spec[0]), weight=spec[1])
-            for spec in values.get("loras", [])
-        ]
-        return cls(**values)
+        model = data.get("model")
+        defaults = request_defaults(model if isinstance(model, str) and model else cls.model_fields["model"].default)
+        return cls(**{**defaults, **{k: v for k, v in data.items() if not (k in MODEL_DEFAULT_FIELDS and v is None)}})
 
     def with_seed(self) -> "InferRequest":
         """A copy whose seed is set (random when empty), so the result is reproducible."""
-        return self if self.seed is not None else replace(self, seed=random_seed())
+        return self if self.seed is not None else self.model_copy(update={"seed": random_seed()})
 
 
 # One table of defaults for the UI, the HTTP API and the CLI. The demo model was trained on 64x64x17
@@ -203,30 +259,3 @@ def resolve_lora_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no .safetensors LoRA in this folder (nor in epochN/stepN subfolders)")
 
 
-_INT_FIELDS = ("width", "height", "num_frames", "steps", "seed", "fps", "num_videos")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(name: str, value: Any) -> list[tuple[str, str]]:
-    low, high = LIMITS[name]
-    if not _is_int(value):
-        return [(name, f"must be a whole number, got {value!r}")]
-    if not low <= value <= high:
-        return [(name, f"must be in [{int(low)}, {int(high)}], got {value}")]
-    return []
-
-
-def _check_float(name: str, value: Any) -> list[tuple[str, str]]:
-    low, high = LIMITS[name]
-    if not _is_number(value):
-        return [(name, f"must be a number, got {value!r}")]
-    if not low <= value <= high:
-        return [(name, f"must be in [{low:g}, {high:g}], got {value:g}")]
-    return []

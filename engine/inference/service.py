@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ class InferenceService:
         lora_files = self._check_loras(req)
         req = req.with_seed()
         if req.flow_shift is None:
-            req = replace(req, flow_shift=_model_flow_shift(Path(model_path)))
+            req = req.model_copy(update={"flow_shift": _model_flow_shift(Path(model_path))})
         tracked = Tracked(id=uuid.uuid4().hex[:12], owner=owner, request=req, model_path=str(model_path),
                            lora_files=lora_files, total_steps=req.steps * req.num_videos)
         with self._lock:
