@@ -18,18 +18,22 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr
 
-from engine.config_types import (Bool, ConfigError, Float, Int, Str, config_error, is_table, strip_annotated,
-                                 suggest, unwrap_optional)
+from engine import config_compat, optimizers
+from engine.config_dataset import (DatasetConfig, DirectoryConfig, EvalDatasetConfig, dataset_errors,
+                                   load_dataset_table, resolve_directories)
+from engine.config_types import (Bool, ConfigError, ConfigTable, Float, Int, Str, is_table, strip_annotated, suggest,
+                                 unwrap_optional)
 
 __all__ = [
     "ConfigError",
     "DirectoryConfig",
     "DatasetConfig",
+    "EvalDatasetConfig",
     "ModelConfig",
     "AdapterConfig",
     "OptimizerConfig",
@@ -51,63 +55,7 @@ CheckpointPolicyName = Literal["full", "save_attention"]
 LoraComputeDtype = Literal["adapter", "activation"]
 
 
-class _Table(BaseModel):
-    """One TOML table. Direct construction and assignment raise ConfigError with the table's key path."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    table_path: ClassVar[str] = ""  # where the table sits in the TOML, e.g. "optimizer."
-
-    def __init__(self, /, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise config_error(exc, type(self), self.table_path) from None
-
-    # Otherwise pydantic would call this __init__ for every nested table it validates, and the
-    # outer table would see a ConfigError instead of the errors it rewrites with the full path.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as exc:
-            raise config_error(exc, type(self), self.table_path) from None
-
-    @classmethod
-    def parse(cls, data: Any, *, from_attributes: bool = False) -> Any:
-        """Validate a parsed TOML table (or, with `from_attributes`, an object with the same fields)."""
-        try:
-            return cls.model_validate(data, from_attributes=from_attributes)
-        except ValidationError as exc:
-            raise config_error(exc, cls, cls.table_path) from None
-
-
-class DirectoryConfig(_Table):
-    path: Str = Field(description="Folder of images/videos with same-name .txt captions.")
-    num_repeats: Int = Field(1, description="How many times each file is seen per epoch.")
-
-
-def _one_table_is_a_list(value: Any) -> Any:
-    return [value] if isinstance(value, dict) else value  # `[dataset.directory]` written once
-
-
-class DatasetConfig(_Table):
-    table_path = "dataset."
-
-    resolutions: list[Int] = Field(
-        [512], description="Training side lengths; each sample is resized to about side x side pixels (area).")
-    enable_ar_bucket: Bool = Field(True, description="Group samples into aspect-ratio buckets.")
-    min_ar: Float = Field(0.5, description="Smallest aspect ratio (width/height) bucket.")
-    max_ar: Float = Field(2.0, description="Largest aspect ratio (width/height) bucket.")
-    num_ar_buckets: Int = Field(7, description="Number of aspect-ratio buckets (log-spaced).")
-    frame_buckets: list[Int] = Field([1, 33], description="Frame counts clips are cut to (each 4k+1; 1 = single image).")
-    video_clip_mode: Literal["single_beginning", "single_middle"] = Field(
-        "single_beginning", description="Where a clip is taken from a longer video.")
-    directory: Annotated[list[DirectoryConfig], BeforeValidator(_one_table_is_a_list)] = Field(
-        [], description="[[directory]] tables: path + num_repeats.")
-
-
-class ModelConfig(_Table):
+class ModelConfig(ConfigTable):
     table_path = "model."
 
     type: Literal["wan"] = Field("wan", description="Model family.")
@@ -118,13 +66,17 @@ class ModelConfig(_Table):
                     "'transformer_2' = low-noise expert (set min_t/max_t to its range).")
     dtype: DType = Field("bfloat16", description="Dtype of the frozen model on GPU (CPU always uses float32).")
     transformer_dtype: DType | None = Field(None, description="Transformer dtype on GPU; default = dtype.")
+    transformer_path: Str | None = Field(
+        None, description="Transformer to train instead of ckpt_path's: a diffusers folder, a folder of "
+                          "ckpt_path (Wan2.2 'high_noise_model'), or a single .safetensors file (ComfyUI).",
+        json_schema_extra={"form": False})
     timestep_sample_method: TimestepMethod = Field("logit_normal", description="How training noise levels are drawn.")
     shift: Float = Field(1.0, description="Flow shift applied to sampled t (1 = none, >1 = noisier).")
     min_t: Float = Field(0.0, description="Lowest noise level trained (0..1).")
     max_t: Float = Field(1.0, description="Highest noise level trained (0..1).")
 
 
-class AdapterConfig(_Table):
+class AdapterConfig(ConfigTable):
     table_path = "adapter."
 
     type: Literal["lora"] = Field("lora", description="Adapter type.")
@@ -137,17 +89,18 @@ class AdapterConfig(_Table):
     init_from_existing: Str | None = Field(None, description="LoRA folder or .safetensors file to start from.")
 
 
-class OptimizerConfig(_Table):
+class OptimizerConfig(ConfigTable):
     table_path = "optimizer."
 
-    type: Literal["adamw", "adamw_optimi", "AdamW"] = Field("adamw", description="Optimizer (torch AdamW).")
+    type: Str = Field("adamw", description="Optimizer (diffusion-pipe's names; see engine/optimizers.py).",
+                      json_schema_extra={"choices": ("adamw", "adamw_optimi", "AdamW")})
     lr: Float = Field(2e-5, description="Peak learning rate.")
     betas: list[Float] = Field([0.9, 0.99], description="Adam betas.")
     weight_decay: Float = Field(0.01, description="Decoupled weight decay.")
     eps: Float = Field(1e-8, description="Adam epsilon.")
 
 
-class PerformanceConfig(_Table):
+class PerformanceConfig(ConfigTable):
     """Speed options, applied by `engine.families.wan_perf.apply` (there named `PerfOptions`).
 
     The defaults change nothing, so a machine without a GPU behaves as without the table.
@@ -177,7 +130,7 @@ class PerformanceConfig(_Table):
         return cls.parse(section, from_attributes=not isinstance(section, dict))
 
 
-class TrainConfig(_Table):
+class TrainConfig(ConfigTable):
     output_dir: Str = Field(description="Where run directories are created (output_dir/<timestamp>).")
     dataset: DatasetConfig = Field(
         default_factory=DatasetConfig, description="Dataset: a path to a dataset TOML, or an inline table.")
@@ -212,31 +165,46 @@ class TrainConfig(_Table):
     save_dtype: DType = Field("bfloat16", description="Dtype of saved LoRA files.")
     caching_batch_size: Int = Field(
         1, description="Accepted for diffusion-pipe configs; caching encodes one file at a time.")
+    # ---- evaluation (diffusion-pipe's keys); not in the form ------------------------------------
+    eval_datasets: list[EvalDatasetConfig] | None = Field(
+        None, description="[[eval_datasets]]: name + config (a dataset TOML) or an inline dataset table.",
+        json_schema_extra={"form": False})
+    eval_every_n_epochs: Int | None = Field(None, description="Eval loss every N epochs.", json_schema_extra={"form": False})
+    eval_every_n_steps: Int | None = Field(None, description="Eval loss every N steps.", json_schema_extra={"form": False})
+    eval_before_first_step: Bool | None = Field(None, description="Eval loss before training starts.",
+                                         json_schema_extra={"form": False})
+    eval_micro_batch_size_per_gpu: Int | None = Field(
+        None, description="Eval micro batch; default micro_batch_size_per_gpu.", json_schema_extra={"form": False})
+    eval_gradient_accumulation_steps: Int | None = Field(
+        None, description="Accepted for diffusion-pipe configs: the eval loss is the mean over every eval sample.",
+        json_schema_extra={"form": False})
+    _warnings: list[tuple[str, str]] = PrivateAttr(default_factory=list)
+
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "TrainConfig":
-        """Build from a parsed TOML dict. Relative dataset paths resolve against `base_dir`."""
+        """Build from a parsed TOML dict. Relative dataset paths resolve against `base_dir`.
+        diffusion-pipe keys are translated first (`engine.config_compat`); `warnings` lists them."""
         data = dict(data)
         base = Path(base_dir) if base_dir else None
-        dataset = data.get("dataset")
-        if isinstance(dataset, str):
-            dataset_file = Path(dataset)
-            if not dataset_file.is_absolute() and base is not None:
-                dataset_file = base / dataset_file
-            if not dataset_file.is_file():
-                raise ConfigError("dataset", f"dataset file not found: {dataset_file}")
-            try:
-                data["dataset"] = tomllib.loads(dataset_file.read_text(encoding="utf-8"))
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError("dataset", f"{dataset_file}: invalid TOML: {exc}") from None
-            dataset_base: Path | None = dataset_file.parent
-        else:
-            dataset_base = base
+        data["dataset"], dataset_base = load_dataset_table(data.get("dataset", {}), "dataset", base)
+        eval_bases = []
+        if isinstance(data.get("eval_datasets"), list):
+            data["eval_datasets"] = list(data["eval_datasets"])
+        for i, entry in enumerate(data.get("eval_datasets") or []):
+            if isinstance(entry, dict) and "config" in entry:  # diffusion-pipe: {name, config = 'eval.toml'}
+                entry = dict(entry)
+                entry["dataset"], entry_base = load_dataset_table(entry.pop("config"), f"eval_datasets[{i}].config", base)
+                data["eval_datasets"][i] = entry
+            else:
+                entry_base = base
+            eval_bases.append(entry_base)
+        warnings = config_compat.translate_main(data)
         cfg = cls.parse(data)
-        if dataset_base is not None:
-            for d in cfg.dataset.directory:
-                if not Path(d.path).is_absolute():
-                    d.path = str((dataset_base / d.path).resolve())
+        resolve_directories(cfg.dataset, dataset_base)
+        for entry, entry_base in zip(cfg.eval_datasets or [], eval_bases):
+            resolve_directories(entry.dataset, entry_base)
+        cfg._warnings = warnings + cfg._optimizer_warning()
         return cfg
 
     @classmethod
@@ -276,6 +244,22 @@ class TrainConfig(_Table):
         return _replace_path(self, path.split("."), value, "")
 
     # ---- derived values ------------------------------------------------------------------------
+    @property
+    def warnings(self) -> list[str]:
+        """What the studio does instead of keys it accepted but does not implement, one line each."""
+        return [f"{path}: {why}" for path, why in self._warnings]
+
+    def _optimizer_warning(self) -> list[tuple[str, str]]:
+        try:
+            note = optimizers.choose(self.optimizer.type).warning
+        except ConfigError:
+            return []  # validate() names it
+        return [("optimizer.type", note)] if note else []
+
+    @property
+    def eval_micro_batch_size(self) -> int:
+        return self.eval_micro_batch_size_per_gpu or self.micro_batch_size_per_gpu
+
     @property
     def effective_save_every_n_epochs(self) -> int | None:
         if self.save_every_n_epochs is None and self.save_every_n_steps is None:
@@ -336,19 +320,17 @@ class TrainConfig(_Table):
         check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
         check(o.eps > 0, "optimizer.eps", "must be > 0")
 
-        d = self.dataset
-        check(len(d.resolutions) > 0, "dataset.resolutions", "must list at least one resolution")
-        for i, r in enumerate(d.resolutions):
-            check(r >= 16 and r % 16 == 0, f"dataset.resolutions[{i}]", f"{r} must be a multiple of 16 and >= 16")
-        check(len(d.frame_buckets) > 0, "dataset.frame_buckets", "must list at least one frame count")
-        for i, f in enumerate(d.frame_buckets):
-            check(f >= 1 and (f - 1) % 4 == 0, f"dataset.frame_buckets[{i}]", f"{f} is not 4k+1 (1, 5, 9, ..., 33, 81)")
-        check(0 < d.min_ar <= d.max_ar, "dataset.min_ar", "need 0 < min_ar <= max_ar")
-        check(d.num_ar_buckets >= 1, "dataset.num_ar_buckets", "must be >= 1")
-        check(len(d.directory) > 0, "dataset.directory", "add at least one [[directory]] with a path")
-        for i, directory in enumerate(d.directory):
-            check(bool(directory.path.strip()), f"dataset.directory[{i}].path", "must not be empty")
-            check(directory.num_repeats >= 1, f"dataset.directory[{i}].num_repeats", "must be >= 1")
+        try:
+            optimizers.choose(o.type)
+        except ConfigError as exc:
+            errors += exc.errors
+        for key in ("eval_every_n_epochs", "eval_every_n_steps", "eval_micro_batch_size_per_gpu",
+                    "eval_gradient_accumulation_steps"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, key, "must be >= 1")
+        errors += dataset_errors(self.dataset)
+        for i, entry in enumerate(self.eval_datasets or []):
+            errors += dataset_errors(entry.dataset, f"eval_datasets[{i}].dataset")
         if errors:
             raise ConfigError(errors)
         return self
@@ -383,9 +365,11 @@ def _collect_fields(cls: type[BaseModel], prefix: str, out: list[FieldSpec]) -> 
             continue
         if typing.get_origin(inner) is list and is_table(strip_annotated(typing.get_args(inner)[0])):
             continue  # [[directory]] tables are edited as a list, not as form fields
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("form") is False:
+            continue  # set in TOML only (diffusion-pipe's dataset and eval options)
         # A fresh copy: the form may mutate a list default.
         default = None if info.is_required() else copy.deepcopy(info.get_default(call_default_factory=True))
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         choices = extra.get("choices")
         if choices is None and typing.get_origin(inner) is Literal:
             choices = typing.get_args(inner)
@@ -401,7 +385,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _replace_path(obj: _Table, parts: list[str], value: Any, prefix: str) -> Any:
+def _replace_path(obj: ConfigTable, parts: list[str], value: Any, prefix: str) -> Any:
     name = parts[0]
     path = f"{prefix}{name}"
     fields = type(obj).model_fields
@@ -412,6 +396,6 @@ def _replace_path(obj: _Table, parts: list[str], value: Any, prefix: str) -> Any
         setattr(changed, name, value)  # validate_assignment: checked like TOML input
         return changed
     child = getattr(obj, name)
-    if not isinstance(child, _Table):
+    if not isinstance(child, ConfigTable):
         raise ConfigError(path, "is not a table")
     return obj.model_copy(update={name: _replace_path(child, parts[1:], value, path + ".")})

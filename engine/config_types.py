@@ -6,12 +6,12 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, PlainValidator, ValidationError
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
 from pydantic_core import PydanticCustomError
 
-__all__ = ["ConfigError", "Int", "Float", "Bool", "Str", "config_error", "suggest", "unwrap_optional",
+__all__ = ["ConfigError", "ConfigTable", "Int", "Float", "Bool", "Str", "config_error", "suggest", "unwrap_optional",
            "strip_annotated", "is_table"]
 
 
@@ -53,8 +53,6 @@ Float = Annotated[float, _scalar(_is_number, float, "a number")]
 Bool = Annotated[bool, _scalar(lambda v: isinstance(v, bool), bool, "true or false")]
 Str = Annotated[str, _scalar(lambda v: isinstance(v, str), str, "a string")]
 
-# Linears inside each Wan block that LoRA targets by default: self/cross attention and the FFN.
-# diffusers' Wan LoRA loader accepts exactly these (plus time/head projections).
 # ---- annotations ---------------------------------------------------------------------------------
 
 
@@ -86,22 +84,6 @@ def _annotation_at(root: type[BaseModel], loc: tuple) -> Any:
 
 
 # ---- pydantic errors as ConfigErrors -------------------------------------------------------------
-
-# diffusion-pipe keys this trainer does not take, with what to do instead.
-_NO_EVAL = "evaluation runs are not supported by this trainer; remove the key"
-_FOREIGN_KEYS = {
-    "video_clip_mode": "set it in the dataset ([dataset] video_clip_mode)",
-    "eval_every_n_epochs": _NO_EVAL,
-    "eval_before_first_step": _NO_EVAL,
-    "eval_micro_batch_size_per_gpu": _NO_EVAL,
-    "eval_gradient_accumulation_steps": _NO_EVAL,
-    "eval_datasets": _NO_EVAL,
-    "partition_method": "not used (no pipeline parallelism); remove the key",
-    "steps_per_print": "not used (every step is written to metrics.jsonl); remove the key",
-    "blocks_to_swap": "block swapping is not supported; use activation_checkpointing and zero_stage",
-    "compile": "use the [performance] table (compile_blocks)",
-}
-
 
 def _key_path(prefix: str, loc: tuple) -> str:
     """("dataset", "directory", 0, "path") -> "dataset.directory[0].path" (after `prefix`)."""
@@ -140,8 +122,7 @@ def _reason(error: Any, root: type[BaseModel], prefix: str) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
-        foreign = _FOREIGN_KEYS.get(_key_path(prefix, loc))
-        return foreign or "unknown key" + suggest(str(loc[-1]), _annotation_at(root, loc[:-1]).model_fields)
+        return "unknown key" + suggest(str(loc[-1]), _annotation_at(root, loc[:-1]).model_fields)
     if value is None:
         return "must not be empty"
     if kind == "model_type":
@@ -154,3 +135,37 @@ def _reason(error: Any, root: type[BaseModel], prefix: str) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{value!r} is not one of {', '.join(map(repr, allowed))}{hint}"
     return error["msg"]  # our scalar validators' own words
+
+
+# ---- the base of every table ----------------------------------------------------------------------
+
+
+class ConfigTable(BaseModel):
+    """One TOML table. Direct construction and assignment raise ConfigError with the table's key path."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    table_path: ClassVar[str] = ""  # where the table sits in the TOML, e.g. "optimizer."
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), self.table_path) from None
+
+    # Otherwise pydantic would call this __init__ for every nested table it validates, and the
+    # outer table would see a ConfigError instead of the errors it rewrites with the full path.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), self.table_path) from None
+
+    @classmethod
+    def parse(cls, data: Any, *, from_attributes: bool = False) -> Any:
+        """Validate a parsed TOML table (or, with `from_attributes`, an object with the same fields)."""
+        try:
+            return cls.model_validate(data, from_attributes=from_attributes)
+        except ValidationError as exc:
+            raise config_error(exc, cls, cls.table_path) from None

@@ -12,7 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import ConfigError, TrainConfig
+from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConfig
+from engine.dataset import plan_dataset, require_trainable
 from engine.jobs import Job, JobError
 from engine.rundir import RunDir, read_log_tail
 from studio.auth import AccessDenied, User
@@ -101,11 +102,14 @@ class StudioApi:
         roots = self.ctx.settings.dataset_roots
         if not cfg.dataset.directory:
             raise ConfigError("dataset.directory", "choose a dataset folder")
-        for i, directory in enumerate(cfg.dataset.directory):
-            try:
-                directory.path = str(confine(directory.path, roots))
-            except DatasetError as exc:
-                raise ConfigError(f"dataset.directory[{i}].path", str(exc)) from None
+        tables = [("dataset", cfg.dataset)] + [(f"eval_datasets[{k}].dataset", e.dataset)
+                                               for k, e in enumerate(cfg.eval_datasets or [])]
+        for key, table in tables:
+            for i, directory in enumerate(table.directory):
+                try:
+                    directory.path = str(confine(directory.path, roots))
+                except DatasetError as exc:
+                    raise ConfigError(f"{key}.directory[{i}].path", str(exc)) from None
         if cfg.adapter.init_from_existing:
             self.lora_file(user, cfg.adapter.init_from_existing)
         return cfg.validate()
@@ -113,6 +117,7 @@ class StudioApi:
     def start_training(self, user: User, config_toml: str, gpus: str = "", num_gpus: int = 1,
                        name: str = "") -> dict[str, Any]:
         cfg = self.prepare_config(user, config_toml)
+        require_trainable(plan_dataset(cfg.dataset), ", ".join(d.path for d in cfg.dataset.directory))
         try:
             explicit = [int(g) for g in str(gpus or "").replace(" ", "").split(",") if g != ""]
         except ValueError:
@@ -122,7 +127,22 @@ class StudioApi:
             cfg.to_toml(), owner=user.name, gpus=explicit or None,
             num_gpus=None if explicit else max(1, int(num_gpus or 1)), name=(name or "").strip() or default_name)
         log.info("user %s started job %s", user.name, job.id)
-        return job_summary(job)
+        return {**job_summary(job), "config_warnings": cfg.warnings}
+
+    def check_dataset(self, user: User, folder: str = "", frame_buckets: str = "",
+                      config_toml: str = "") -> dict[str, Any]:
+        """The dataset preview (engine.dataset's plan, as the trainer will follow it) of an allowed
+        folder with these frame buckets, or of a training TOML's dataset."""
+        from studio.datasets import check
+
+        if config_toml.strip():
+            cfg = self.prepare_config(user, config_toml)
+            return check(cfg.dataset, cfg.micro_batch_size_per_gpu, cfg.gradient_accumulation_steps)
+        dataset = DatasetConfig(directory=[DirectoryConfig(path=str(confine(folder, self.ctx.settings.dataset_roots)))])
+        buckets = [int(b) for b in str(frame_buckets or "").replace(" ", "").split(",") if b]
+        if buckets:
+            dataset.frame_buckets = buckets
+        return check(dataset)
 
     def list_jobs(self, user: User, statuses: list[str] | None = None, limit: int = 50,
                   offset: int = 0) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""Dataset helpers for the Train tab: confined folders, safe uploads and zips, scanning and checks.
+"""Dataset helpers for the Train tab, the API and the CLI: confined folders, safe uploads and zips,
+and the dataset preview (`engine.dataset`'s plan, the one the trainer follows, as rows and JSON).
 
-A dataset is a folder of images/videos with same-name `.txt` captions. Every path a user types is
-resolved and must lie under one of the allowed roots; uploads land in the user's own folder under
-`uploads/<user>/datasets/<name>`; zip entries that would escape it are refused.
+A dataset is a folder of images/videos with captions (engine.dataset says where captions come from).
+Every path a user types is resolved and must lie under one of the allowed roots; uploads land in the
+user's own folder under `uploads/<user>/datasets/<name>`; zip entries that would escape it are refused.
 """
 from __future__ import annotations
 
@@ -11,36 +12,24 @@ import logging
 import re
 import shutil
 import stat
+import tomllib
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from PIL import Image
 
-from engine.media import error_reason, probe_video, read_video
+from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConfig
+from engine.dataset import (CAPTIONS_JSON, IMAGE_EXTS, MEDIA_EXTS, METADATA_JSONL, CaptionReader, DatasetError,
+                            DatasetPlan, plan_dataset)
+from engine.media import read_video
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
-VIDEO_EXTS = {".mp4", ".webm", ".mov", ".gif"}
-MEDIA_EXTS = IMAGE_EXTS | VIDEO_EXTS
+__all__ = ["DatasetError", "MEDIA_EXTS", "confine", "dataset_target", "preview", "save_caption", "thumbnail"]
 MAX_ZIP_ENTRIES = 20_000
+CAPTION_FILES = {CAPTIONS_JSON, METADATA_JSONL}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-class DatasetError(ValueError):
-    """A dataset path, upload or archive the studio refuses; the message says why."""
-
-
-@dataclass(frozen=True)
-class DatasetFile:
-    name: str
-    kind: str  # "image" | "video"
-    caption: str | None  # None: no .txt next to it
-    frames: int | None  # 1 for images; None when unreadable
-    width: int | None
-    height: int | None
-    error: str | None = None
 
 
 def safe_name(text: str, fallback: str = "dataset") -> str:
@@ -110,7 +99,7 @@ def safe_extract_zip(archive: Path, dest: Path, max_bytes: int) -> list[Path]:
             target = (dest / info.filename.replace("\\", "/")).resolve()
             if not target.is_relative_to(dest):  # belt and braces after the checks above
                 raise DatasetError(f"{archive.name}: refused unsafe entry {info.filename!r}")
-            if target.suffix.lower() not in MEDIA_EXTS | {".txt"} or "__MACOSX" in target.parts:
+            if not _is_dataset_file(target) or "__MACOSX" in target.parts:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, target.open("wb") as out:
@@ -128,7 +117,7 @@ def import_uploads(files: list[str | Path], dest: Path, max_bytes: int) -> list[
         ext = src.suffix.lower()
         if ext == ".zip":
             written += safe_extract_zip(src, dest, max_bytes)
-        elif ext in MEDIA_EXTS | {".txt"}:
+        elif _is_dataset_file(src):
             target = dest / safe_name(src.stem, "file")
             target = target.with_suffix(ext)
             shutil.copyfile(src, target)
@@ -140,54 +129,51 @@ def import_uploads(files: list[str | Path], dest: Path, max_bytes: int) -> list[
     return written
 
 
-def scan_dataset(folder: Path) -> list[DatasetFile]:
-    """Every media file of the folder (recursively) with caption, frame count and size."""
-    files: list[DatasetFile] = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in MEDIA_EXTS and p.is_file()):
-        caption_path = path.with_suffix(".txt")
-        caption = caption_path.read_text(encoding="utf-8", errors="replace").strip() if caption_path.is_file() else None
-        kind = "image" if path.suffix.lower() in IMAGE_EXTS else "video"
-        name = str(path.relative_to(folder))
+def _is_dataset_file(path: Path) -> bool:
+    return path.suffix.lower() in MEDIA_EXTS | {".txt"} or path.name in CAPTION_FILES
+
+
+def dataset_target(target: str, frame_buckets: list[int] | None = None) -> tuple[DatasetConfig, TrainConfig | None]:
+    """What `dataset check` looks at: a training/dataset TOML, or a folder with the default buckets."""
+    path = Path(target)
+    if path.is_file():
         try:
-            if kind == "image":
-                with Image.open(path) as img:
-                    img.verify()
-                with Image.open(path) as img:
-                    frames, width, height = 1, img.width, img.height
-            else:
-                # The container's duration x fps, not a decode: the check lists big folders quickly.
-                info = probe_video(path, exact_frames=False)
-                frames, width, height = info.frames, info.width, info.height
-            files.append(DatasetFile(name, kind, caption, frames, width, height))
-        except Exception as exc:  # any decoder failure means "unreadable"; keep scanning
-            files.append(DatasetFile(name, kind, caption, None, None, None, error=f"unreadable: {error_reason(exc)}"))
-    return files
+            is_dataset_file = "directory" in tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("", f"{path}: invalid TOML: {exc}") from None
+        cfg = (TrainConfig.from_dict({"output_dir": ".", "dataset": str(path.resolve())}) if is_dataset_file
+               else TrainConfig.from_toml_file(path))
+        return cfg.dataset, cfg
+    dataset = DatasetConfig(directory=[DirectoryConfig(path=str(path))])
+    if frame_buckets:
+        dataset.frame_buckets = frame_buckets
+    return dataset, None
 
 
-def bucket_for(frames: int, frame_buckets: list[int]) -> int | None:
-    """The largest frame bucket that fits the clip (as the trainer cuts clips), or None."""
-    fitting = [b for b in frame_buckets if b <= frames]
-    return max(fitting) if fitting else None
+def preview(plan: DatasetPlan, micro_batch_size: int = 1, grad_accum: int = 1) -> dict[str, Any]:
+    """The plan as JSON: every file with its buckets or "skipped: <reason>", counts per bucket and the
+    steps per epoch on one GPU (what the Train tab, `/check_dataset` and `dataset check` show)."""
+    files = []
+    for e in plan.entries:
+        item = e.item
+        files.append({
+            "file": e.name,
+            "kind": ("video" if item.is_video else "image") if item else "?",
+            "size": f"{item.width}x{item.height}" if item else "?",
+            "frames": item.frames if item else None,
+            "buckets": [str(b) for b in e.buckets],
+            "skipped": e.skipped,
+            "caption": item.caption if item else "",
+            "caption_source": item.caption_source if item else None,
+        })
+    counts = plan.bucket_counts()
+    return {"files": files, "bucket_counts": {str(b): n for b, n in sorted(counts.items(), key=lambda kv: str(kv[0]))},
+            "samples": sum(counts.values()), "steps_per_epoch": plan.steps_per_epoch(micro_batch_size, grad_accum),
+            "trainable": bool(counts), "warnings": plan.warnings}
 
 
-def check_dataset(files: list[DatasetFile], frame_buckets: list[int]) -> list[str]:
-    """Human-readable problems: no media, missing captions, unreadable files, clips under every bucket."""
-    if not files:
-        return ["no image or video files found"]
-    problems: list[str] = []
-    video_buckets = [b for b in frame_buckets if b > 1]
-    for f in files:
-        if f.error:
-            problems.append(f"{f.name}: {f.error}")
-            continue
-        if f.caption is None:
-            problems.append(f"{f.name}: missing caption (.txt); trains with an empty caption")
-        elif not f.caption:
-            problems.append(f"{f.name}: empty caption")
-        if f.kind == "video" and f.frames is not None and video_buckets and f.frames < min(video_buckets):
-            problems.append(f"{f.name}: {f.frames} frames, shorter than every video frame bucket "
-                            f"({', '.join(map(str, video_buckets))})")
-    return problems
+def check(dataset: DatasetConfig, micro_batch_size: int = 1, grad_accum: int = 1) -> dict[str, Any]:
+    return preview(plan_dataset(dataset), micro_batch_size, grad_accum)
 
 
 def save_caption(folder: Path, name: str, caption: str) -> Path:
@@ -195,6 +181,9 @@ def save_caption(folder: Path, name: str, caption: str) -> Path:
     media = (folder / name).resolve()
     if not media.is_relative_to(folder.resolve()) or media.suffix.lower() not in MEDIA_EXTS or not media.is_file():
         raise DatasetError(f"{name}: not a media file of this dataset")
+    _, source = CaptionReader().find(media, folder.resolve())
+    if source in CAPTION_FILES:  # a .txt would not win over it (engine.dataset's precedence)
+        raise DatasetError(f"{name}: its caption comes from {source}; edit that file")
     target = media.with_suffix(".txt")
     target.write_text(caption.strip() + "\n", encoding="utf-8")
     return target

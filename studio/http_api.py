@@ -105,6 +105,12 @@ def register_api(api: StudioApi) -> None:
         """Delete a gallery item and its files."""
         return _wrap(api, api.gallery_delete)(item_id, request=request)
 
+    def check_dataset(folder: str = "", frame_buckets: str = "", config_toml: str = "",
+                      request: gr.Request = None) -> dict:
+        """The dataset preview the trainer follows: every file with its buckets or 'skipped: <reason>',
+        samples per bucket, steps per epoch. A folder (+ frame buckets '1,33'), or a training TOML."""
+        return _wrap(api, api.check_dataset)(folder, frame_buckets, config_toml, request=request)
+
     def gpu_status(request: gr.Request = None) -> dict:
         """GPUs (memory, utilization, temperature, power, job), host RAM and free disk."""
         return _wrap(api, api.gpu_status)(request=request)
@@ -125,6 +131,7 @@ def register_api(api: StudioApi) -> None:
     call("gallery_favorite", gallery_favorite)
     call("gallery_delete", gallery_delete)
     call("gpu_status", gpu_status)
+    call("check_dataset", check_dataset)
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """The Train tab: dataset, config form (by key path), presets, TOML, GPU picker, jobs and live charts."""
 from __future__ import annotations
 
+import html
 import tempfile
 import time
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from engine.config import ConfigError, DirectoryConfig, TrainConfig
+from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConfig
 from studio import datasets as ds
 from studio.api import StudioApi
 from studio.auth import User
@@ -90,21 +91,27 @@ class DatasetCheck:
 
 
 def check_dataset(api: StudioApi, folder_text: str, buckets_text: str) -> DatasetCheck:
+    """The preview the trainer follows (engine.dataset): each file's bucket or why it is skipped."""
     ctx = api.ctx
     path = ds.confine(folder_text, ctx.settings.dataset_roots)
+    dataset = DatasetConfig(directory=[DirectoryConfig(path=str(path))])
     buckets = [int(b) for b in str(buckets_text).replace(" ", "").split(",") if b]
-    found = ds.scan_dataset(path)
-    problems = ds.check_dataset(found, buckets)
-    summary = f"{len(found)} files in {path.name}: " + (
-        "no problems found" if not problems else f"{len(problems)} problem(s)")
-    note = message(summary, "ok" if not problems else "error")
-    if problems:
-        note += "<ul class='problems'>" + "".join(f"<li>{p}</li>" for p in problems[:50]) + "</ul>"
-    rows = [[f.name, f.kind, f.frames if f.frames is not None else "?",
-             f"{f.width}x{f.height}" if f.width else "?",
-             ds.bucket_for(f.frames, buckets) if f.frames else "-", f.caption or ""] for f in found]
-    shots = [(str(t), f.name) for f in found[:64]
-             if (t := ds.thumbnail(path / f.name, ctx.layout.cache_dir / "thumbs")) is not None]
+    if buckets:
+        dataset.frame_buckets = buckets
+    found = ds.check(dataset)
+    counts = ", ".join(f"{b}: {n}" for b, n in found["bucket_counts"].items())
+    summary = (f"{len(found['files'])} files in {path.name}: {found['samples']} samples, "
+               f"{found['steps_per_epoch']} steps per epoch on one GPU" + (f" ({counts})" if counts else ""))
+    if not found["trainable"]:
+        summary += " -- nothing trainable: Start will refuse this dataset"
+    note = message(summary, "ok" if found["trainable"] and not found["warnings"] else "error")
+    if found["warnings"]:
+        note += "<ul class='problems'>" + "".join(f"<li>{html.escape(w)}</li>" for w in found["warnings"][:50]) + "</ul>"
+    rows = [[f["file"], f["kind"], f["frames"] if f["frames"] is not None else "?", f["size"],
+             f"skipped: {f['skipped']}" if f["skipped"] else ", ".join(f["buckets"]), f["caption"]]
+            for f in found["files"]]
+    shots = [(str(t), f["file"]) for f in found["files"][:64]
+             if (t := ds.thumbnail(path / f["file"], ctx.layout.cache_dir / "thumbs")) is not None]
     return DatasetCheck(note, shots, rows)
 
 
@@ -302,8 +309,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
 
     buckets_box = form.components["dataset.frame_buckets"]
     check_outputs = [check_msg, thumbs, files, save_captions]
-    check_btn.click(on_check, [folder, buckets_box], check_outputs, api_name="check_dataset",
-                    api_visibility="undocumented")
+    check_btn.click(on_check, [folder, buckets_box], check_outputs, api_visibility="private")
     folder.input(on_check, [folder, buckets_box], check_outputs, api_visibility="private")
 
     def on_save_captions(folder_text: str, table: Any, request: gr.Request):
@@ -328,8 +334,10 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         with user_errors():
             job = start_run(api, user, train_form.config(values), values.get(gpu_pick), values.get(num_gpus),
                             values.get(run_name))
+        warned = "".join(f"<li>{html.escape(w)}</li>" for w in job.get("config_warnings", []))
         return (gr.update(value=job["id"], choices=[(f"#{job['id']} {job['name']}", job["id"])]),
-                message(f"queued run #{job['id']} ({job['name']})", "ok"))
+                message(f"queued run #{job['id']} ({job['name']})", "ok")
+                + (f"<ul class='problems'>{warned}</ul>" if warned else ""))
 
     start.click(on_start, form_inputs | {gpu_pick, num_gpus, run_name}, [job_pick, start_msg],
                 api_visibility="private")

@@ -94,11 +94,65 @@ def test_bad_values_name_the_key_path(toml: str, path: str) -> None:
     assert str(err.value).startswith(path) or f"; {path}" in str(err.value)
 
 
-def test_diffusion_pipe_keys_we_do_not_take_say_what_to_do() -> None:
-    with pytest.raises(ConfigError) as err:
-        TrainConfig.from_toml_string('output_dir="o"\neval_every_n_epochs = 1\nvideo_clip_mode = "single_middle"\n')
-    assert "eval_every_n_epochs: evaluation runs are not supported" in str(err.value)
-    assert "video_clip_mode: set it in the dataset" in str(err.value)
+DIFFUSION_PIPE = Path(__file__).resolve().parent / "fixtures" / "diffusion_pipe"
+
+
+def warned_paths(cfg: TrainConfig) -> list[str]:
+    return [w.split(":")[0] for w in cfg.warnings]
+
+
+def test_diffusion_pipe_wan_example_validates_with_one_warning_per_unimplemented_key() -> None:
+    cfg = TrainConfig.from_toml_file(DIFFUSION_PIPE / "wan_min_vram.toml").validate()
+    paths = warned_paths(cfg)
+    assert sorted(paths) == sorted(set(paths)), "one warning per key"
+    assert set(paths) == {"activation_checkpointing", "partition_method", "steps_per_print", "blocks_to_swap",
+                          "model.transformer_dtype", "optimizer.stabilize", "optimizer.type", "monitoring",
+                          "dataset.cache_shuffle_num", "dataset.directory[1].mask_path"}
+    assert any("blocks_to_swap: block swapping is not implemented" in w for w in cfg.warnings)
+    # implemented: eval sets, the moved clip mode, [w, h] pairs, per-directory overrides, 'unsloth' -> on
+    assert cfg.eval_datasets[0].name == "held_out" and cfg.eval_before_first_step and cfg.eval_every_n_epochs == 1
+    assert cfg.eval_datasets[0].dataset.directory[0].path == str((DIFFUSION_PIPE / "eval").resolve())
+    assert cfg.dataset.video_clip_mode == "single_beginning" and cfg.activation_checkpointing is True
+    assert cfg.dataset.resolutions == [64] and cfg.model.transformer_dtype is None
+    stills = cfg.dataset.directory[1]
+    assert stills.ar_buckets == [1.0, 80 / 48] and stills.frame_buckets == [1] and stills.num_repeats == 2
+    again = TrainConfig.from_toml_string(cfg.to_toml())  # what the studio queues: no foreign key left
+    assert again.to_dict() == cfg.to_dict()
+    assert again.warnings == [w for w in cfg.warnings if w.startswith("optimizer.type")]
+
+
+def test_diffusion_pipe_main_example_maps_what_it_can() -> None:
+    cfg = TrainConfig.from_toml_file(DIFFUSION_PIPE / "main_example_wan.toml").validate()
+    paths = warned_paths(cfg)
+    assert sorted(paths) == sorted(set(paths))
+    for key in ("micro_batch_size_per_gpu", "image_micro_batch_size_per_gpu", "pseudo_huber_c", "map_num_proc",
+                "eval_every_n_examples", "save_every_n_examples", "x_axis_examples", "partition_split",
+                "model.llm_path", "adapter.fuse_adapters", "disable_block_swap_for_eval"):
+        assert key in paths, key
+    assert cfg.micro_batch_size_per_gpu == 1  # the smallest of the per-resolution sizes
+    assert cfg.performance.compile_blocks and cfg.lr_scheduler == "constant" and cfg.optimizer.lr == 1e-5
+    assert cfg.model.transformer_path == "transformer" and cfg.dataset.video_clip_mode == "single_middle"
+    assert cfg.eval_every_n_steps == 100 and cfg.model.max_t == 0.875
+
+
+def test_unknown_optimizer_and_foreign_value_shapes_still_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^optimizer.type: 'Lion2' is not a known optimizer"):
+        TrainConfig.from_toml_string('output_dir="o"\n[optimizer]\ntype="Lion2"\n'
+                                     '[dataset]\n[[dataset.directory]]\npath="d"\n').validate()
+    with pytest.raises(ConfigError, match="model.transformer_dtype: 'fp8' is not one of"):
+        TrainConfig.from_toml_string('output_dir="o"\n[model]\ntransformer_dtype="fp8"\n')
+
+
+def test_config_check_cli_exits_0_with_warnings_and_2_on_errors(tmp_path: Path, capsys) -> None:
+    from studio.cli import main
+
+    assert main(["--home", str(tmp_path), "config", "check", str(DIFFUSION_PIPE / "wan_min_vram.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks_to_swap: block swapping is not implemented" in out and "warning" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('output_dir="o"\n[optimizer]\nlr=0\n')
+    assert main(["--home", str(tmp_path), "config", "check", str(bad)]) == 2
+    assert "optimizer.lr: must be > 0" in capsys.readouterr().err
 
 
 def test_validate_collects_every_error() -> None:

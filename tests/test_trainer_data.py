@@ -1,4 +1,5 @@
-"""Trainer data pieces: scanning, buckets, epoch order over ranks, lr schedule, latent cache."""
+"""Trainer data pieces: the dataset plan (engine.dataset), buckets, epoch order over ranks, lr schedule,
+latent cache."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,8 @@ from engine.config import DatasetConfig, DirectoryConfig
 from engine.families import get_family
 from engine.families.wan_random import build_random_wan
 from engine.trainer import cache as cache_mod
-from engine.trainer.data import Bucket, DatasetError, ar_buckets, assign_bucket, load_pixels, scan_dataset
+from engine.dataset import Bucket, DatasetError, bucket_sizes, plan_dataset, settings_for
+from engine.trainer.data import load_pixels
 from engine.trainer.order import Sample, epoch_microbatches, lr_factor, microbatch_for, steps_per_epoch
 from tests.trainer_support import make_dataset, write_video
 
@@ -22,16 +24,19 @@ def dataset_cfg(path: Path, **kw) -> DatasetConfig:
     return DatasetConfig(directory=[DirectoryConfig(path=str(path))], **kw)
 
 
+def items_of(cfg: DatasetConfig) -> dict:
+    return {e.name: e.item for e in plan_dataset(cfg).entries if not e.skipped}
+
+
 def test_scan_lists_corrupt_files_and_missing_captions(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "d")
     (data / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    scan = scan_dataset(dataset_cfg(data))
-    names = sorted(i.path.name for i in scan.items)
-    assert names == ["clip.mp4", "nocaption.png", "square0.png", "square1.png", "square2.png", "square3.png"]
-    assert sorted(p.name for p, _ in scan.skipped) == ["bad.png", "broken.mp4"]
-    assert [p.name for p in scan.missing_captions] == ["nocaption.png"]
-    by_name = {i.path.name: i for i in scan.items}
-    assert by_name["nocaption.png"].caption == "" and by_name["nocaption.png"].caption_missing
+    plan = plan_dataset(dataset_cfg(data, frame_buckets=[1, 5]))
+    by_name = items_of(dataset_cfg(data, frame_buckets=[1, 5]))
+    assert sorted(by_name) == ["clip.mp4", "nocaption.png", "square0.png", "square1.png", "square2.png", "square3.png"]
+    assert sorted(e.name for e in plan.skipped) == ["bad.png", "broken.mp4"]
+    assert any(w.startswith("1 files have no caption") and "nocaption.png" in w for w in plan.warnings)
+    assert by_name["nocaption.png"].caption == "" and by_name["nocaption.png"].caption_source is None
     assert by_name["square1.png"].caption == "a purple square"
     clip = by_name["clip.mp4"]
     assert clip.is_video and clip.frames == 9 and (clip.width, clip.height) == (32, 32)
@@ -40,34 +45,41 @@ def test_scan_lists_corrupt_files_and_missing_captions(tmp_path: Path) -> None:
 def test_empty_dataset_and_links_outside_the_root_are_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DatasetError, match="dataset is empty"):
-        scan_dataset(dataset_cfg(empty))
+    from engine.dataset import require_trainable
+
+    with pytest.raises(DatasetError, match="no trainable item: 0 media files"):
+        require_trainable(plan_dataset(dataset_cfg(empty)), str(empty))
     with pytest.raises(DatasetError, match="folder not found"):
-        scan_dataset(dataset_cfg(tmp_path / "missing"))
+        plan_dataset(dataset_cfg(tmp_path / "missing"))
     outside = make_dataset(tmp_path / "outside", images=1, video=False, corrupt_video=False, uncaptioned=False)
     inside = tmp_path / "inside"
     inside.mkdir()
     os.symlink(outside / "square0.png", inside / "linked.png")
     with pytest.raises(DatasetError, match="outside the dataset folder"):
-        scan_dataset(dataset_cfg(inside))
+        plan_dataset(dataset_cfg(inside))
 
 
 def test_buckets_respect_area_multiples_and_frames(tmp_path: Path) -> None:
     cfg = DatasetConfig(resolutions=[256], min_ar=0.5, max_ar=2.0, num_ar_buckets=5, frame_buckets=[1, 9, 33])
-    sizes = ar_buckets(256, cfg, 16)
+    sizes = bucket_sizes(256, settings_for(DirectoryConfig(path="x"), cfg).ratios, 16)
     assert len(sizes) == 5 and (256, 256) in sizes
     for w, h in sizes:
         assert w % 16 == 0 and h % 16 == 0 and 0.85 < w * h / 256**2 < 1.15
     assert [w / h > 1 for w, h in sizes] == [False, False, False, True, True]
     data = make_dataset(tmp_path / "d", images=2, corrupt_video=False, uncaptioned=False)
-    items = {i.path.name: i for i in scan_dataset(dataset_cfg(data)).items}
-    wide = assign_bucket(items["square1.png"], 256, cfg, 16)  # 48x32 -> ratio 1.5
+
+    def buckets(**kw) -> dict:
+        plan = plan_dataset(dataset_cfg(data, **kw))
+        return {e.name: (e.buckets[0] if e.buckets else e.skipped) for e in plan.entries}
+
+    planned = buckets(resolutions=[256], min_ar=0.5, max_ar=2.0, num_ar_buckets=5, frame_buckets=[1, 9, 33])
+    wide = planned["square1.png"]  # 48x32 -> ratio 1.5
     assert wide.frames == 1 and wide.width > wide.height
-    assert assign_bucket(items["clip.mp4"], 256, cfg, 16).frames == 9  # 9 frames: largest fitting bucket
-    assert assign_bucket(items["clip.mp4"], 256, DatasetConfig(frame_buckets=[33]), 16) is None
-    square = assign_bucket(items["square0.png"], 256, DatasetConfig(enable_ar_bucket=False), 16)
+    assert planned["clip.mp4"].frames == 9  # 9 frames: largest fitting bucket
+    assert "9 frames, shorter than every video frame bucket (33)" in buckets(frame_buckets=[33])["clip.mp4"]
+    square = buckets(resolutions=[256], enable_ar_bucket=False)["square0.png"]
     assert (square.width, square.height) == (256, 256)
-    pixels = load_pixels(items["clip.mp4"], Bucket(64, 48, 5), "single_middle")
+    pixels = load_pixels(items_of(dataset_cfg(data, frame_buckets=[1, 5]))["clip.mp4"], Bucket(64, 48, 5), "single_middle")
     assert pixels.shape == (3, 5, 48, 64) and pixels.min() >= -1 and pixels.max() <= 1
 
 
@@ -115,9 +127,8 @@ def test_cache_is_reused_and_invalidated_by_content_and_settings(tmp_path: Path)
     fingerprint = cache_mod.model_fingerprint(model)
 
     def plan(config: DatasetConfig) -> list[cache_mod.CachePlan]:
-        items = scan_dataset(config).items
-        pairs = [(i, assign_bucket(i, r, config, 16)) for i in items for r in config.resolutions]
-        return cache_mod.plan_cache(tmp_path / "cache", "wan", fingerprint, pairs, config.video_clip_mode)
+        samples = plan_dataset(config).samples
+        return cache_mod.plan_cache(tmp_path / "cache", "wan", fingerprint, samples, config.video_clip_mode)
 
     def fill(plans: list[cache_mod.CachePlan]) -> int:
         return cache_mod.fill_cache(plans, family, model, rank=0, world_size=1, device=torch.device("cpu"),
@@ -152,9 +163,11 @@ def test_cache_is_reused_and_invalidated_by_content_and_settings(tmp_path: Path)
 
     # A video whose decode falls short of its bucket is recorded as failed, once, and skipped.
     write_video(data / "two.mp4", frames=2)
-    (item,) = [i for i in scan_dataset(cfg).items if i.path.name == "two.mp4"]
+    from engine.dataset import PlannedSample
+
+    item = items_of(dataset_cfg(data, resolutions=[32], frame_buckets=[1, 5], short_videos="still"))["two.mp4"]
     item.frames = 9  # as if the container had lied about its length
-    (bad,) = cache_mod.plan_cache(tmp_path / "cache", "wan", fingerprint, [(item, Bucket(32, 32, 5))],
+    (bad,) = cache_mod.plan_cache(tmp_path / "cache", "wan", fingerprint, [PlannedSample(item, Bucket(32, 32, 5), "")],
                                   "single_beginning")
     assert fill([bad]) == 1
     assert "decoded 2 frames, expected 5" in cache_mod.failure_reason(bad)

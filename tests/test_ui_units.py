@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import TrainConfig, config_fields
-from studio.datasets import (DatasetError, check_dataset, confine, import_uploads, safe_extract_zip, save_caption,
-                             scan_dataset)
+from engine.config import DatasetConfig, DirectoryConfig
+from studio.datasets import DatasetError, check, confine, import_uploads, safe_extract_zip, save_caption
 from studio.plots import ema_smooth, loss_figure
 from studio.widgets import value_to_widget, widget_to_value
 
@@ -61,11 +61,13 @@ def test_import_scan_and_check(tmp_path: Path) -> None:
     assert {p.name for p in written} == {"red.png", "red.txt", "blue.png", "broken.png"}
     with pytest.raises(DatasetError, match="not an image"):
         import_uploads([str(tmp_path / "x.exe")], dest, 1 << 20)
-    files = {f.name: f for f in scan_dataset(dest)}
-    assert files["inner/red.png"].caption == "a red square" and files["inner/red.png"].width == 32
-    problems = check_dataset(list(files.values()), [1, 17])
-    assert any("blue.png: missing caption" in p for p in problems)
-    assert any("broken.png: unreadable" in p for p in problems)
+    # A "compress folder" zip: everything one folder down, found by the same plan the trainer follows.
+    found = check(DatasetConfig(directory=[DirectoryConfig(path=str(dest))], frame_buckets=[1, 17]))
+    files = {f["file"]: f for f in found["files"]}
+    assert files["inner/red.png"]["caption"] == "a red square" and files["inner/red.png"]["size"] == "32x24"
+    assert files["inner/broken.png"]["skipped"].startswith("unreadable")
+    assert found["trainable"] and found["samples"] == 2
+    assert any("no caption" in w and "inner/blue.png" in w for w in found["warnings"])
     save_caption(dest, "inner/blue.png", "a blue square")
     assert (dest / "inner" / "blue.txt").read_text().strip() == "a blue square"
     with pytest.raises(DatasetError):

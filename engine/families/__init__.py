@@ -55,7 +55,9 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def load_transformer(self, model_dir: Path, subfolder: str, device: torch.device,
-                         dtype: torch.dtype) -> torch.nn.Module: ...
+                         dtype: torch.dtype, config_subfolder: str = "transformer") -> torch.nn.Module:
+        """The transformer in `model_dir / subfolder` (an absolute path: itself), a diffusers folder or
+        a single .safetensors file whose config is `model_dir / config_subfolder`."""
 
     @abc.abstractmethod
     def lora_target_modules(self, transformer: torch.nn.Module, suffixes: list[str]) -> list[str]:

@@ -99,14 +99,22 @@ class WanFamily(ModelFamily):
 
     # ---- the trained transformer ----------------------------------------------------------------
     def load_transformer(self, model_dir: Path, subfolder: str, device: torch.device,
-                         dtype: torch.dtype) -> torch.nn.Module:
+                         dtype: torch.dtype, config_subfolder: str = "transformer") -> torch.nn.Module:
         from diffusers import WanTransformer3DModel
 
-        folder = Path(model_dir) / subfolder
-        if not (folder / "config.json").is_file():
-            raise ConfigError("model.transformer_subfolder", f"{folder} holds no transformer (config.json missing)")
+        source = Path(model_dir) / subfolder  # an absolute `subfolder` (model.transformer_path) stays itself
+        key = "model.transformer_subfolder" if source.parent == Path(model_dir) else "model.transformer_path"
         # torch_dtype at load time keeps host RAM at the target size (no fp32 copy of a 14B model).
-        model = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=True)
+        if source.is_file() and source.suffix == ".safetensors":  # a ComfyUI / original-format single file
+            config = Path(model_dir) / config_subfolder
+            if not (config / "config.json").is_file():
+                raise ConfigError(key, f"{source}: a single-file transformer needs {config}/config.json")
+            model = WanTransformer3DModel.from_single_file(str(source), config=str(config), torch_dtype=dtype)
+        elif (source / "config.json").is_file():
+            model = WanTransformer3DModel.from_pretrained(str(source), torch_dtype=dtype, low_cpu_mem_usage=True)
+        else:
+            raise ConfigError(key, f"{source} holds no transformer: expected a diffusers folder (config.json) "
+                                   "or a single .safetensors file")
         model.to(device)
         model.requires_grad_(False)
         return model

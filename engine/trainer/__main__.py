@@ -97,7 +97,7 @@ def _choose_run_dir(cfg: TrainConfig, args: argparse.Namespace) -> Path | str:
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from engine.lora import LoraError
     from engine.models import ModelNotFoundError
-    from engine.trainer.data import DatasetError
+    from engine.dataset import DatasetError
     from engine.rundir import ResumeError
 
     return (ConfigError, DatasetError, ModelNotFoundError, LoraError, ResumeError)

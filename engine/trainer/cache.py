@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from engine.families import ModelFamily
 from engine.media import error_reason
-from engine.trainer.data import Bucket, MediaItem, load_pixels
+from engine.dataset import Bucket, MediaItem, PlannedSample
+from engine.trainer.data import load_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class CachePlan:
     bucket: Bucket
     latent_path: Path
     text_path: Path
+    caption: str
     clip_mode: str = "single_beginning"
 
     @property
@@ -64,15 +66,26 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
 
 
-def plan_cache(cache_root: Path, family: str, fingerprint: str, samples: list[tuple[MediaItem, Bucket]],
+def plan_cache(cache_root: Path, family: str, fingerprint: str, samples: list[PlannedSample],
                clip_mode: str) -> list[CachePlan]:
     base = cache_root / f"{family}-{fingerprint}"
+    hashes: dict[Path, str] = {}  # a file with several buckets or captions is read once
     plans = []
-    for item, bucket in samples:
-        latent = base / "latents" / f"{_key(item.content_hash, bucket, clip_mode if item.is_video else '')}.safetensors"
-        text = base / "text" / f"{_key(item.caption)}.safetensors"
-        plans.append(CachePlan(item, bucket, latent, text, clip_mode))
+    for sample in samples:
+        item = sample.item
+        content = hashes.get(item.path) or hashes.setdefault(item.path, file_hash(item.path))
+        latent = base / "latents" / f"{_key(content, sample.bucket, clip_mode if item.is_video else '')}.safetensors"
+        text = base / "text" / f"{_key(sample.caption)}.safetensors"
+        plans.append(CachePlan(item, sample.bucket, latent, text, sample.caption, clip_mode))
     return plans
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _is_done(plan: CachePlan) -> bool:
@@ -107,7 +120,7 @@ def fill_cache(
             break
         encoded += 1
         if not plan.text_path.is_file():
-            (embed,) = family.encode_text(encoders, [plan.item.caption])
+            (embed,) = family.encode_text(encoders, [plan.caption])
             _atomic_save({"text": embed.contiguous()}, plan.text_path)
         if not plan.latent_path.is_file() and not plan.failed_path.is_file():
             try:

@@ -13,14 +13,16 @@ from engine.config import TrainConfig
 from engine.families import get_family
 from engine.lora import peft_state_from_file, save_lora, validate_lora
 from engine.models import resolve_model
+from engine import optimizers
 from engine.trainer import cache as cache_mod
-from engine.trainer.data import DatasetError, assign_bucket, scan_dataset
 from engine.trainer.distributed import DistInfo, any_rank, barrier, mean_over_ranks
+from engine.trainer.evaluation import Evaluator
 from engine.trainer.objective import FlowMatchingModule, sample_timesteps
 from engine.trainer.order import (Sample, epoch_microbatches, lr_factor, microbatch_for, microbatch_position,
                                   steps_per_epoch)
 from engine.rundir import ResumeError, RunDir
 from engine.trainer.runfiles import MetricsWriter
+from engine.trainer.samples import CacheContext, StopRequested, prepare_samples
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +30,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
-
-
-class StopRequested(Exception):
-    pass
 
 
 class Trainer:
@@ -50,63 +48,25 @@ class Trainer:
         self.stop_while_caching = False
         self.last_checkpoint_time = time.monotonic()
         self.last_saved_step = -1
+        self.evaluator = Evaluator(cfg, [], self.family, dist, events)  # eval sets come with the samples
 
     # -- setup ----------------------------------------------------------------------------------
-    def prepare_samples(self, model_dir: Path) -> list[Sample]:
-        cfg, dist = self.cfg, self.dist
-        scan = scan_dataset(cfg.dataset)
-        info = self.family.describe(model_dir)
-        for path, reason in scan.skipped:
-            self._warn(f"skipped unreadable file {path}: {reason}")
-        if scan.missing_captions:
-            names = ", ".join(p.name for p in scan.missing_captions[:10])
-            more = f" and {len(scan.missing_captions) - 10} more" if len(scan.missing_captions) > 10 else ""
-            self._warn(f"{len(scan.missing_captions)} files have no .txt caption (trained with an empty "
-                       f"caption): {names}{more}")
-        pairs = []
-        for item in scan.items:
-            for resolution in cfg.dataset.resolutions:
-                bucket = assign_bucket(item, resolution, cfg.dataset, info.spatial_multiple)
-                if bucket is None:
-                    self._warn(f"skipped {item.path}: {item.frames} frames is shorter than every frame bucket")
-                    continue
-                pairs.append((item, bucket))
-        if not pairs:
-            raise DatasetError("the dataset is empty: no file fits any frame bucket")
-
-        plans = cache_mod.plan_cache(cfg.resolved_cache_dir(), self.family.name,
-                                     cache_mod.model_fingerprint(model_dir), pairs, cfg.dataset.video_clip_mode)
-        progress = self._cache_progress if dist.is_main else None
-        cache_dtype = self.model_dtype
-        encoded = cache_mod.fill_cache(plans, self.family, model_dir, rank=dist.rank, world_size=dist.world_size,
-                                       device=dist.device, dtype=cache_dtype, progress=progress,
-                                       should_stop=self._stop_requested_while_caching)
-        if encoded and dist.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the encoders' memory back before the transformer loads
-        barrier(dist)
-        if any_rank([self.stop_while_caching or self.signal_stop], dist)[0]:
-            raise StopRequested()
-        samples = []
-        for plan in plans:
-            reason = cache_mod.failure_reason(plan)
-            if reason:
-                self._warn(f"skipped undecodable file {reason}")
-                continue
-            samples.append(Sample(plan.latent_path, plan.text_path, plan.bucket, plan.item.num_repeats,
-                                  plan.item.path))
-        if dist.is_main:
-            self.events.emit("cache", done=len(plans), total=len(plans), stage="done")
-        if not samples:
-            raise DatasetError("the dataset is empty: every file failed to decode")
-        return samples
+    def prepare_samples(self, model_dir: Path) -> tuple[list[Sample], list[tuple[str, list[Sample]]]]:
+        """(training samples, [(eval set name, its samples)]), all cached."""
+        cfg = self.cfg
+        for message in cfg.warnings:  # diffusion-pipe keys accepted with a different behaviour
+            self._warn(message)
+        ctx = CacheContext(self.family, model_dir, cfg.resolved_cache_dir(), self.dist, self.events,
+                           self.model_dtype, self._stop_requested_while_caching)
+        samples = prepare_samples(cfg.dataset, ctx)
+        evals = [(e.name, prepare_samples(e.dataset, ctx, label=f"eval dataset {e.name!r}"))
+                 for e in cfg.eval_datasets or []]
+        return samples, evals
 
     def _stop_requested_while_caching(self) -> bool:
         if self.dist.is_main and not self.stop_while_caching:
             self.stop_while_caching = self.files.take_control_request()[1]
         return self.signal_stop or self.stop_while_caching
-
-    def _cache_progress(self, done: int, total: int, stage: str) -> None:
-        self.events.emit("cache", done=done, total=total, stage=stage)
 
     def _warn(self, message: str) -> None:
         if self.dist.is_main:
@@ -116,8 +76,8 @@ class Trainer:
         from peft import LoraConfig, set_peft_model_state_dict
 
         cfg = self.cfg
-        transformer = self.family.load_transformer(model_dir, cfg.model.transformer_subfolder,
-                                                   self.dist.device, self.model_dtype)
+        transformer = self.family.load_transformer(model_dir, cfg.model.transformer_path or cfg.model.transformer_subfolder,
+                                                   self.dist.device, self.model_dtype, cfg.model.transformer_subfolder)
         targets = self.family.lora_target_modules(transformer, cfg.adapter.target_modules)
         torch.manual_seed(cfg.seed)  # identical LoRA init on every rank and every resume
         transformer.add_adapter(LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.lora_alpha,
@@ -155,7 +115,7 @@ class Trainer:
 
         cfg = self.cfg
         o = cfg.optimizer
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        optimizer = optimizers.build(o, params, on_cpu=self.dist.device.type == "cpu")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
@@ -231,7 +191,7 @@ class Trainer:
             self.files.discard_stale_control_files(_process_start_time())
         model_dir = resolve_model(cfg.model.ckpt_path)
         try:
-            samples = self.prepare_samples(model_dir)
+            samples, eval_sets = self.prepare_samples(model_dir)
         except StopRequested:  # stopped while encoding the cache: nothing new to save
             found = self.files.latest_complete_checkpoint() if self.resume else None
             if dist.is_main:
@@ -246,6 +206,7 @@ class Trainer:
 
         module, params = self.build_model(model_dir)
         engine, scheduler = self.build_engine(module, params, total_steps)
+        self.evaluator = Evaluator(cfg, eval_sets, self.family, dist, self.events)
 
         start_step, elapsed_before = 0, 0.0
         if self.resume:
@@ -263,6 +224,8 @@ class Trainer:
             self.events.emit("start", total_steps=total_steps, epochs=cfg.epochs, world_size=world,
                              steps_per_epoch=spe, resumed_from_step=start_step, num_samples=len(samples),
                              run_dir=str(self.run_dir))
+        if cfg.eval_before_first_step and start_step == 0:
+            self.evaluator.run(engine, 0, 0)
         return self.train_loop(engine, scheduler, samples, spe, total_steps, start_step, elapsed_before)
 
     def train_loop(self, engine, scheduler, samples: list[Sample], spe: int, total_steps: int,
@@ -312,6 +275,8 @@ class Trainer:
             if step % spe == 0 and dist.is_main:  # end of an epoch
                 self.events.emit("epoch", epoch=epoch, step=step,
                                  mean_loss=sum(epoch_losses) / max(1, len(epoch_losses)))
+            if self.evaluator.due(step, spe):
+                self.evaluator.run(engine, step, epoch)
             if self._save_and_checkpoint(engine, step, epoch, spe, total_steps, elapsed):
                 if dist.is_main:
                     self.events.emit("stopped", step=step)

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.trainer.data import Bucket
+from engine.dataset import Bucket
 
 
 @dataclass(frozen=True)

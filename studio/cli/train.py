@@ -10,6 +10,7 @@ import getpass
 import sys
 
 from engine.config import ConfigError, TrainConfig
+from engine.dataset import DatasetError, plan_dataset, require_trainable
 from engine.jobs import JobError
 from studio.cli.jobs import launch_and_report, open_scheduler
 from studio.settings import StudioSettings
@@ -41,10 +42,15 @@ def parse_gpus(text: str) -> list[int]:
 
 def run(args: argparse.Namespace, settings: StudioSettings) -> int:
     try:
-        config_toml = TrainConfig.from_toml_file(args.config).validate().to_toml()
-    except ConfigError as exc:
+        cfg = TrainConfig.from_toml_file(args.config).validate()
+        # Refused before queueing: the run would fail minutes later on the same plan.
+        require_trainable(plan_dataset(cfg.dataset), ", ".join(d.path for d in cfg.dataset.directory))
+    except (ConfigError, DatasetError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    config_toml = cfg.to_toml()
     sched = open_scheduler(settings)
     try:
         job = sched.submit_training(config_toml, args.owner or _login(),
