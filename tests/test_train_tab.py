@@ -118,3 +118,21 @@ def test_generate_names_a_bad_seed_instead_of_crashing(api: StudioApi) -> None:
         with pytest.raises(ConfigError, match="seed") as err:
             api.generate(ALICE, {"prompt": "a star", "model": "demo", "seed": seed})
         assert err.value.paths == ["seed"]
+
+
+def test_start_refuses_a_dataset_with_nothing_trainable_before_queueing(api: StudioApi) -> None:
+    from engine.dataset import DatasetError
+    from tests.trainer_support import write_video
+
+    folder = api.ctx.layout.home / "datasets" / "short"
+    folder.mkdir(parents=True)
+    write_video(folder / "blink.mp4", frames=5)
+    cfg = train.preset_config(api, DEMO_PRESET)
+    cfg.dataset.directory[0].path = str(folder)
+    with pytest.raises(DatasetError, match="no trainable item: 1 media files .*5 frames, shorter than every video"):
+        train.start_run(api, ALICE, cfg, [], 1, "short")
+    assert api.list_jobs(ALICE) == []
+    found = train.check_dataset(api, str(folder), "1, 17")
+    assert "nothing trainable: Start will refuse" in found.note and found.rows[0][4].startswith("skipped: 5 frames")
+    preview = api.check_dataset(ALICE, config_toml=cfg.to_toml())  # the /check_dataset endpoint's action
+    assert preview["trainable"] is False and preview["files"][0]["skipped"].startswith("5 frames")
