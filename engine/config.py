@@ -189,15 +189,13 @@ class TrainConfig(ConfigTable):
         base = Path(base_dir) if base_dir else None
         data["dataset"], dataset_base = load_dataset_table(data.get("dataset", {}), "dataset", base)
         eval_bases = []
-        if isinstance(data.get("eval_datasets"), list):
-            data["eval_datasets"] = list(data["eval_datasets"])
+        if isinstance(data.get("eval_datasets"), list):  # diffusion-pipe: {name, config = 'eval.toml'}
+            data["eval_datasets"] = [dict(e) if isinstance(e, dict) else e for e in data["eval_datasets"]]
         for i, entry in enumerate(data.get("eval_datasets") or []):
-            if isinstance(entry, dict) and "config" in entry:  # diffusion-pipe: {name, config = 'eval.toml'}
-                entry = dict(entry)
-                entry["dataset"], entry_base = load_dataset_table(entry.pop("config"), f"eval_datasets[{i}].config", base)
-                data["eval_datasets"][i] = entry
-            else:
-                entry_base = base
+            entry_base = base
+            if isinstance(entry, dict) and "config" in entry:
+                entry["dataset"], entry_base = load_dataset_table(entry.pop("config"), f"eval_datasets[{i}].config",
+                                                                  base)
             eval_bases.append(entry_base)
         warnings = config_compat.translate_main(data)
         cfg = cls.parse(data)

@@ -144,7 +144,7 @@ def require_trainable(plan: DatasetPlan, where: str) -> None:
         return
     reasons = Counter(e.skipped for e in plan.skipped)
     detail = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))
-    raise DatasetError(f"the dataset has no trainable item: {len(plan.entries)} media files in {where}"
+    raise DatasetError(f"the dataset is empty: no trainable item, {len(plan.entries)} media files in {where}"
                        + (f" ({detail})" if detail else ""))
 
 

@@ -302,16 +302,23 @@ def peft_state_from_file(path: str | Path, *, rank: int, alpha: float) -> dict[s
     The saved file has alpha folded into B; unfold it for the target scale."""
     state = load_lora_state_dict(path)
     scale = float(alpha) / float(rank)
+
+    def local(key: str) -> str:
+        return _strip_peft_adapter_name(key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key)
+
+    # Other tools store alpha per module (`<module>.alpha`, delta = B @ A * alpha / r); ours is folded
+    # into B. Fold theirs the same way, so a LoRA starts from the update it applies in ComfyUI.
+    alphas = {local(key)[: -len(".alpha")]: float(value) for key, value in state.items() if key.endswith(".alpha")}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith("lora_unet_"):
             raise LoraFormatError(f"{path}: kohya-format LoRAs cannot initialise training; use a ComfyUI/PEFT one")
         if key.endswith(".alpha"):
             continue
-        module, suffix = _split_suffix(
-            _strip_peft_adapter_name(key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key)
-        )
-        if suffix == ".lora_B.weight" and scale != 1.0:
-            value = value.float() / scale
+        module, suffix = _split_suffix(local(key))
+        if suffix == ".lora_B.weight":
+            fold = alphas[module] / value.shape[1] if module in alphas else 1.0  # B is [out, r]
+            if fold != 1.0 or scale != 1.0:
+                value = value.float() * fold / scale
         out[wan_to_diffusers_module(module) + suffix] = value
     return out

@@ -56,7 +56,7 @@ def test_short_videos_are_skipped_by_name_or_kept_as_stills(tmp_path: Path) -> N
     assert any("short.mp4" in w and "9 frames" in w for w in plan.warnings)
     still = {e.name: e for e in plan_of(tmp_path, frame_buckets=[1, 17], short_videos="still").entries}
     assert still["short.mp4"].buckets[0].frames == 1 and not still["short.mp4"].skipped
-    with pytest.raises(DatasetError, match="no trainable item: 2 media files .*9 frames"):
+    with pytest.raises(DatasetError, match="no trainable item, 2 media files .*9 frames"):
         require_trainable(plan_of(tmp_path, frame_buckets=[1, 33]), str(tmp_path))
 
 

@@ -26,6 +26,11 @@ def test_train_rejects_bad_input_clearly(studio_home: Path, tmp_path: Path, caps
     assert code == 2 and "optimizer.lr: must be > 0" in err
     good = tmp_path / "good.toml"
     good.write_text(bad.read_text().replace("lr = 0", "lr = 1e-4"))
+    code, _, err = run_cli(capsys, studio_home, "train", str(good))  # refused before queueing
+    assert code == 2 and "the dataset is empty: no trainable item, 0 media files" in err
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
     code, _, err = run_cli(capsys, studio_home, "train", str(good), "--gpus", "0")
     assert code == 2 and "no GPUs" in err
     code, _, err = run_cli(capsys, studio_home, "train", str(good), "--gpus", "a,b")

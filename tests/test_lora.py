@@ -110,3 +110,17 @@ def test_kohya_wan_lora_is_recognised_and_block_count_checked(tmp_path: Path) ->
     assert info.key_format == "kohya" and info.rank == 4
     with pytest.raises(LoraFamilyError, match="block 39"):
         validate_lora(kohya, "wan", num_blocks=30)
+
+
+def test_init_from_a_lora_with_alpha_keys_starts_from_the_update_it_applies(tmp_path: Path) -> None:
+    """ComfyUI/musubi files keep alpha per module (delta = B @ A * alpha / r): it is folded into B."""
+    from safetensors.torch import save_file
+
+    a, b = torch.randn(4, 16), torch.randn(16, 4)
+    file = tmp_path / "other_tool.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": a,
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": b,
+               "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(2.0)}, str(file))
+    back = peft_state_from_file(file, rank=4, alpha=4)  # the training model's scale is 1
+    delta = back["blocks.0.attn1.to_q.lora_B.weight"] @ back["blocks.0.attn1.to_q.lora_A.weight"]
+    torch.testing.assert_close(delta, b @ a * 2.0 / 4)

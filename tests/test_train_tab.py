@@ -129,7 +129,7 @@ def test_start_refuses_a_dataset_with_nothing_trainable_before_queueing(api: Stu
     write_video(folder / "blink.mp4", frames=5)
     cfg = train.preset_config(api, DEMO_PRESET)
     cfg.dataset.directory[0].path = str(folder)
-    with pytest.raises(DatasetError, match="no trainable item: 1 media files .*5 frames, shorter than every video"):
+    with pytest.raises(DatasetError, match="no trainable item, 1 media files .*5 frames, shorter than every video"):
         train.start_run(api, ALICE, cfg, [], 1, "short")
     assert api.list_jobs(ALICE) == []
     found = train.check_dataset(api, str(folder), "1, 17")

@@ -56,7 +56,7 @@ def test_single_process_run_learns_and_writes_the_run_directory(tmp_path: Path, 
     # 4 squares + uncaptioned image + video = 6 samples; broken.mp4 skipped; batch 1, 1 rank.
     assert start["world_size"] == 1 and start["steps_per_epoch"] == 6 and start["total_steps"] == 48
     warnings = " | ".join(e["message"] for e in of_kind(events, "warning"))
-    assert "broken.mp4" in warnings and "nocaption.png" in warnings and "1 files have no .txt caption" in warnings
+    assert "broken.mp4" in warnings and "nocaption.png" in warnings and "1 files have no caption" in warnings
     caches = of_kind(events, "cache")
     assert caches[-1]["done"] == caches[-1]["total"] == 6
 

@@ -47,7 +47,7 @@ def test_empty_dataset_and_links_outside_the_root_are_errors(tmp_path: Path) -> 
     empty.mkdir()
     from engine.dataset import require_trainable
 
-    with pytest.raises(DatasetError, match="no trainable item: 0 media files"):
+    with pytest.raises(DatasetError, match="no trainable item, 0 media files"):
         require_trainable(plan_dataset(dataset_cfg(empty)), str(empty))
     with pytest.raises(DatasetError, match="folder not found"):
         plan_dataset(dataset_cfg(tmp_path / "missing"))

@@ -33,8 +33,10 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistInfo, events: MetricsWriter, resume: bool):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: DistInfo, events: MetricsWriter, resume: bool,
+                 control_since: float | None = None):
         self.cfg = cfg
+        self.control_since = control_since  # given by the launcher: a stop asked before our start counts
         self.run_dir = run_dir
         self.files = RunDir(run_dir)
         self.dist = dist
@@ -76,8 +78,9 @@ class Trainer:
         from peft import LoraConfig, set_peft_model_state_dict
 
         cfg = self.cfg
-        transformer = self.family.load_transformer(model_dir, cfg.model.transformer_path or cfg.model.transformer_subfolder,
-                                                   self.dist.device, self.model_dtype, cfg.model.transformer_subfolder)
+        source = cfg.model.transformer_path or cfg.model.transformer_subfolder  # Wan2.2: one expert's folder or file
+        transformer = self.family.load_transformer(model_dir, source, self.dist.device, self.model_dtype,
+                                                   cfg.model.transformer_subfolder)
         targets = self.family.lora_target_modules(transformer, cfg.adapter.target_modules)
         torch.manual_seed(cfg.seed)  # identical LoRA init on every rank and every resume
         transformer.add_adapter(LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.lora_alpha,
@@ -188,7 +191,7 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if dist.is_main:
-            self.files.discard_stale_control_files(_process_start_time())
+            self.files.discard_stale_control_files(self.control_since or _process_start_time())
         model_dir = resolve_model(cfg.model.ckpt_path)
         try:
             samples, eval_sets = self.prepare_samples(model_dir)
