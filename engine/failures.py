@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,18 @@ FAILURE_RULES: tuple[FailureRule, ...] = (
 _SIGNAL_IN_LOG = re.compile(r"exits with return code = -(\d+)")
 
 
-def classify_failure(exit_code: int | None, log_tail: str, error_message: str | None = None) -> tuple[str, str]:
-    """(reason, hint) for a failed run from its exit code, log tail and the trainer's error event."""
+def classify_failure(exit_code: int | None, log_tail: str, error_message: str | None = None, *,
+                     oom_killed: bool | None = None) -> tuple[str, str]:
+    """(reason, hint) for a failed run from its exit code, log tail and the trainer's error event.
+    `oom_killed`: whether the memory cgroup counted an out-of-memory kill during the run (None:
+    not readable here)."""
     text = f"{error_message or ''}\n{log_tail}"
     for rule in FAILURE_RULES:
         if rule.pattern.search(text):
             return rule.reason, rule.hint
     signum = _signal_number(exit_code, log_tail)
     if signum is not None:
-        name = _signal_name(signum)
-        hint = ("The kernel's out-of-memory killer sends SIGKILL when host RAM runs out: check "
-                "`dmesg`, lower caching_batch_size or resolution." if signum == signal.SIGKILL else
-                "Something outside the studio stopped the process. Resume to continue from the "
-                "last checkpoint.")
-        return f"Killed by signal {signum} ({name})", hint
+        return _signal_failure(signum, oom_killed)
     if error_message:
         return error_message.splitlines()[0][:300], "See the log tail for the traceback."
     if exit_code is None:
@@ -69,6 +68,55 @@ def classify_failure(exit_code: int | None, log_tail: str, error_message: str | 
                 "A process of the run was killed or crashed without a traceback (DeepSpeed's runner "
                 "exits 0 even when a rank dies of a signal). See the log tail; resume to continue.")
     return f"Exited with code {exit_code}", "See the log tail for the error."
+
+
+_RESUME = "Resume to continue from the last checkpoint."
+
+
+def _signal_failure(signum: int, oom_killed: bool | None) -> tuple[str, str]:
+    if signum != signal.SIGKILL:
+        return (f"Killed by signal {signum} ({_signal_name(signum)})",
+                f"Something outside the studio stopped the process. {_RESUME}")
+    if oom_killed:
+        return ("Killed by the out-of-memory killer (signal 9)",
+                "Host RAM ran out (the memory cgroup counted an OOM kill during the run): lower "
+                "caching_batch_size, resolution, frames or the number of ranks, then resume.")
+    if oom_killed is False:
+        return ("Killed by signal 9 (SIGKILL)",
+                "Not the out-of-memory killer (the memory cgroup counted no OOM kill during the run): "
+                f"a person or a tool killed it (kill -9, a cluster scheduler). {_RESUME}")
+    return ("Killed by signal 9 (SIGKILL)",
+            "Either the kernel's out-of-memory killer (host RAM ran out: check `dmesg`, lower "
+            f"caching_batch_size or resolution) or a person or tool (kill -9). {_RESUME}")
+
+
+def oom_kill_count() -> int | None:
+    """OOM kills counted by this process's memory cgroup (v2 memory.events, v1 memory.oom_control);
+    None where neither is readable. Processes the studio starts share its cgroup."""
+    for path in _memory_cgroup_files():
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
+        except OSError:
+            continue
+    return None
+
+
+def _memory_cgroup_files() -> list[Path]:
+    files: list[Path] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return files
+    for line in lines:
+        _, controllers, where = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            files.append(Path("/sys/fs/cgroup") / where.lstrip("/") / "memory.events")
+        elif "memory" in controllers.split(","):
+            files.append(Path("/sys/fs/cgroup/memory") / where.lstrip("/") / "memory.oom_control")
+    return files
 
 
 def _signal_number(exit_code: int | None, log_tail: str) -> int | None:

@@ -139,6 +139,37 @@ def stop_process_group(pid: int, grace_s: float = 10.0, kill_wait_s: float = 10.
     return gone
 
 
+def job_processes(pgid: int | None, run_dir: str | os.PathLike | None) -> list[psutil.Process]:
+    """Live processes of a job's process group. The group number is the pid of the process the
+    launcher started; once that process is gone the number can be reused, so the group counts as
+    the job's only while one of its members names the run directory on its command line (the
+    runner, DeepSpeed's launcher and every rank do)."""
+    if not pgid or not run_dir:
+        return []
+    members = group_members(pgid)
+    mark = str(run_dir)
+    return members if any(mark in " ".join(_command_line(p)) for p in members) else []
+
+
+def reap_job(pgid: int | None, run_dir: str | os.PathLike | None, grace_s: float, *,
+             own_group: bool = False) -> list[int]:
+    """End every process left of a job: SIGTERM to its group, SIGKILL after `grace_s`. Returns the
+    pids still alive afterwards (normally none). `own_group`: the caller launched the group and
+    watched its leader until now, so the group is the job's even if no member names the run dir."""
+    if not pgid or not (group_members(pgid) if own_group else job_processes(pgid, run_dir)):
+        return []
+    log.info("reaping what is left of process group %d", pgid)
+    stop_process_group(pgid, grace_s)
+    return [p.pid for p in group_members(pgid)]
+
+
+def _command_line(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
 # ---- master ports -------------------------------------------------------------------------------
 def port_is_free(port: int) -> bool:
     for host in ("127.0.0.1", "0.0.0.0"):
@@ -256,6 +287,7 @@ class LaunchSpec:
     resume: bool = False
     nodes: Nodes | None = None
     studio_home: Path | None = None
+    control_since: float | None = None  # stop/save requests older than this are an earlier launch's
 
     @property
     def config_path(self) -> Path:
@@ -299,6 +331,8 @@ def build_deepspeed_command(spec: LaunchSpec, module: str = TRAINER_MODULE) -> l
              "--config", str(spec.config_path), "--run-dir", str(spec.run_dir)]
     if spec.resume:
         argv.append("--resume")
+    if spec.control_since is not None:
+        argv += ["--control-since", f"{spec.control_since:.3f}"]
     return argv
 
 

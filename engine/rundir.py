@@ -5,7 +5,8 @@ read and written, for the trainer, the scheduler, the launcher, the API and the 
     metrics.jsonl          the trainer's events (start, cache, step, save, done, stopped, error, ...)
     train.log              everything the processes printed (node K > 0 of a multi-node run:
                            train.nodeK.log: several machines appending to one shared file interleave)
-    save | stop | save_quit    control requests, consumed by the trainer
+    save | stop | save_quit    control requests, consumed by the trainer. The studio writes
+                           {"id": ..., "time": ...}; an empty file (`touch stop`) counts from its mtime
     epochN/ stepN/         LoRA saves: adapter_model.safetensors (+ adapter_config.json)
     global_stepN/          DeepSpeed checkpoints; complete.json is written last
 
@@ -94,14 +95,12 @@ class RunDir:
         return None
 
     # ---- control requests ----------------------------------------------------------------------
-    def request_stop(self) -> None:
-        _touch(self.path / STOP_FILE)
+    def request_stop(self) -> str:
+        """Ask the trainer to stop; returns the request's id (the trainer logs it when it obeys)."""
+        return _write_request(self.path / STOP_FILE)
 
-    def request_save(self) -> None:
-        _touch(self.path / SAVE_FILE)
-
-    def clear_stop(self) -> None:
-        (self.path / STOP_FILE).unlink(missing_ok=True)
+    def request_save(self) -> str:
+        return _write_request(self.path / SAVE_FILE)
 
     def take_control_request(self) -> tuple[bool, bool]:
         """(save_now, stop); the files are consumed so a resume does not re-trigger them."""
@@ -110,16 +109,14 @@ class RunDir:
         return save, stop
 
     def discard_stale_control_files(self, older_than: float) -> None:
-        """Remove save/stop files made before `older_than` (unix time) by an earlier process, so a
-        resumed run does not stop at once; newer ones are requests for this process."""
+        """Remove save/stop requests made before `older_than` (unix time), i.e. for an earlier
+        launch, so a resumed run does not stop at once; later ones are for this launch."""
         for name in (SAVE_FILE, *STOP_FILES):
             path = self.path / name
-            try:
-                if path.stat().st_mtime < older_than:
-                    path.unlink()
-                    logger.info("removed stale control file %s", path)
-            except OSError:
-                pass
+            made = _request_time(path)
+            if made is not None and made < older_than:
+                path.unlink(missing_ok=True)
+                logger.info("removed stale control file %s", path)
 
     # ---- LoRA saves ----------------------------------------------------------------------------
     def lora_dir(self, label: str) -> Path:
@@ -223,16 +220,41 @@ def _saved_at(file: str, mtime_ns: int) -> tuple[int, int | None]:  # noqa: ARG0
     return (int(step) if str(step).isdigit() else -1), (int(epoch) if str(epoch).isdigit() else None)
 
 
-def _touch(path: Path) -> None:
+def _write_request(path: Path) -> str:
+    request_id = os.urandom(6).hex()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    tmp = path.with_name(f".{path.name}.{request_id}")
+    tmp.write_text(json.dumps({"id": request_id, "time": time.time()}), encoding="utf-8")
+    tmp.replace(path)  # the trainer never reads half a request
+    return request_id
+
+
+def _read_request(path: Path) -> dict[str, Any] | None:
+    """A control file's request; None when there is none. A file without the studio's JSON (made
+    by hand) is a request made at its mtime."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        made = path.stat().st_mtime
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("time"), (int, float)):
+        return {"id": None, "time": made}
+    return data
+
+
+def _request_time(path: Path) -> float | None:
+    request = _read_request(path)
+    return float(request["time"]) if request else None
 
 
 def _consume(path: Path) -> bool:
-    if path.exists():
-        try:
-            path.unlink()
-        except OSError:
-            pass
-        return True
-    return False
+    request = _read_request(path)
+    if request is None:
+        return False
+    path.unlink(missing_ok=True)
+    logger.info("control request %s (id %s)", path.name, request.get("id"))
+    return True

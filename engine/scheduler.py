@@ -23,7 +23,8 @@ import filelock
 from engine.gpus import GpuInventory
 from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus
 from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, build_env, is_same_process,
-                             pick_master_port, process_identity, spawn_process, train_log_path)
+                             job_processes, pick_master_port, process_identity, spawn_process,
+                             train_log_path)
 from engine.paths import REPO_ROOT, DataLayout
 from engine.rundir import RunDir
 from engine.store.db import Database
@@ -262,6 +263,11 @@ class Scheduler:
             raise JobError(f"job {job_id} is {job.status.value}; only stopped, failed or lost jobs resume")
         if job.run_dir:
             self._check_run_dir_free(Path(job.run_dir), job.id)
+        left = job_processes(job.pid, job.run_dir)
+        if left:  # a second trainer beside them would write the same checkpoints
+            pids = ", ".join(str(p.pid) for p in left)
+            raise JobError(f"job {job_id}: {len(left)} process(es) of its previous attempt still run "
+                           f"(pids {pids}); wait for them to end or kill them, then resume")
         ok = self.store.transition(
             job.id, RESUMABLE_STATUSES, JobStatus.QUEUED, event="resume",
             resume=True, exit_code=None, failure_reason=None, failure_hint=None, log_tail=None,
@@ -370,14 +376,19 @@ class Scheduler:
     def _launch(self, job: Job) -> None:
         run_dir = Path(job.run_dir or self.layout.runs_dir / f"{job.id}-{slugify(job.name)}")
         files = RunDir(run_dir)
+        launched_at = time.time()  # control requests made from now on are for this launch
+        if self.get(job.id).status == JobStatus.STOPPING:  # stopped between the claim and here
+            self.supervisor.stopped_before_launch(job)
+            self.wake()
+            return
         try:
             files.write_config(job.config_toml)
-            if self.get(job.id).status == JobStatus.STARTING:  # keep the file of a stop asked meanwhile
-                files.clear_stop()  # a stale stop file would end the new launch
+            files.discard_stale_control_files(launched_at)  # an earlier attempt's stop would end this one
             resume = job.resume and files.latest_complete_checkpoint() is not None
             spec = LaunchSpec(job_id=job.id, job_name=job.name, run_dir=run_dir,
                               devices=tuple(job.gpus_assigned), master_port=int(job.master_port or 0),
-                              resume=resume, nodes=self.nodes, studio_home=self.layout.home)
+                              resume=resume, nodes=self.nodes, studio_home=self.layout.home,
+                              control_since=launched_at)
             argv = self.command_builder(spec)
             with open(spec.log_path, "a", encoding="utf-8") as handle:
                 handle.write(f"=== studio: launch {job.attempts + 1} of job {job.id} at "

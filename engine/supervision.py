@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.failures import classify_failure
+from engine.failures import classify_failure, oom_kill_count
 from engine.jobs import ACTIVE_STATUSES, Job, JobStatus
-from engine.launcher import is_same_process, stop_process_group
+from engine.launcher import is_same_process, reap_job, stop_process_group
 from engine.metrics import MetricsReader
 from engine.rundir import FINAL_EVENTS, RunDir, read_log_tail
 from engine.store.jobs import JobStore
@@ -37,6 +37,7 @@ class Watched:
     final_event: dict | None = None
     stop_thread: threading.Thread | None = None
     progress: tuple = ()
+    oom_kills_at_start: int | None = None  # the memory cgroup's OOM-kill counter when watching began
 
 
 class Supervisor:
@@ -61,8 +62,7 @@ class Supervisor:
         """Decide about every active job: requeue, re-attach, or record how it ended meanwhile."""
         for job in self.store.active():
             if job.pid is None and job.status == JobStatus.STOPPING:
-                self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.STOPPED, event="stopped before launch",
-                                      ended_at=time.time(), gpus_assigned=[], master_port=None)
+                self.stopped_before_launch(job)
             elif job.pid is None:
                 # Claimed but never spawned (crash in between): queue it again.
                 self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.QUEUED, event="requeued after restart",
@@ -74,8 +74,15 @@ class Supervisor:
             else:
                 self._finish_unwatched(job)
 
+    def stopped_before_launch(self, job: Job) -> None:
+        """A stop asked before any process started: nothing ran, nothing was saved."""
+        self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.STOPPED, event="stopped before launch",
+                              ended_at=time.time(), gpus_assigned=[], master_port=None,
+                              failure_reason="Stopped before it started (no checkpoint was written)")
+
     def _finish_unwatched(self, job: Job) -> None:
         """The process ended while no scheduler watched: decide from the trainer's last event."""
+        self._reap(job, own_group=False)
         final = self._final_event_of_this_launch(job)
         if final is None:
             tail = read_log_tail(job.log_path)
@@ -101,7 +108,8 @@ class Supervisor:
             reader.seek_tail(REATTACH_TAIL_BYTES)
         else:
             reader.skip_to_end()  # events of earlier launches in this run dir do not count
-        self.watched[job.id] = Watched(job_id=job.id, pid=int(job.pid or 0), reader=reader, popen=popen)
+        self.watched[job.id] = Watched(job_id=job.id, pid=int(job.pid or 0), reader=reader, popen=popen,
+                                       oom_kills_at_start=oom_kill_count())
 
     def forget_all(self) -> None:
         """Stop watching (leadership lost or given up); the next leader re-attaches from the store."""
@@ -117,13 +125,29 @@ class Supervisor:
             self._read_progress(job, watched)
             exited, exit_code = self._exit_status(watched)
             if exited:
+                # Nothing of the job may outlive its outcome: ranks orphaned by a killed runner or
+                # launcher would keep training beside a resume and free devices would be in use.
+                self._reap(job, own_group=watched.popen is not None)
                 self._read_progress(job, watched)
                 self.watched.pop(job_id, None)
                 self.record_outcome(self.get(job_id), exit_code=exit_code, final=watched.final_event,
-                                    final_known=True)
+                                    final_known=True, oom_killed=self._oom_killed(watched))
                 self.on_exit()
             elif job.status == JobStatus.STOPPING:
                 self._escalate_stop(job, watched)
+
+    def _reap(self, job: Job, own_group: bool) -> None:
+        survivors = reap_job(job.pid, job.run_dir, self.kill_grace_s, own_group=own_group)
+        if survivors:  # unkillable (uninterruptible I/O): say so rather than hide them
+            log.error("job %d: processes %s survived SIGKILL", job.id, survivors)
+            self.store.add_event(job.id, "survivors", f"pids {survivors} survived SIGKILL")
+
+    @staticmethod
+    def _oom_killed(watched: Watched) -> bool | None:
+        now = oom_kill_count()
+        if now is None or watched.oom_kills_at_start is None:
+            return None
+        return now > watched.oom_kills_at_start
 
     def _exit_status(self, watched: Watched) -> tuple[bool, int | None]:
         if watched.popen is not None:
@@ -170,7 +194,7 @@ class Supervisor:
 
     # ---- the outcome ---------------------------------------------------------------------------
     def record_outcome(self, job: Job, exit_code: int | None, final: dict | None,
-                       final_known: bool = False) -> None:
+                       final_known: bool = False, oom_killed: bool | None = None) -> None:
         if final is None and not final_known:
             final = self._final_event_of_this_launch(job)
         kind = final.get("event") if final else None
@@ -186,7 +210,7 @@ class Supervisor:
             status = JobStatus.FAILED
             tail = read_log_tail(job.log_path)
             message = final.get("message") if final and kind == "error" else None
-            reason, hint = classify_failure(exit_code, tail, message)
+            reason, hint = classify_failure(exit_code, tail, message, oom_killed=oom_killed)
             values.update(log_tail=tail, failure_reason=reason, failure_hint=hint)
         self.store.transition(job.id, ACTIVE_STATUSES, status,
                               event=f"exit {exit_code}" + (f", {kind}" if kind else ""), **values)

@@ -20,19 +20,31 @@ def emit(run_dir: Path, event: str, **fields) -> None:
         handle.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
 
 
+def rank0_ended(run_dir: Path, since: float) -> bool:
+    """Rank 0 wrote its final event after `since` (this launch, not an earlier attempt)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return any(event.get("event") in ("done", "stopped", "error") and event.get("time", 0) >= since
+               for event in map(json.loads, lines[-5:]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--control-since", type=float, default=None)  # passed by the studio's launcher
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the DeepSpeed launcher
     parser.add_argument("--steps", type=int, default=int(os.environ.get("STANDIN_STEPS", "5")))
     parser.add_argument("--step-s", type=float, default=float(os.environ.get("STANDIN_STEP_S", "0.05")))
     parser.add_argument("--mode", default="ok")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
-    if int(os.environ.get("RANK", "0")) != 0:  # other ranks only keep busy, like real ranks
-        while not (run_dir / "stop").exists():
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks keep busy until rank 0 ends, like real ranks
+        started = time.time()
+        while not (run_dir / "stop").exists() and not rank0_ended(run_dir, since=started):
             time.sleep(0.05)
         return 0
     assert Path(args.config).is_file(), "config must be copied into the run dir"
@@ -63,7 +75,8 @@ def main() -> int:
         emit(run_dir, "step", step=step, total_steps=args.steps, epoch=1, loss=1.0 / step, lr=1e-4,
              grad_norm=1.0, samples_per_s=10.0, elapsed_s=step * args.step_s,
              eta_s=(args.steps - step) * args.step_s)
-        (run_dir / "latest").write_text(str(step))
+        (run_dir / "latest.tmp").write_text(str(step))  # atomic, like a real checkpoint: kill -9 may come
+        (run_dir / "latest.tmp").replace(run_dir / "latest")
         (run_dir / "global_step1").mkdir(exist_ok=True)  # what the scheduler checks before --resume
         (run_dir / "global_step1" / "complete.json").write_text("{}")
     emit(run_dir, "done", step=args.steps)

@@ -102,3 +102,24 @@ def test_cli_train_stop_resume_with_the_real_trainer(studio_home: Path, training
     assert "--resume" in logs.stdout and "=== studio: launch 2 of job 1" in logs.stdout
     bad = studio(studio_home, "jobs", "cancel", "1")
     assert bad.returncode == 2 and "only a queued job can be cancelled" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_stop_asked_before_the_trainer_started_is_obeyed(training_config: Path, tmp_path: Path) -> None:
+    """The studio passes its launch time; a stop written after it but before the trainer's own start
+    (the first seconds of a job) stops the run at once, with nothing saved."""
+    from engine.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    launched_at = time.time()
+    RunDir(run_dir).request_stop()
+    time.sleep(1.5)  # the launcher's start-up: the trainer process begins after the request
+    done = subprocess.run([sys.executable, "-m", "engine.trainer", "--config", str(training_config),
+                           "--run-dir", str(run_dir), "--control-since", f"{launched_at:.3f}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kinds = [e["event"] for e in metrics(run_dir)]
+    assert kinds[-1] == "stopped" and "step" not in kinds, kinds
+    assert [e for e in metrics(run_dir) if e["event"] == "stopped"][0]["step"] == 0
+    assert not list(run_dir.glob("global_step*")) and not list(run_dir.glob("epoch*"))
+    assert not (run_dir / "stop").exists()  # consumed: a resume would not stop again

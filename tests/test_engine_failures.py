@@ -31,6 +31,15 @@ def test_classification(exit_code, log, message, reason) -> None:
     assert hint  # every failure comes with something to do
 
 
+def test_sigkill_names_the_oom_killer_only_when_the_cgroup_counted_one() -> None:
+    oom_reason, oom_hint = classify_failure(-9, "", None, oom_killed=True)
+    assert "out-of-memory killer" in oom_reason and "Host RAM ran out" in oom_hint
+    manual_reason, manual_hint = classify_failure(-9, "", None, oom_killed=False)
+    assert manual_reason == "Killed by signal 9 (SIGKILL)" and manual_hint.startswith("Not the out-of-memory killer")
+    _, unknown_hint = classify_failure(-9, "", None, oom_killed=None)
+    assert "out-of-memory killer" in unknown_hint and "kill -9" in unknown_hint  # both causes named
+
+
 def test_log_tail_reads_the_last_lines(tmp_path) -> None:
     log = tmp_path / "train.log"
     log.write_text("".join(f"line {i}\n" for i in range(1000)))

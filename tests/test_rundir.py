@@ -2,6 +2,7 @@
 checkpoints and log tails."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -33,18 +34,24 @@ def test_control_requests_are_consumed_and_stale_ones_discarded(tmp_path: Path) 
     files = RunDir(tmp_path)
     assert files.take_control_request() == (False, False)
     files.request_save()
-    files.request_stop()
+    stop_id = files.request_stop()
+    assert json.loads((tmp_path / "stop").read_text())["id"] == stop_id
     assert files.take_control_request() == (True, True)
     assert files.take_control_request() == (False, False)  # consumed: a resume does not re-trigger
+    # Staleness is the request's own time, not the file's mtime (a copy or a touch changes that)...
     files.request_stop()
-    old = time.time() - 60
-    os.utime(tmp_path / "stop", (old, old))
+    launched = time.time() + 0.5
+    os.utime(tmp_path / "stop", (launched + 60, launched + 60))
+    files.discard_stale_control_files(older_than=launched)
+    assert not (tmp_path / "stop").exists()
+    # ... and a request made after the launch is kept for it.
     files.request_save()
     files.discard_stale_control_files(older_than=time.time() - 10)
-    assert files.take_control_request() == (True, False)  # the stop predates this process
-    files.request_stop()
-    files.clear_stop()
-    assert files.take_control_request() == (False, False)
+    assert files.take_control_request() == (True, False)
+    # A hand-made `touch stop` counts from its mtime.
+    (tmp_path / "stop").touch()
+    files.discard_stale_control_files(older_than=time.time() - 10)
+    assert files.take_control_request() == (False, True)
 
 
 def test_only_complete_checkpoints_count(tmp_path: Path) -> None:

@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="run directory (default: output_dir/<timestamp>; with --resume: newest resumable run)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--control-since", type=float, default=None, metavar="UNIX_TIME",
+                        help="stop/save requests in the run dir made before this time belong to an earlier "
+                             "launch and are discarded (default: this process's start)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     return parser.parse_args(argv)
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     events = MetricsWriter(run_dir / METRICS_FILE if dist.is_main else None)
     try:
-        code = Trainer(cfg, run_dir, dist, events, resume=args.resume).run()
+        code = Trainer(cfg, run_dir, dist, events, resume=args.resume, control_since=args.control_since).run()
         close_distributed(dist)  # on the clean path only: a rank that crashed cannot take part
         return code
     except _bad_input_errors() as exc:

@@ -1,0 +1,109 @@
+"""kill -9 anywhere in a job's process tree (runner, DeepSpeed's launcher, one rank, every rank; 1 and 2
+CPU ranks under the real `deepspeed` launcher, stand-in trainer module): the job fails, never succeeds;
+no process of it is alive when its status is written; a resume runs alone and writes one `done`."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.gpus import GpuInventory
+from engine.jobs import Job, JobStatus
+from engine.launcher import build_deepspeed_command, group_members
+from engine.paths import DataLayout
+from engine.scheduler import Scheduler
+from engine.store.db import Database
+from tests.scheduler_support import STANDIN_MODULE, config_toml, wait_for
+
+# (ranks, which processes get SIGKILL); with one rank, "one rank" and "every rank" are the same.
+CASES = [(1, "runner"), (1, "launcher"), (1, "every rank"),
+         (2, "runner"), (2, "launcher"), (2, "one rank"), (2, "every rank")]
+TIMEOUT_S = 240
+
+
+@pytest.fixture
+def scheduler(studio_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Scheduler]:
+    monkeypatch.setenv("STANDIN_STEPS", "80")
+    monkeypatch.setenv("STANDIN_STEP_S", "0.1")
+    layout = DataLayout(studio_home).ensure()
+    slots = sum(ranks for ranks, _ in CASES)
+    sched = Scheduler(Database(layout.db_path), layout, GpuInventory(command="/nonexistent"), cpu_slots=slots,
+                      poll_interval_s=0.2, stop_grace_s=30, kill_grace_s=5,
+                      command_builder=functools.partial(build_deepspeed_command, module=STANDIN_MODULE))
+    yield sched.start()
+    sched.shutdown()
+    for job in sched.list_jobs(limit=100):
+        if job.pid:
+            try:
+                os.killpg(job.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def processes_of(run_dir: str) -> list[str]:
+    """Every live process on this machine whose command line names the run directory."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if run_dir in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(f"{proc.pid}: {cmdline[:160]}")
+    return found
+
+
+def victims(job: Job, target: str) -> list[psutil.Process]:
+    tree = group_members(job.pid)
+    ranks = sorted((p for p in tree if "--local_rank" in " ".join(p.cmdline())), key=lambda p: " ".join(p.cmdline()))
+    chosen = {"runner": [p for p in tree if p.pid == job.pid],
+              "launcher": [p for p in tree if "deepspeed.launcher.launch" in " ".join(p.cmdline())],
+              "one rank": ranks[-1:],  # the last rank: rank 0 keeps training until the launcher reacts
+              "every rank": ranks}[target]
+    assert chosen, f"no {target} in {[' '.join(p.cmdline())[:80] for p in tree]}"
+    return chosen
+
+
+def events(job: Job) -> list[dict]:
+    return [json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_fails_the_job_and_leaves_no_process(scheduler: Scheduler, tmp_path: Path) -> None:
+    jobs = {case: scheduler.submit_training(config_toml(tmp_path), "alice", num_gpus=case[0], name=f"k{i}")
+            for i, case in enumerate(CASES)}
+    alive = dict(jobs)
+
+    def kill_those_training() -> bool:  # each job as soon as it trains with all its ranks
+        for (ranks, target), job in list(alive.items()):
+            running = scheduler.get(job.id)
+            if (running.step or 0) >= 2 and len(group_members(running.pid)) >= 2 + ranks:
+                for proc in victims(running, target):
+                    proc.send_signal(signal.SIGKILL)
+                del alive[(ranks, target)]
+        return not alive
+
+    wait_for(kill_those_training, TIMEOUT_S, "every job to train")
+
+    for (ranks, target), job in jobs.items():
+        wait_for(lambda j=job: not scheduler.get(j.id).status.is_active, TIMEOUT_S, f"job {job.id} to end")
+        ended = scheduler.get(job.id)
+        # Read right after the status: the tree is reaped before the outcome is written.
+        left = processes_of(ended.run_dir)
+        assert ended.status == JobStatus.FAILED, (ranks, target, ended.status, ended.failure_reason)
+        assert left == [], (ranks, target, left)
+        assert "signal 9" in ended.failure_reason or "without saying it finished" in ended.failure_reason, (
+            ranks, target, ended.failure_reason)
+        assert not any(e["event"] == "done" for e in events(ended)), (ranks, target)
+        scheduler.resume(job.id)
+
+    for (ranks, target), job in jobs.items():
+        wait_for(lambda j=job: not scheduler.get(j.id).status.is_active, TIMEOUT_S, f"job {job.id} to resume")
+        finished = scheduler.get(job.id)
+        assert finished.status == JobStatus.SUCCEEDED, (ranks, target, finished.failure_reason, finished.log_tail)
+        kinds = [e["event"] for e in events(finished)]
+        assert kinds.count("done") == 1 and kinds.count("start") == 2, (ranks, target, kinds)
+        assert processes_of(finished.run_dir) == []
