@@ -147,7 +147,8 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
 
     stack.add.click(refresh_loras, None, stack.refs, queue=False, api_visibility="private")
 
-    def add_upload(file: str | None, count: int, *values: Any, request: gr.Request):
+    # `request` first: Gradio injects it by position, which it cannot do after `*values`.
+    def add_upload(request: gr.Request, file: str | None, count: int, *values: Any):
         user = request_user(api, request)
         if not file:
             return gr.skip()

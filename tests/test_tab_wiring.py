@@ -1,0 +1,63 @@
+"""Every event handler of every tab, called the way Gradio calls it: the inputs Gradio passes (a dict for
+dict inputs), with `gr.Request` / event data injected by Gradio's own `special_args`, must bind to the
+handler's signature. (An Infer tab handler once took `request` after `*values`: Gradio could not pass
+it and every LoRA upload failed.) The LoRA upload handler then runs for real."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+from gradio.helpers import special_args
+
+from studio.api import StudioApi
+from studio.shell import build_app
+
+
+@pytest.fixture
+def app(api: StudioApi) -> Iterator[gr.Blocks]:
+    yield build_app(api.ctx)
+
+
+def gradio_inputs(block_fn: Any, values: list[Any]) -> list[Any]:
+    """The positional arguments Gradio hands `block_fn.fn` for these input values."""
+    inputs = [dict(zip(block_fn.inputs, values, strict=True))] if block_fn.inputs_as_dict else list(values)
+    event = gr.EventData(None, {"index": 0, "value": None, "selected": True})
+    processed, *_ = special_args(block_fn.fn, inputs, gr.Request(username="alice"), event)
+    return processed
+
+
+def handlers(app: gr.Blocks) -> list[Any]:
+    return [fn for fn in app.fns.values() if fn.fn is not None]
+
+
+def test_every_handler_binds_to_what_gradio_passes(app: gr.Blocks) -> None:
+    found = handlers(app)
+    assert len(found) >= 40  # the four tabs and the HTTP API
+    wrong = []
+    for block_fn in found:
+        args = gradio_inputs(block_fn, [None] * len(block_fn.inputs))
+        try:
+            inspect.signature(block_fn.fn).bind(*args)
+        except TypeError as exc:
+            wrong.append(f"{block_fn.name}: {exc}")
+    assert wrong == []
+
+
+def test_the_lora_upload_adds_the_file_to_the_stack(app: gr.Blocks, api: StudioApi, tmp_path: Path) -> None:
+    from tests.trainer_support import save_lora_file
+
+    lora = save_lora_file(tmp_path / "run", "epoch1", 10)
+    (upload,) = [fn for fn in handlers(app) if fn.name == "add_upload"]
+    # inputs: the file, the visible row count, then every row's LoRA ref and weight (empty form)
+    rows = (len(upload.inputs) - 2) // 2
+    values = [str(lora), 0, *[None] * rows, *[1.0] * rows]
+    outputs = upload.fn(*gradio_inputs(upload, values))
+    assert outputs[0] == 1  # one row visible now
+    assert outputs[1]["value"].startswith("upload:") and outputs[1]["value"] in dict(
+        (v, v) for _, v in outputs[1]["choices"])
+    stored = api.ctx.layout.home / "uploads"
+    assert list(stored.rglob("*.safetensors"))  # kept in the user's uploads
