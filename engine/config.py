@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 
+MAX_BATCH = 4096  # micro batch and accumulation: far above any real run, refuses typos like 10**20
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 LrScheduler = Literal["constant", "linear", "cosine"]
@@ -288,8 +289,9 @@ class TrainConfig(ConfigTable):
         check(bool(self.output_dir.strip()), "output_dir", "must not be empty")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
-        check(self.micro_batch_size_per_gpu >= 1, "micro_batch_size_per_gpu", "must be >= 1")
-        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        for key in ("micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+            check(getattr(self, key) <= MAX_BATCH, key, f"must be <= {MAX_BATCH}")
         check(self.gradient_clipping >= 0, "gradient_clipping", "must be >= 0")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         for key in ("save_every_n_epochs", "save_every_n_steps", "checkpoint_every_n_epochs"):

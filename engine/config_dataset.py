@@ -128,6 +128,12 @@ def resolve_directories(dataset: DatasetConfig, base: Path | None) -> None:
 # ---- value checks ---------------------------------------------------------------------------------
 
 
+# Upper bounds far above any real run, so a typo (10**20) is refused with its key, not trained on.
+MAX_REPEATS = 10_000
+MAX_RESOLUTION = 4096
+MAX_FRAMES = 1025
+
+
 def dataset_errors(d: DatasetConfig, prefix: str = "dataset") -> list[tuple[str, str]]:
     """(key path, reason) for every bad value of a dataset table, its directories included."""
     errors = _bucket_errors(d, prefix)
@@ -139,6 +145,8 @@ def dataset_errors(d: DatasetConfig, prefix: str = "dataset") -> list[tuple[str,
             errors.append((f"{where}.path", "must not be empty"))
         if directory.num_repeats < 1:
             errors.append((f"{where}.num_repeats", "must be >= 1"))
+        elif directory.num_repeats > MAX_REPEATS:
+            errors.append((f"{where}.num_repeats", f"must be <= {MAX_REPEATS}"))
         errors += _bucket_errors(directory, where)
     return errors
 
@@ -151,12 +159,16 @@ def _bucket_errors(d: DatasetConfig | DirectoryConfig, prefix: str) -> list[tupl
         for i, r in enumerate(d.resolutions):
             if r < 16 or r % 16:
                 errors.append((f"{prefix}.resolutions[{i}]", f"{r} must be a multiple of 16 and >= 16"))
+            elif r > MAX_RESOLUTION:
+                errors.append((f"{prefix}.resolutions[{i}]", f"{r} must be <= {MAX_RESOLUTION}"))
     if d.frame_buckets is not None:
         if not d.frame_buckets:
             errors.append((f"{prefix}.frame_buckets", "must list at least one frame count"))
         for i, f in enumerate(d.frame_buckets):
             if f < 1 or (f - 1) % 4:
                 errors.append((f"{prefix}.frame_buckets[{i}]", f"{f} is not 4k+1 (1, 5, 9, ..., 33, 81)"))
+            elif f > MAX_FRAMES:
+                errors.append((f"{prefix}.frame_buckets[{i}]", f"{f} must be <= {MAX_FRAMES}"))
     if d.min_ar is not None and d.max_ar is not None and not 0 < d.min_ar <= d.max_ar:
         errors.append((f"{prefix}.min_ar", "need 0 < min_ar <= max_ar"))
     if d.num_ar_buckets is not None and d.num_ar_buckets < 1:

@@ -138,9 +138,14 @@ def plan_dataset(cfg: DatasetConfig, spatial_multiple: int = DEFAULT_SPATIAL_MUL
     return DatasetPlan(entries, _warnings(entries))
 
 
-def require_trainable(plan: DatasetPlan, where: str) -> None:
-    """Refuse a dataset without one trainable sample, saying why (before anything is queued)."""
+def require_trainable(plan: DatasetPlan, where: str, micro_batch_size: int = 1) -> None:
+    """Refuse a dataset without one trainable sample, or whose every bucket is smaller than one micro
+    batch (each batch would hold fewer samples than asked), saying why, before anything is queued."""
     if plan.samples:
+        largest = max(plan.bucket_counts().values())
+        if micro_batch_size > largest:
+            raise DatasetError(f"micro_batch_size_per_gpu = {micro_batch_size}, but the largest bucket of {where} "
+                               f"holds {largest} sample(s) per epoch: lower it to at most {largest}")
         return
     reasons = Counter(e.skipped for e in plan.skipped)
     detail = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))

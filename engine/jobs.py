@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+from engine.numbers import SQLITE_INT_MAX, whole_number
 
 
 class JobStatus(str, Enum):
@@ -37,6 +40,14 @@ RESUMABLE_STATUSES = frozenset({JobStatus.STOPPED, JobStatus.FAILED, JobStatus.L
 
 class JobError(ValueError):
     """A job operation that cannot be done (unknown id, wrong state, bad GPU request)."""
+
+
+def parse_job_id(value: Any) -> int:
+    """A job id from outside (API, form, CLI): a whole number >= 1, else a JobError that says so."""
+    try:
+        return whole_number(value, 1, SQLITE_INT_MAX)
+    except ValueError as exc:
+        raise JobError(f"job id {exc}") from None
 
 
 @dataclass

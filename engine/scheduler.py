@@ -20,12 +20,13 @@ from pathlib import Path
 
 import filelock
 
-from engine.gpus import GpuInventory
-from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus
+from engine.gpus import GpuInventory, cpu_pool, on_cpu
+from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus, parse_job_id
 from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, build_env, is_same_process,
                              job_processes, pick_master_port, process_identity, spawn_process,
                              train_log_path)
 from engine.paths import REPO_ROOT, DataLayout
+from engine.placement import QueueWait, choose_devices, explain_queue, reserved_for_head
 from engine.rundir import RunDir
 from engine.store.db import Database
 from engine.store.jobs import JobEvent, JobStore
@@ -192,13 +193,13 @@ class Scheduler:
         if gpus is not None and num_gpus is not None:
             raise JobError("give either gpus (indices) or num_gpus (a count), not both")
         pool = self._device_pool()
-        on_cpu = all(d < 0 for d in pool)
+        cpu_only = on_cpu(pool)
         if gpus is not None:
             if not gpus:
                 raise JobError("gpus: the list of GPU indices is empty")
             if len(set(gpus)) != len(gpus):
                 raise JobError(f"gpus: {gpus} names a GPU twice")
-            if on_cpu:
+            if cpu_only:
                 raise JobError("gpus: this machine has no GPUs; use num_gpus for CPU ranks")
             missing = sorted(set(gpus) - set(pool))
             if missing:
@@ -208,12 +209,12 @@ class Scheduler:
         if count < 1:
             raise JobError(f"num_gpus must be >= 1, got {count}")
         if count > len(pool):
-            what = f"{len(pool)} CPU slot(s) (setting cpu_slots)" if on_cpu else f"{len(pool)} GPU(s)"
+            what = f"{len(pool)} CPU slot(s) (setting cpu_slots)" if cpu_only else f"{len(pool)} GPU(s)"
             raise JobError(f"num_gpus={count} but this machine has only {what}")
         return str(count), False
 
     def get(self, job_id: int) -> Job:
-        job = self.store.get(int(job_id))
+        job = self.store.get(parse_job_id(job_id))
         if job is None:
             raise JobError(f"no job {job_id}")
         return job
@@ -224,7 +225,7 @@ class Scheduler:
 
     def events(self, job_id: int) -> list[JobEvent]:
         """The job's state history, oldest first."""
-        return self.store.events(int(job_id))
+        return self.store.events(parse_job_id(job_id))
 
     def stop(self, job_id: int, force: bool = False) -> Job:
         """Queued: cancel. Running: drop the `stop` file; SIGTERM after the grace period, then
@@ -245,7 +246,7 @@ class Scheduler:
         return self.get(job_id)
 
     def cancel(self, job_id: int) -> Job:
-        if not self.store.transition(int(job_id), [JobStatus.QUEUED], JobStatus.STOPPED, event="cancelled",
+        if not self.store.transition(parse_job_id(job_id), [JobStatus.QUEUED], JobStatus.STOPPED, event="cancelled",
                                      ended_at=time.time(), failure_reason="Cancelled before it started"):
             job = self.get(job_id)
             raise JobError(f"job {job_id} is {job.status.value}, only a queued job can be cancelled"
@@ -297,17 +298,33 @@ class Scheduler:
 
     def queue(self) -> list[Job]:
         """Queued jobs in the order they will start."""
+        self._release_stale_holds()  # whoever reads the queue frees what a dead process held
         return self.store.queued()
+
+    def queue_waits(self) -> dict[int, QueueWait]:
+        """Why each queued job waits: its place, what it needs, which job or worker holds it."""
+        queued = self.queue()
+        holds = [(h.device, h.holder, h.pid) for h in self.store.holds()]
+        return {w.job_id: w for w in explain_queue(queued, self._device_pool(), self.store.active(), holds)}
+
+    def reserved_for_queue(self) -> set[int]:
+        """Devices the first queued job will start on once inference workers give them back: an
+        idle worker on one of them yields at once, and no new worker may take one."""
+        return reserved_for_head(self.store.queued(), self._device_pool(), self.store.active(),
+                                 [h.device for h in self.store.holds()])
 
     # ---- devices for other users (inference) ---------------------------------------------------
     def acquire_devices(self, holder: str, count: int = 1) -> list[int] | None:
-        """Reserve `count` free devices for `holder` (GPU indices, or [-1] for a CPU slot)."""
+        """Reserve `count` free devices for `holder` (GPU indices, or CPU slots < 0; engine.gpus.Device).
+        Devices the head of the training queue is about to take are not handed out."""
+        self._release_stale_holds()  # a reservation of a dead process must not keep anyone waiting
         held = [h.device for h in self.store.holds() if h.holder == holder]
         if held:
             return held
         identity = process_identity(os.getpid())
         for _ in range(3):  # a concurrent claim may take a device between our read and write
-            free = [d for d in self._device_pool() if d not in self.store.devices_in_use()]
+            taken = self.store.devices_in_use() | self.reserved_for_queue()
+            free = [d for d in self._device_pool() if d not in taken]
             if len(free) < count:
                 return None
             chosen = free[:count]
@@ -330,7 +347,7 @@ class Scheduler:
             self._known_gpus = gpus
         elif self._known_gpus:
             gpus = self._known_gpus
-        return sorted(gpus) if gpus else [-(k + 1) for k in range(self.cpu_slots)]
+        return sorted(gpus) if gpus else cpu_pool(self.cpu_slots)
 
     # ---- recovery ------------------------------------------------------------------------------
     def _release_stale_holds(self) -> None:
@@ -338,7 +355,8 @@ class Scheduler:
         for hold in self.store.holds():
             if not is_same_process(hold.pid, hold.pid_start_time):
                 log.info("releasing device %d of %s: its process is gone", hold.device, hold.holder)
-                self.store.release_holds_of_pid(hold.pid)
+                if self.store.release_holds_of_pid(hold.pid):
+                    self.wake()
 
     def _recover(self) -> None:
         self._release_stale_holds()
@@ -367,11 +385,7 @@ class Scheduler:
 
     @staticmethod
     def _choose_devices(job: Job, pool: list[int], used: set[int]) -> list[int] | None:
-        if job.gpus_explicit:
-            wanted = job.requested_indices
-            return wanted if not (set(wanted) & used) and set(wanted) <= set(pool) else None
-        free = [d for d in pool if d not in used]
-        return free[: job.requested_count] if len(free) >= job.requested_count else None
+        return choose_devices(job, pool, used)
 
     def _launch(self, job: Job) -> None:
         run_dir = Path(job.run_dir or self.layout.runs_dir / f"{job.id}-{slugify(job.name)}")

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConfig
 from engine.dataset import plan_dataset, require_trainable
-from engine.jobs import Job, JobError
+from engine.jobs import Job, JobError, parse_job_id
+from engine.numbers import named_whole_number, whole_number
 from engine.rundir import RunDir, read_log_tail
 from studio.auth import AccessDenied, User
 from studio.datasets import DatasetError, confine, safe_name
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOG_TAIL_BYTES = 12_000
+MAX_DEVICES = 1024  # GPUs or CPU slots one job may ask for
 # Errors a user can act on; anything else is a bug and is logged with its traceback.
 USER_ERRORS = (AccessDenied, ConfigError, DatasetError, JobError, FileNotFoundError, ValueError)
 
@@ -86,13 +88,12 @@ class StudioApi:
 
     # ---- jobs ----------------------------------------------------------------------------------
     def own_job(self, user: User, job_id: int | str) -> Job:
+        number = parse_job_id(job_id)  # "1.5" is refused, never read as job 1
         try:
-            job = self.ctx.scheduler.get(int(job_id))
-        except (JobError, KeyError, TypeError, ValueError):
-            job = None
-        if job is None:
-            raise AccessDenied(f"job {job_id} not found")
-        self.ctx.accounts.check_owner(user, job.owner, f"job {job_id}")
+            job = self.ctx.scheduler.get(number)
+        except JobError:
+            raise AccessDenied(f"job {number} not found") from None
+        self.ctx.accounts.check_owner(user, job.owner, f"job {number}")
         return job
 
     def prepare_config(self, user: User, config_toml: str) -> TrainConfig:
@@ -117,15 +118,16 @@ class StudioApi:
     def start_training(self, user: User, config_toml: str, gpus: str = "", num_gpus: int = 1,
                        name: str = "") -> dict[str, Any]:
         cfg = self.prepare_config(user, config_toml)
-        require_trainable(plan_dataset(cfg.dataset), ", ".join(d.path for d in cfg.dataset.directory))
+        require_trainable(plan_dataset(cfg.dataset), ", ".join(d.path for d in cfg.dataset.directory),
+                          cfg.micro_batch_size_per_gpu)
         try:
-            explicit = [int(g) for g in str(gpus or "").replace(" ", "").split(",") if g != ""]
+            explicit = [whole_number(g, 0, MAX_DEVICES - 1) for g in str(gpus or "").replace(" ", "").split(",") if g]
         except ValueError:
             raise JobError(f"gpus: expected comma-separated GPU indices like '0,1', got {gpus!r}") from None
+        count = None if explicit else named_whole_number("num_gpus", num_gpus or 1, 1, MAX_DEVICES)
         default_name = Path(cfg.dataset.directory[0].path).name
-        job = self.ctx.scheduler.submit_training(
-            cfg.to_toml(), owner=user.name, gpus=explicit or None,
-            num_gpus=None if explicit else max(1, int(num_gpus or 1)), name=(name or "").strip() or default_name)
+        job = self.ctx.scheduler.submit_training(cfg.to_toml(), owner=user.name, gpus=explicit or None,
+                                                 num_gpus=count, name=(name or "").strip() or default_name)
         log.info("user %s started job %s", user.name, job.id)
         return {**job_summary(job), "config_warnings": cfg.warnings}
 
@@ -147,7 +149,8 @@ class StudioApi:
     def list_jobs(self, user: User, statuses: list[str] | None = None, limit: int = 50,
                   offset: int = 0) -> list[dict[str, Any]]:
         jobs = self.ctx.scheduler.list_jobs(owner=self._owner_filter(user), statuses=statuses or None,
-                                            limit=max(1, min(int(limit), 500)), offset=max(0, int(offset)))
+                                            limit=min(named_whole_number("limit", limit, 1), 500),
+                                            offset=named_whole_number("offset", offset, 0))
         return [job_summary(j) for j in jobs]
 
     def job_status(self, user: User, job_id: int | str) -> dict[str, Any]:
@@ -302,8 +305,9 @@ class StudioApi:
                      all_users: bool = True) -> dict[str, Any]:
         items, total = self.ctx.gallery.list(owner=self._owner_filter(user, all_users), query=query or None,
                                              model=model or None, lora=lora or None,
-                                             favorite=True if favorite else None, page=max(1, int(page)),
-                                             page_size=max(1, min(int(page_size), 200)))
+                                             favorite=True if favorite else None,
+                                             page=named_whole_number("page", page, 1),
+                                             page_size=min(named_whole_number("page_size", page_size, 1), 200))
         return {"items": [self.item_dict(i) for i in items], "total": total, "page": page}
 
     def own_item(self, user: User, item_id: str):

@@ -97,6 +97,10 @@ def test_one_user_cannot_see_or_stop_another_users_job(server) -> None:
                 bob.predict(job["id"], api_name=endpoint)
         status = alice.predict(job["id"], api_name="/job_status")["status"]
         assert status in {"queued", "starting", "running"}  # bob's calls changed nothing
+        for bad in (job["id"] + 0.5, 10**20, "abc"):  # never read as another job, never a traceback
+            with pytest.raises(Exception, match="job id must be"):
+                alice.predict(bad, api_name="/stop_job")
+        assert alice.predict(job["id"], api_name="/job_status")["status"] == status
         assert job["id"] in [j["id"] for j in root.predict("", 50, 0, api_name="/list_jobs")]  # admin sees all
         # a dataset outside the allowed roots is refused before anything runs
         outside = train_toml(server.model, Path("/etc"))

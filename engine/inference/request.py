@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.config import ConfigError
 from engine.config_types import config_error
+from engine.numbers import whole_number
 from engine.rundir import LORA_FILE, RunDir
 
 __all__ = ["LoraSpec", "InferRequest", "LIMITS", "request_defaults", "resolve_lora_path", "random_seed"]
@@ -66,13 +67,12 @@ def _whole(limit: str) -> Any:
     low, high = LIMITS[limit]
 
     def check(value: Any) -> int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # widgets hand numbers over as floats (42.0)
-        if not _is_int(value):
+        if isinstance(value, str):  # a request's numbers are numbers, not text to parse
             raise _refuse(f"must be a whole number, got {value!r}")
-        if not low <= value <= high:
-            raise _refuse(f"must be in [{int(low)}, {int(high)}], got {value}")
-        return value
+        try:
+            return whole_number(value, int(low), int(high))
+        except ValueError as exc:
+            raise _refuse(str(exc)) from None
 
     return Annotated[int, PlainValidator(check)]
 

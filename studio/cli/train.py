@@ -44,7 +44,8 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
     try:
         cfg = TrainConfig.from_toml_file(args.config).validate()
         # Refused before queueing: the run would fail minutes later on the same plan.
-        require_trainable(plan_dataset(cfg.dataset), ", ".join(d.path for d in cfg.dataset.directory))
+        require_trainable(plan_dataset(cfg.dataset), ", ".join(d.path for d in cfg.dataset.directory),
+                          cfg.micro_batch_size_per_gpu)
     except (ConfigError, DatasetError) as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
