@@ -10,7 +10,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from engine.gpus import GpuInventory
@@ -19,7 +18,7 @@ from engine.launcher import build_deepspeed_command, group_members
 from engine.paths import DataLayout
 from engine.scheduler import Scheduler
 from engine.store.db import Database
-from tests.scheduler_support import STANDIN_MODULE, config_toml, wait_for
+from tests.scheduler_support import STANDIN_MODULE, config_toml, processes_naming, victims, wait_for
 
 # (ranks, which processes get SIGKILL); with one rank, "one rank" and "every rank" are the same.
 CASES = [(1, "runner"), (1, "launcher"), (1, "every rank"),
@@ -46,27 +45,6 @@ def scheduler(studio_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sc
                 pass
 
 
-def processes_of(run_dir: str) -> list[str]:
-    """Every live process on this machine whose command line names the run directory."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if run_dir in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(f"{proc.pid}: {cmdline[:160]}")
-    return found
-
-
-def victims(job: Job, target: str) -> list[psutil.Process]:
-    tree = group_members(job.pid)
-    ranks = sorted((p for p in tree if "--local_rank" in " ".join(p.cmdline())), key=lambda p: " ".join(p.cmdline()))
-    chosen = {"runner": [p for p in tree if p.pid == job.pid],
-              "launcher": [p for p in tree if "deepspeed.launcher.launch" in " ".join(p.cmdline())],
-              "one rank": ranks[-1:],  # the last rank: rank 0 keeps training until the launcher reacts
-              "every rank": ranks}[target]
-    assert chosen, f"no {target} in {[' '.join(p.cmdline())[:80] for p in tree]}"
-    return chosen
-
-
 def events(job: Job) -> list[dict]:
     return [json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -81,7 +59,7 @@ def test_kill_9_anywhere_fails_the_job_and_leaves_no_process(scheduler: Schedule
         for (ranks, target), job in list(alive.items()):
             running = scheduler.get(job.id)
             if (running.step or 0) >= 2 and len(group_members(running.pid)) >= 2 + ranks:
-                for proc in victims(running, target):
+                for proc in victims(running.pid, target):
                     proc.send_signal(signal.SIGKILL)
                 del alive[(ranks, target)]
         return not alive
@@ -92,7 +70,7 @@ def test_kill_9_anywhere_fails_the_job_and_leaves_no_process(scheduler: Schedule
         wait_for(lambda j=job: not scheduler.get(j.id).status.is_active, TIMEOUT_S, f"job {job.id} to end")
         ended = scheduler.get(job.id)
         # Read right after the status: the tree is reaped before the outcome is written.
-        left = processes_of(ended.run_dir)
+        left = processes_naming(ended.run_dir)
         assert ended.status == JobStatus.FAILED, (ranks, target, ended.status, ended.failure_reason)
         assert left == [], (ranks, target, left)
         assert "signal 9" in ended.failure_reason or "without saying it finished" in ended.failure_reason, (
@@ -106,4 +84,4 @@ def test_kill_9_anywhere_fails_the_job_and_leaves_no_process(scheduler: Schedule
         assert finished.status == JobStatus.SUCCEEDED, (ranks, target, finished.failure_reason, finished.log_tail)
         kinds = [e["event"] for e in events(finished)]
         assert kinds.count("done") == 1 and kinds.count("start") == 2, (ranks, target, kinds)
-        assert processes_of(finished.run_dir) == []
+        assert processes_naming(finished.run_dir) == []

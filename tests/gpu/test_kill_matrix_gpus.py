@@ -8,10 +8,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
 
-from engine.launcher import group_members
 from tests.gpu.support import (
     demo_config,
     events,
@@ -27,23 +25,14 @@ from tests.gpu.support import (
     wait_for,
     write_config,
 )
+from tests.scheduler_support import KILL_TARGETS, processes_naming, victims
 
 pytestmark = needs_gpus(2)
-TARGETS = ("runner", "launcher", "one rank", "every rank")
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gpu-kills") / "home"
-
-
-def processes_naming(run_dir: str) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if run_dir in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(f"{proc.pid}: {cmdline[:160]}")
-    return found
 
 
 def gpu_processes() -> set[int]:
@@ -52,15 +41,7 @@ def gpu_processes() -> set[int]:
     return {int(line) for line in out.split() if line.strip().isdigit()}
 
 
-def victims(pid: int, target: str) -> list[psutil.Process]:
-    tree = group_members(pid)
-    ranks = sorted((p for p in tree if "--local_rank" in " ".join(p.cmdline())), key=lambda p: " ".join(p.cmdline()))
-    return {"runner": [p for p in tree if p.pid == pid],
-            "launcher": [p for p in tree if "deepspeed.launcher.launch" in " ".join(p.cmdline())],
-            "one rank": ranks[-1:], "every rank": ranks}[target]
-
-
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", KILL_TARGETS)
 def test_kill_9_on_two_gpus_fails_the_job_and_frees_the_gpus(home: Path, target: str) -> None:
     config = write_config(home / "configs" / f"kill-{target}.toml", demo_config(home),
                           max_steps=2000, epochs=1000, save_every_n_epochs=1000, checkpoint_every_n_epochs=1)
