@@ -29,20 +29,8 @@ from engine.config_dataset import (DatasetConfig, DirectoryConfig, EvalDatasetCo
 from engine.config_types import (Bool, ConfigError, ConfigTable, Float, Int, Str, is_table, strip_annotated, suggest,
                                  unwrap_optional)
 
-__all__ = [
-    "ConfigError",
-    "DirectoryConfig",
-    "DatasetConfig",
-    "EvalDatasetConfig",
-    "ModelConfig",
-    "AdapterConfig",
-    "OptimizerConfig",
-    "PerformanceConfig",
-    "TrainConfig",
-    "FieldSpec",
-    "config_fields",
-    "DEFAULT_LORA_TARGETS",
-]
+__all__ = ["ConfigError", "DirectoryConfig", "DatasetConfig", "EvalDatasetConfig", "ModelConfig", "AdapterConfig",
+           "OptimizerConfig", "PerformanceConfig", "TrainConfig", "FieldSpec", "config_fields", "DEFAULT_LORA_TARGETS"]
 
 
 MAX_BATCH = 4096  # micro batch and accumulation: far above any real run, refuses typos like 10**20
