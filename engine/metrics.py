@@ -120,6 +120,7 @@ class LossSeries:
     lrs: array = field(default_factory=lambda: array("d"))
     epoch_steps: list[int] = field(default_factory=list)
     epoch_mean_loss: list[float] = field(default_factory=list)
+    eval_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # eval set -> (step, loss)
     total_steps: int | None = None
     width: int = 1
     buckets: "OrderedDict[int, _Bucket]" = field(default_factory=OrderedDict)
@@ -145,6 +146,11 @@ class LossSeries:
         elif kind == "epoch" and event.get("step") is not None:
             self.epoch_steps.append(int(event["step"]))
             self.epoch_mean_loss.append(float(event.get("mean_loss") or 0.0))
+        elif kind == "eval" and event.get("loss") is not None and event.get("step") is not None:
+            points = self.eval_losses.setdefault(str(event.get("name") or "eval"), [])
+            while points and points[-1][0] >= int(event["step"]):  # a resume replays steps
+                points.pop()
+            points.append((int(event["step"]), float(event["loss"])))
         elif kind == "step" and event.get("loss") is not None and event.get("step") is not None:
             step, loss = int(event["step"]), float(event["loss"])
             lr = float(event["lr"]) if event.get("lr") is not None else float("nan")
@@ -202,6 +208,8 @@ class LossSeries:
             "lr": [None if p[2] is None or p[2] != p[2] else p[2] for p in points],
             "epoch_steps": list(self.epoch_steps),
             "epoch_mean_loss": list(self.epoch_mean_loss),
+            "eval": {name: {"step": [s for s, _ in points], "loss": [v for _, v in points]}
+                     for name, points in self.eval_losses.items()},
             "total_steps": self.total_steps,
             "points_total": len(self.steps),
         }
@@ -230,7 +238,7 @@ class LossSeriesCache:
 def loss_series(run_dir: str | os.PathLike, max_points: int = 2000,
                 cache: LossSeriesCache | None = None) -> dict[str, Any]:
     """Downsampled loss curve: lists `step`, `loss`, `lr` (<= max_points), `epoch_steps`,
-    `epoch_mean_loss`, plus `total_steps`. With a `cache` (the studio keeps one), only bytes added
+    `epoch_mean_loss`, `eval` ({eval set: {step, loss}}, every eval point), plus `total_steps`. With a `cache` (the studio keeps one), only bytes added
     since the last call are parsed; without one the whole file is read once."""
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2, got {max_points}")

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 LOSS_COLOR = "rgba(99, 110, 250, 0.35)"
 SMOOTH_COLOR = "#3b4cca"
 LR_COLOR = "#e4572e"
+EVAL_COLOR = "#17a589"
 GPU_COLORS = ("#4f46e5", "#0891b2", "#16a34a", "#ca8a04", "#dc2626", "#9333ea", "#db2777", "#475569")
 _LAYOUT = dict(
     template="plotly_white",
@@ -55,6 +56,9 @@ def loss_figure(series: Mapping[str, Sequence] | None, title: str = "") -> go.Fi
         if lrs and any(v is not None for v in lrs):
             fig.add_trace(go.Scatter(x=steps, y=lrs, name="lr", yaxis="y2", mode="lines",
                                      line=dict(color=LR_COLOR, width=1.5, dash="dot")))
+        for name, points in (series.get("eval") or {}).items():  # held-out loss: the curve that tells overfitting
+            fig.add_trace(go.Scatter(x=points["step"], y=points["loss"], name=f"eval loss ({name})",
+                                     mode="lines+markers", line=dict(color=EVAL_COLOR, width=2), marker=dict(size=6)))
         for epoch_step in series.get("epoch_steps", []) or []:
             fig.add_vline(x=epoch_step, line=dict(color="rgba(0,0,0,0.25)", width=1, dash="dash"))
     else:

@@ -97,3 +97,13 @@ def test_loss_series_drops_replayed_steps_after_resume(tmp_path: Path) -> None:
     assert result == loss_series(tmp_path)  # a fresh read of the whole file agrees
     assert result["step"] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert result["loss"] == [1.0] * 5 + [2.0] * 3
+
+
+def test_eval_loss_is_a_second_series_per_eval_set(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    evaluation = [{"event": "eval", "step": s, "name": "held_out", "loss": 1.0 / (s + 1)} for s in (0, 4, 8)]
+    append(path, *(step(n) for n in range(1, 9)), *evaluation)
+    cache = LossSeriesCache()
+    assert loss_series(tmp_path, cache=cache)["eval"] == {"held_out": {"step": [0, 4, 8], "loss": [1.0, 0.2, 1 / 9]}}
+    append(path, {"event": "start"}, {"event": "eval", "step": 4, "name": "held_out", "loss": 0.5})  # resumed
+    assert loss_series(tmp_path, cache=cache)["eval"]["held_out"] == {"step": [0, 4], "loss": [1.0, 0.5]}

@@ -107,6 +107,8 @@ def test_loss_figure_has_raw_smoothed_lr_and_epoch_marks() -> None:
     smoothed = ema_smooth([1.0, 1.0, 1.0])
     assert smoothed == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull towards zero
     assert len(loss_figure(None).data) == 0
+    with_eval = loss_figure({**series, "eval": {"held_out": {"step": [2, 4], "loss": [0.6, 0.5]}}})
+    assert [t.name for t in with_eval.data][-1] == "eval loss (held_out)" and list(with_eval.data[-1].y) == [0.6, 0.5]
 
 
 def test_gpu_status_lists_gpus_and_hides_other_users_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
