@@ -14,11 +14,11 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, field_validator
+from pydantic import ConfigDict, PlainValidator, field_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config import ConfigError
-from engine.config_types import config_error
+from engine.config_types import ConfigTable
 from engine.numbers import whole_number
 from engine.rundir import LORA_FILE, RunDir
 
@@ -113,19 +113,7 @@ def _flag(value: Any) -> bool:
     return value
 
 
-class _Strict(BaseModel):
-    """Unknown fields are refused; any bad field raises one ConfigError naming them all."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, **values: Any):
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise config_error(exc, type(self), "") from None
-
-
-class LoraSpec(_Strict):
+class LoraSpec(ConfigTable):
     """One LoRA of a stack: a .safetensors file, a LoRA folder or a run's `epochN` folder, and its weight."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -133,6 +121,8 @@ class LoraSpec(_Strict):
     path: Annotated[str, PlainValidator(_path_text)]
     weight: _number("lora_weight", "must be a number in [-4, 4], got {value!r}") = 1.0
 
+    # Positional (path, weight) for callers; pydantic calls this for nested specs too, and a
+    # ConfigError raised here keeps its key path under `loras[i]` (engine.config_types).
     def __init__(self, path: Any = None, weight: Any = 1.0, **values: Any):
         super().__init__(path=path if path is not None else values.pop("path", ""), weight=weight, **values)
 
@@ -150,7 +140,7 @@ class LoraSpec(_Strict):
         return cls(path=text, weight=1.0)
 
 
-class InferRequest(_Strict):
+class InferRequest(ConfigTable):
     model: _text() = "demo"
     prompt: _text() = ""
     negative_prompt: _text() = ""
