@@ -26,11 +26,12 @@ from pydantic import BaseModel, Field, PrivateAttr
 from engine import config_compat, optimizers
 from engine.config_dataset import (DatasetConfig, DirectoryConfig, EvalDatasetConfig, dataset_errors,
                                    load_dataset_table, resolve_directories)
+from engine.config_sample import SampleConfig, sample_errors
 from engine.config_types import (Bool, ConfigError, ConfigTable, Float, Int, Str, is_table, strip_annotated, suggest,
                                  unwrap_optional)
 
 __all__ = ["ConfigError", "DirectoryConfig", "DatasetConfig", "EvalDatasetConfig", "ModelConfig", "AdapterConfig",
-           "OptimizerConfig", "PerformanceConfig", "TrainConfig", "FieldSpec", "config_fields", "DEFAULT_LORA_TARGETS"]
+           "OptimizerConfig", "PerformanceConfig", "SampleConfig", "TrainConfig", "FieldSpec", "config_fields", "DEFAULT_LORA_TARGETS"]
 
 
 MAX_BATCH = 4096  # micro batch and accumulation: far above any real run, refuses typos like 10**20
@@ -167,6 +168,8 @@ class TrainConfig(ConfigTable):
     eval_gradient_accumulation_steps: Int | None = Field(
         None, description="Accepted for diffusion-pipe configs: the eval loss is the mean over every eval sample.",
         json_schema_extra={"form": False})
+    sample: SampleConfig | None = Field(
+        None, description="[sample]: videos drawn with the LoRA at save time.", json_schema_extra={"form": False})
     _warnings: list[tuple[str, str]] = PrivateAttr(default_factory=list)
 
     # ---- loading -------------------------------------------------------------------------------
@@ -317,6 +320,8 @@ class TrainConfig(ConfigTable):
             value = getattr(self, key)
             check(value is None or value >= 1, key, "must be >= 1")
         errors += dataset_errors(self.dataset)
+        if self.sample is not None:
+            errors += sample_errors(self.sample)
         for i, entry in enumerate(self.eval_datasets or []):
             errors += dataset_errors(entry.dataset, f"eval_datasets[{i}].dataset")
         if errors:
@@ -348,14 +353,14 @@ def _collect_fields(cls: type[BaseModel], prefix: str, out: list[FieldSpec]) -> 
     for name, info in cls.model_fields.items():
         path = f"{prefix}{name}"
         inner, optional = unwrap_optional(info.annotation)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("form") is False:
+            continue  # set in TOML only (diffusion-pipe's dataset and eval options, [sample])
         if is_table(inner):
             _collect_fields(inner, path + ".", out)
             continue
         if typing.get_origin(inner) is list and is_table(strip_annotated(typing.get_args(inner)[0])):
             continue  # [[directory]] tables are edited as a list, not as form fields
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if extra.get("form") is False:
-            continue  # set in TOML only (diffusion-pipe's dataset and eval options)
         # A fresh copy: the form may mutate a list default.
         default = None if info.is_required() else copy.deepcopy(info.get_default(call_default_factory=True))
         choices = extra.get("choices")

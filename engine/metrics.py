@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.rundir import METRICS_FILE
+from engine.scoring import best_save
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class LossSeries:
     epoch_steps: list[int] = field(default_factory=list)
     epoch_mean_loss: list[float] = field(default_factory=list)
     eval_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # eval set -> (step, loss)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # `sample` events: videos and scores per save
+    saves: list[dict[str, Any]] = field(default_factory=list)
     total_steps: int | None = None
     width: int = 1
     buckets: "OrderedDict[int, _Bucket]" = field(default_factory=OrderedDict)
@@ -146,6 +149,11 @@ class LossSeries:
         elif kind == "epoch" and event.get("step") is not None:
             self.epoch_steps.append(int(event["step"]))
             self.epoch_mean_loss.append(float(event.get("mean_loss") or 0.0))
+        elif kind in ("sample", "save") and event.get("step") is not None:
+            kept = self.samples if kind == "sample" else self.saves
+            while kept and kept[-1]["step"] >= int(event["step"]) and kept[-1].get("label") != "start":
+                kept.pop()  # a resume replays steps
+            kept.append({k: v for k, v in event.items() if k not in ("event", "time", "path")} | {"event": kind})
         elif kind == "eval" and event.get("loss") is not None and event.get("step") is not None:
             points = self.eval_losses.setdefault(str(event.get("name") or "eval"), [])
             while points and points[-1][0] >= int(event["step"]):  # a resume replays steps
@@ -210,6 +218,10 @@ class LossSeries:
             "epoch_mean_loss": list(self.epoch_mean_loss),
             "eval": {name: {"step": [s for s, _ in points], "loss": [v for _, v in points]}
                      for name, points in self.eval_losses.items()},
+            "samples": [_without_server_paths(e) for e in self.samples],
+            "best": best_save([*self.samples, *self.saves,
+                               *({"event": "eval", "step": s, "loss": v} for pts in self.eval_losses.values()
+                                 for s, v in pts)]),
             "total_steps": self.total_steps,
             "points_total": len(self.steps),
         }
@@ -238,10 +250,18 @@ class LossSeriesCache:
 def loss_series(run_dir: str | os.PathLike, max_points: int = 2000,
                 cache: LossSeriesCache | None = None) -> dict[str, Any]:
     """Downsampled loss curve: lists `step`, `loss`, `lr` (<= max_points), `epoch_steps`,
-    `epoch_mean_loss`, `eval` ({eval set: {step, loss}}, every eval point), plus `total_steps`. With a `cache` (the studio keeps one), only bytes added
+    `epoch_mean_loss`, `eval` ({eval set: {step, loss}}, every eval point), `samples` (the `sample`
+    events: label, step, scores, videos as run-relative files), `best` (engine.scoring.best_save),
+    plus `total_steps`. With a `cache` (the studio keeps one), only bytes added
     since the last call are parsed; without one the whole file is read once."""
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2, got {max_points}")
     if cache is None:
         return LossSeries(Path(run_dir), max_points=int(max_points)).update()
     return cache.get(run_dir, max_points)
+
+
+def _without_server_paths(event: dict[str, Any]) -> dict[str, Any]:
+    """Sample videos named relative to their run (samples/<label>/<k>.mp4): users never see server paths."""
+    videos = [{**v, "file": "/".join(Path(v["file"]).parts[-3:])} for v in event.get("videos", [])]
+    return {**event, "videos": videos}

@@ -8,6 +8,7 @@ read and written, for the trainer, the scheduler, the launcher, the API and the 
     save | stop | save_quit    control requests, consumed by the trainer. The studio writes
                            {"id": ..., "time": ...}; an empty file (`touch stop`) counts from its mtime
     epochN/ stepN/         LoRA saves: adapter_model.safetensors (+ adapter_config.json)
+    samples/<label>/       videos drawn with the LoRA at that save (k.mp4 + k.png; label start|epochN|stepN)
     global_stepN/          DeepSpeed checkpoints; complete.json is written last
 
 Stdlib only (the scheduler imports it); reading a save's step imports the LoRA module lazily.
@@ -34,6 +35,7 @@ LORA_FILE = "adapter_model.safetensors"
 COMPLETE_MARKER = "complete.json"
 SAVE_FILE = "save"
 STOP_FILE = "stop"
+SAMPLES_DIR = "samples"
 STOP_FILES = (STOP_FILE, "save_quit")
 FINAL_EVENTS = ("done", "stopped", "error")
 _CHECKPOINT_DIR = re.compile(r"^global_step(\d+)$")
@@ -117,6 +119,9 @@ class RunDir:
             if made is not None and made < older_than:
                 path.unlink(missing_ok=True)
                 logger.info("removed stale control file %s", path)
+
+    def sample_dir(self, label: str) -> Path:
+        return self.path / SAMPLES_DIR / label
 
     # ---- LoRA saves ----------------------------------------------------------------------------
     def lora_dir(self, label: str) -> Path:

@@ -107,3 +107,17 @@ def test_eval_loss_is_a_second_series_per_eval_set(tmp_path: Path) -> None:
     assert loss_series(tmp_path, cache=cache)["eval"] == {"held_out": {"step": [0, 4, 8], "loss": [1.0, 0.2, 1 / 9]}}
     append(path, {"event": "start"}, {"event": "eval", "step": 4, "name": "held_out", "loss": 0.5})  # resumed
     assert loss_series(tmp_path, cache=cache)["eval"]["held_out"] == {"step": [0, 4], "loss": [1.0, 0.5]}
+
+
+def test_sample_events_and_the_best_save_come_with_the_series(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    video = {"prompt": "p", "seed": 0, "file": str(tmp_path / "samples" / "epoch1" / "0.mp4"), "scores": {"all": 1.0}}
+    append(path, *(step(n) for n in range(1, 5)),
+           {"event": "save", "step": 2, "epoch": 1, "label": "epoch1", "path": "/srv/x"},
+           {"event": "sample", "step": 2, "label": "epoch1", "scores": {"all": 1.0}, "videos": [video]},
+           {"event": "save", "step": 4, "epoch": 2, "label": "epoch2", "path": "/srv/y"},
+           {"event": "sample", "step": 4, "label": "epoch2", "scores": {"all": 0.0}, "videos": [video]})
+    series = loss_series(tmp_path)
+    assert [s["label"] for s in series["samples"]] == ["epoch1", "epoch2"]
+    assert series["samples"][0]["videos"][0]["file"] == "samples/epoch1/0.mp4"  # no server path
+    assert series["best"]["label"] == "epoch1" and "highest sample scores" in series["best"]["why"]

@@ -72,6 +72,11 @@ class ModelFamily(abc.ABC):
     def pad_text(self, embeds: list[torch.Tensor]) -> torch.Tensor:
         """Stack unpadded text embeddings into the batch layout the transformer expects."""
 
+    @abc.abstractmethod
+    def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any) -> Any:
+        """A diffusers pipeline over the given (training) transformer and VAE, without a text encoder:
+        samples during training take precomputed `pad_text` embeddings, as inference takes its own."""
+
     def enable_activation_checkpointing(self, transformer: torch.nn.Module) -> None:
         transformer.enable_gradient_checkpointing()
 

@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -129,6 +130,16 @@ class WanFamily(ModelFamily):
         if not names:
             raise ConfigError("adapter.target_modules", f"{suffixes} match no linear layer in the Wan blocks")
         return names
+
+    def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any) -> Any:
+        import diffusers
+
+        config = _read_json(Path(model_dir) / "scheduler" / "scheduler_config.json")
+        scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(str(model_dir), subfolder="scheduler")
+        pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                                     scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def pad_text(self, embeds: list[torch.Tensor]) -> torch.Tensor:
         dim = embeds[0].shape[-1]

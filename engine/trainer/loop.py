@@ -17,6 +17,7 @@ from engine import optimizers
 from engine.trainer import cache as cache_mod
 from engine.trainer.distributed import DistInfo, any_rank, barrier, mean_over_ranks
 from engine.trainer.evaluation import Evaluator
+from engine.trainer.sampling import Sampler
 from engine.trainer.objective import FlowMatchingModule, sample_timesteps
 from engine.trainer.order import (Sample, epoch_microbatches, lr_factor, microbatch_for, microbatch_position,
                                   steps_per_epoch)
@@ -50,6 +51,7 @@ class Trainer:
         self.stop_while_caching = False
         self.last_checkpoint_time = time.monotonic()
         self.last_saved_step = -1
+        self.last_save_label = self.last_sampled_label = ""
         self.evaluator = Evaluator(cfg, [], self.family, dist, events)  # eval sets come with the samples
 
     # -- setup ----------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ class Trainer:
 
     # -- saving -----------------------------------------------------------------------------------
     def save_lora(self, name: str, step: int, epoch: int) -> None:
-        self.last_saved_step = step
+        self.last_saved_step, self.last_save_label = step, name
         if not self.dist.is_main:
             return
         from peft import get_peft_model_state_dict
@@ -155,7 +157,7 @@ class Trainer:
                          target_modules=self.cfg.adapter.target_modules, dtype=_DTYPES[self.cfg.save_dtype],
                          base_model=self.cfg.model.ckpt_path,
                          metadata={"step": str(step), "epoch": str(epoch)})
-        self.events.emit("save", step=step, epoch=epoch, path=str(path))
+        self.events.emit("save", step=step, epoch=epoch, label=name, path=str(path))
 
     def save_checkpoint(self, engine, step: int, epoch: int, elapsed: float) -> None:
         tag = f"global_step{step}"
@@ -207,7 +209,10 @@ class Trainer:
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
 
+        self.sampler = Sampler(cfg, model_dir, self.family, dist, self.events, self.run_dir, self.model_dtype)
+        self.sampler.encode_prompts()  # before the transformer: the text encoder never sits beside it
         module, params = self.build_model(model_dir)
+        self.sampler.attach(self.transformer)
         engine, scheduler = self.build_engine(module, params, total_steps)
         self.evaluator = Evaluator(cfg, eval_sets, self.family, dist, self.events)
 
@@ -229,6 +234,8 @@ class Trainer:
                              run_dir=str(self.run_dir))
         if cfg.eval_before_first_step and start_step == 0:
             self.evaluator.run(engine, 0, 0)
+        if cfg.sample is not None and cfg.sample.at_start and start_step == 0:
+            self.sampler.run(engine, "start", 0, 0)
         return self.train_loop(engine, scheduler, samples, spe, total_steps, start_step, elapsed_before)
 
     def train_loop(self, engine, scheduler, samples: list[Sample], spe: int, total_steps: int,
@@ -284,9 +291,11 @@ class Trainer:
                 if dist.is_main:
                     self.events.emit("stopped", step=step)
                 return 0
+            self._sample_new_save(engine, step, epoch, step % spe == 0)
         if self.last_saved_step != step:
             epoch = (step - 1) // spe + 1
             self.save_lora(f"epoch{epoch}" if step % spe == 0 else f"step{step}", step, epoch)
+            self._sample_new_save(engine, step, epoch, step % spe == 0)
         barrier(dist)
         if dist.is_main:
             self.events.emit("done", step=step)
@@ -308,6 +317,13 @@ class Trainer:
         if (ckpt or stop) and step < total_steps:  # the final step needs no checkpoint
             self.save_checkpoint(engine, step, epoch, elapsed)
         return stop
+
+    def _sample_new_save(self, engine, step: int, epoch: int, at_epoch_end: bool) -> None:
+        """Samples for the save made at this step, if any (a save made earlier has had its turn)."""
+        if self.last_saved_step == step and self.last_save_label != self.last_sampled_label:
+            self.last_sampled_label = self.last_save_label
+            if self.sampler.due(step, epoch, at_epoch_end):
+                self.sampler.run(engine, self.last_save_label, step, epoch)
 
     def _micro_step(self, engine, samples: list[Sample], indices: list[int], step: int,
                     accum: int) -> tuple[float, float | None]:
