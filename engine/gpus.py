@@ -107,3 +107,58 @@ class GpuInventory:
             log.warning("%s", message)
         self.last_error = message
         return []
+
+
+# ---- one device model for scheduler, launcher and inference ------------------------------------
+# Jobs and holds store devices as integers (jobs.gpus_assigned, device_holds.device): a GPU by its
+# nvidia-smi index (>= 0), CPU slot k (1-based) as -k. Only this type reads that encoding.
+@dataclass(frozen=True)
+class Device:
+    """One schedulable place for a process: "GPU i" or "CPU slot k" (a machine without GPUs)."""
+
+    index: int
+
+    @classmethod
+    def gpu(cls, index: int) -> "Device":
+        if index < 0:
+            raise ValueError(f"a GPU index is >= 0, got {index}")
+        return cls(index)
+
+    @classmethod
+    def cpu_slot(cls, slot: int) -> "Device":
+        if slot < 1:
+            raise ValueError(f"CPU slots count from 1, got {slot}")
+        return cls(-slot)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.index < 0
+
+    @property
+    def label(self) -> str:
+        return f"CPU slot {-self.index}" if self.is_cpu else f"GPU {self.index}"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def cpu_pool(slots: int) -> list[int]:
+    """The device numbers of `slots` CPU slots."""
+    return [Device.cpu_slot(k).index for k in range(1, slots + 1)]
+
+
+def on_cpu(devices: list[int] | tuple[int, ...]) -> bool:
+    """Devices (as stored) that are CPU slots; an empty list means no GPU either."""
+    return not devices or any(Device(d).is_cpu for d in devices)
+
+
+def device_labels(devices: list[int] | tuple[int, ...]) -> str:
+    return ", ".join(Device(d).label for d in devices)
+
+
+def process_placement(devices: list[int] | tuple[int, ...]) -> tuple[str, str]:
+    """(torch device, CUDA_VISIBLE_DEVICES) for a single process given these devices: a CPU slot
+    hides every GPU, GPUs are listed by nvidia-smi index (with CUDA_DEVICE_ORDER=PCI_BUS_ID)."""
+    if on_cpu(devices):
+        return "cpu", ""
+    return "cuda", ",".join(str(Device.gpu(d).index) for d in devices)

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import psutil
 
+from engine.gpus import on_cpu, process_placement
 from engine.paths import REPO_ROOT
 from engine.rundir import RunDir
 
@@ -46,9 +47,12 @@ class ProcessIdentity:
 
 def spawn_process(argv: Sequence[str], *, cwd: str | os.PathLike, env: Mapping[str, str],
                   log_path: str | os.PathLike | None, stdin: int | IO[Any] | None = None,
-                  stdout: int | IO[Any] | None = None) -> subprocess.Popen:
+                  stdout: int | IO[Any] | None = None, die_with_parent: bool = False) -> subprocess.Popen:
     """Start `argv` in a new session. Output goes to `log_path` (appended) unless `stdout` is given
-    (e.g. subprocess.PIPE for a worker we talk to); stderr then still goes to the log file."""
+    (e.g. subprocess.PIPE for a worker we talk to); stderr then still goes to the log file.
+    `die_with_parent`: the child gets SIGTERM when this process dies, even by SIGKILL (Linux), for
+    helpers like inference workers that must not outlive the app or CLI that feeds them (trainers
+    must: they survive an app restart)."""
     log_file = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -59,12 +63,42 @@ def spawn_process(argv: Sequence[str], *, cwd: str | os.PathLike, env: Mapping[s
             stdin=stdin if stdin is not None else subprocess.DEVNULL,
             stdout=stdout if stdout is not None else (log_file or subprocess.DEVNULL),
             stderr=log_file if log_file is not None else subprocess.DEVNULL,
+            preexec_fn=_parent_death_signal(os.getpid()) if die_with_parent else None,
         )
     finally:
         if log_file is not None:
             log_file.close()  # the child has its own descriptor
     log.info("spawned pid %d: %s", process.pid, " ".join(map(str, argv))[:500])
     return process
+
+
+def _parent_death_signal(parent_pid: int):
+    """A preexec function asking the kernel for SIGTERM when the parent dies (prctl
+    PR_SET_PDEATHSIG); None where that does not exist. Looked up before the fork: after it only the
+    prctl call and a getppid run (safe in a threaded parent)."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def arm() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before the request took effect
+            os._exit(1)
+
+    return arm
+
+
+def worker_env(devices: Sequence[int], base: Mapping[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """(environment, torch device) of a one-process helper (inference worker) on `devices`."""
+    device, visible = process_placement(tuple(devices))
+    env = gpu_order_env(dict(os.environ if base is None else base))
+    env["CUDA_VISIBLE_DEVICES"] = visible
+    env["PYTHONUNBUFFERED"] = "1"
+    return env, device
 
 
 def process_identity(pid: int | None) -> ProcessIdentity | None:
@@ -299,7 +333,7 @@ class LaunchSpec:
 
     @property
     def on_cpu(self) -> bool:
-        return any(d < 0 for d in self.devices)
+        return on_cpu(self.devices)
 
 
 def deepspeed_executable() -> list[str]:

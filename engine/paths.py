@@ -53,8 +53,13 @@ class DataLayout:
     def workers_dir(self) -> Path:
         return self.home / "workers"
 
+    @property
+    def served_dir(self) -> Path:
+        """Expiring links to files a user may download (studio.files); the only folder Gradio serves."""
+        return self.home / "served"
+
     def ensure(self) -> "DataLayout":
         for folder in (self.logs_dir, self.runs_dir, self.gallery_dir, self.latent_cache_dir,
-                       self.datasets_dir, self.uploads_dir, self.exports_dir, self.workers_dir):
+                       self.datasets_dir, self.uploads_dir, self.exports_dir, self.workers_dir, self.served_dir):
             folder.mkdir(parents=True, exist_ok=True)
         return self

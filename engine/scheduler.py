@@ -26,7 +26,7 @@ from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, build_e
                              job_processes, pick_master_port, process_identity, spawn_process,
                              train_log_path)
 from engine.paths import REPO_ROOT, DataLayout
-from engine.placement import QueueWait, choose_devices, explain_queue, reserved_for_head
+from engine.placement import Blocker, QueueWait, choose_devices, explain_queue, occupants, reserved_for_head
 from engine.rundir import RunDir
 from engine.store.db import Database
 from engine.store.jobs import JobEvent, JobStore
@@ -306,6 +306,12 @@ class Scheduler:
         queued = self.queue()
         holds = [(h.device, h.holder, h.pid) for h in self.store.holds()]
         return {w.job_id: w for w in explain_queue(queued, self._device_pool(), self.store.active(), holds)}
+
+    def device_blockers(self) -> list[Blocker]:
+        """What occupies each busy device (a waiting generation shows it)."""
+        queued = self.store.queued()
+        holds = [(h.device, h.holder, h.pid) for h in self.store.holds()]
+        return occupants(self._device_pool(), self.store.active(), holds, queued, self.reserved_for_queue())
 
     def reserved_for_queue(self) -> set[int]:
         """Devices the first queued job will start on once inference workers give them back: an

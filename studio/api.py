@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConfig
 from engine.dataset import plan_dataset, require_trainable
-from engine.jobs import Job, JobError, parse_job_id
+from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus, parse_job_id
 from engine.numbers import named_whole_number, whole_number
 from engine.rundir import RunDir, read_log_tail
 from studio.auth import AccessDenied, User
@@ -57,6 +57,33 @@ def job_summary(job: Job) -> dict[str, Any]:
     }
 
 
+# The states in which each control makes sense (item f of issue 16); elsewhere it is refused by name.
+CONTROL_STATES: dict[str, frozenset[JobStatus]] = {
+    "stop": frozenset({JobStatus.QUEUED, *ACTIVE_STATUSES}),
+    "cancel": frozenset({JobStatus.QUEUED}),
+    "save": frozenset({JobStatus.STARTING, JobStatus.RUNNING}),
+    "resume": RESUMABLE_STATUSES,
+}
+
+
+def allowed_actions(job: Job) -> list[str]:
+    """The controls that apply to the job now (the UI greys out the others)."""
+    return [action for action, states in CONTROL_STATES.items() if job.status in states]
+
+
+def control_refusal(job: Job, action: str) -> str | None:
+    """Why `action` does not apply to the job now, in words; None when it does."""
+    if action not in CONTROL_STATES:
+        return f"unknown job action {action!r}"
+    if job.status in CONTROL_STATES[action]:
+        return None
+    if job.status.is_terminal:
+        hint = "; resume it to go on" if action in ("stop", "save") and job.status in RESUMABLE_STATUSES else ""
+        return f"job {job.id} already {job.status.value}{hint}"
+    hints = {"cancel": "; use stop", "save": "; only a running job can save", "resume": "; stop it first"}
+    return f"job {job.id} is {job.status.value}{hints.get(action, '')}"
+
+
 def run_loras(run_dir: str | Path | None) -> list[tuple[str, Path]]:
     """Saved LoRAs of a run as (label, file), oldest first by the step each was saved at."""
     return [(save.label, save.file) for save in RunDir(run_dir).loras()] if run_dir else []
@@ -86,6 +113,32 @@ class StudioApi:
     def _owner_filter(self, user: User, all_users: bool = True) -> str | None:
         return None if user.is_admin and all_users else user.name
 
+    def file_link(self, path: str | Path) -> str:
+        """What a tab hands Gradio for a run or gallery file whose owner it has checked: an
+        expiring link (studio.files); those trees themselves are never served."""
+        return self.ctx.file_link(path)
+
+    def redact(self, text: str | None) -> str | None:
+        """A message for users without the data directory's location in it."""
+        return self.ctx.redact(text)
+
+    # ---- dataset folders -------------------------------------------------------------------------
+    def dataset_roots(self, user: User) -> tuple[Path, ...]:
+        """Where this user's datasets may come from: the shared roots and their own uploads (an
+        admin: everyone's uploads)."""
+        uploads = self.ctx.layout.uploads_dir if user.is_admin else self.user_uploads(user)
+        return (*self.ctx.settings.shared_dataset_roots, uploads.resolve())
+
+    def writable_dataset_roots(self, user: User) -> tuple[Path, ...]:
+        """Where this user may change files (captions): their uploads; an admin anywhere readable."""
+        return self.dataset_roots(user) if user.is_admin else (self.user_uploads(user).resolve(),)
+
+    def dataset_folders(self, user: User) -> list[str]:
+        """The folder picker's choices: folders with media under this user's roots."""
+        from studio.datasets import list_dataset_folders
+
+        return list_dataset_folders(self.dataset_roots(user))
+
     # ---- jobs ----------------------------------------------------------------------------------
     def own_job(self, user: User, job_id: int | str) -> Job:
         number = parse_job_id(job_id)  # "1.5" is refused, never read as job 1
@@ -100,7 +153,7 @@ class StudioApi:
         """Parse + validate a training TOML and pin what a user may not choose: where files go."""
         cfg = TrainConfig.from_toml_string(config_toml or "")
         cfg = cfg.with_value("output_dir", str(self.ctx.layout.runs_dir)).with_value("cache_dir", None)
-        roots = self.ctx.settings.dataset_roots
+        roots = self.dataset_roots(user)
         if not cfg.dataset.directory:
             raise ConfigError("dataset.directory", "choose a dataset folder")
         tables = [("dataset", cfg.dataset)] + [(f"eval_datasets[{k}].dataset", e.dataset)
@@ -140,7 +193,7 @@ class StudioApi:
         if config_toml.strip():
             cfg = self.prepare_config(user, config_toml)
             return check(cfg.dataset, cfg.micro_batch_size_per_gpu, cfg.gradient_accumulation_steps)
-        dataset = DatasetConfig(directory=[DirectoryConfig(path=str(confine(folder, self.ctx.settings.dataset_roots)))])
+        dataset = DatasetConfig(directory=[DirectoryConfig(path=str(confine(folder, self.dataset_roots(user))))])
         buckets = [int(b) for b in str(frame_buckets or "").replace(" ", "").split(",") if b]
         if buckets:
             dataset.frame_buckets = buckets
@@ -151,11 +204,24 @@ class StudioApi:
         jobs = self.ctx.scheduler.list_jobs(owner=self._owner_filter(user), statuses=statuses or None,
                                             limit=min(named_whole_number("limit", limit, 1), 500),
                                             offset=named_whole_number("offset", offset, 0))
-        return [job_summary(j) for j in jobs]
+        waits = self.ctx.scheduler.queue_waits() if any(j.status == JobStatus.QUEUED for j in jobs) else {}
+        return [self._summary(user, j, waits) for j in jobs]
+
+    def _summary(self, user: User, job: Job, waits: dict[int, Any] | None = None) -> dict[str, Any]:
+        """job_summary + why it waits (queued), the controls that apply, messages without server paths."""
+        data = job_summary(job)
+        data["failure_reason"], data["failure_hint"] = self.redact(job.failure_reason), self.redact(job.failure_hint)
+        data["actions"] = allowed_actions(job)
+        data["queue_position"] = data["waiting_for"] = None
+        if job.status == JobStatus.QUEUED:
+            wait = (self.ctx.scheduler.queue_waits() if waits is None else waits).get(job.id)
+            if wait is not None:
+                data["queue_position"], data["waiting_for"] = wait.position, wait.describe(user.can_access)
+        return data
 
     def job_status(self, user: User, job_id: int | str) -> dict[str, Any]:
         job = self.own_job(user, job_id)
-        return {**job_summary(job), "loras": [label for label, _ in run_loras(job.run_dir)],
+        return {**self._summary(user, job), "loras": [label for label, _ in run_loras(job.run_dir)],
                 "log_tail": job.log_tail or ""}
 
     def job_log(self, user: User, job_id: int | str) -> str:
@@ -191,6 +257,9 @@ class StudioApi:
 
     def control_job(self, user: User, job_id: int | str, action: str) -> dict[str, Any]:
         job = self.own_job(user, job_id)
+        refusal = control_refusal(job, action)
+        if refusal is not None:  # e.g. Stop on a succeeded run: "job 1 already succeeded", not "stop requested"
+            raise JobError(refusal)
         scheduler = self.ctx.scheduler
         if action == "stop":
             scheduler.stop(job.id)
@@ -203,7 +272,7 @@ class StudioApi:
         else:
             raise ValueError(f"unknown job action {action!r}")
         log.info("user %s: %s job %s", user.name, action, job.id)
-        return job_summary(scheduler.get(job.id))
+        return self._summary(user, scheduler.get(job.id))
 
     # ---- LoRAs ---------------------------------------------------------------------------------
     def user_uploads(self, user: User) -> Path:
@@ -277,22 +346,29 @@ class StudioApi:
             values["seed"] = None
         req = InferRequest.from_dict({**values, "loras": specs}).validate()
         request_id = self.ctx.inference.submit(req, owner=user.name)
-        self.ctx.request_owners[request_id] = user.name
         log.info("user %s submitted generation %s", user.name, request_id)
         return {"request_id": request_id}
 
     def _own_request(self, user: User, request_id: str) -> dict[str, Any]:
         try:
-            status = dict(self.ctx.inference.status(request_id))
+            status = dict(self.ctx.inference.status(str(request_id)))
         except (KeyError, ValueError):
             raise AccessDenied(f"generation {request_id} not found") from None
-        owner = status.get("owner") or self.ctx.request_owners.get(request_id)
-        self.ctx.accounts.check_owner(user, owner, f"generation {request_id}")
+        # the owner is part of the durable record: the check holds after a restart too
+        self.ctx.accounts.check_owner(user, status.get("owner"), f"generation {request_id}")
         return status
 
+    def _generation_view(self, status: dict[str, Any]) -> dict[str, Any]:
+        return _without_paths({**status, "error": self.redact(status.get("error"))})
+
     def generation_status(self, user: User, request_id: str) -> dict[str, Any]:
-        status = self._own_request(user, request_id)
-        return _without_paths(status)
+        return self._generation_view(self._own_request(user, request_id))
+
+    def list_generations(self, user: User, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Generation requests visible to the user (all of them for an admin), newest first."""
+        found = self.ctx.inference.list(owner=self._owner_filter(user), limit=min(named_whole_number("limit", limit, 1), 500),
+                                        offset=named_whole_number("offset", offset, 0))
+        return [self._generation_view(status) for status in found]
 
     def cancel_generation(self, user: User, request_id: str) -> dict[str, Any]:
         self._own_request(user, request_id)
@@ -344,10 +420,13 @@ class StudioApi:
     def gpu_status(self, user: User) -> dict[str, Any]:
         """The machine status with other users' jobs shown only as 'in use' (admins see them)."""
         status = self.ctx.machine_status()
+
+        def shown(job: str, owner: str | None) -> str:  # owner None: an inference worker, nobody's job
+            return job if owner is None or user.can_access(owner) else "in use (another user)"
+
         for gpu in status["gpus"]:
-            if gpu["job"] and not user.can_access(gpu["job_owner"]):
-                gpu["job"] = "in use (another user)"
+            if gpu["job"]:
+                gpu["job"] = shown(gpu["job"], gpu["job_owner"])
             gpu.pop("job_owner", None)
-        status["cpu_jobs"] = [h["job"] if user.can_access(h["owner"]) else "in use (another user)"
-                              for h in status["cpu_jobs"]]
+        status["cpu_jobs"] = [f"{h['slot']}: {shown(h['job'], h['owner'])}" for h in status["cpu_jobs"]]
         return status

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -20,7 +21,9 @@ from engine.inference.speed import flash_attention_3_installed
 from engine.metrics import LossSeriesCache
 from engine.paths import DataLayout
 from engine.store import Database
+from engine.gpus import Device
 from studio.auth import Accounts, UsersFile
+from studio.files import FileLinks, redact_home
 from studio.settings import StudioSettings
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,7 @@ class StudioContext:
     gpu_history: GpuHistory = field(default_factory=GpuHistory)
     # parsed loss curves of recently viewed runs: each poll parses only new metrics lines
     loss_cache: LossSeriesCache = field(default_factory=LossSeriesCache)
-    # request id -> owner, for services whose status does not carry the owner
-    request_owners: dict[str, str] = field(default_factory=dict)
+    files: FileLinks | None = None  # expiring download links (set in create)
 
     @classmethod
     def create(cls, settings: StudioSettings, *, start: bool = True) -> "StudioContext":
@@ -81,7 +83,7 @@ class StudioContext:
         users = UsersFile(settings.auth_file) if settings.auth_file else None
         ctx = cls(settings=settings, layout=services.layout, db=services.db, accounts=Accounts(users),
                   gpus=services.gpus, scheduler=services.scheduler, gallery=services.gallery,
-                  inference=services.inference())
+                  inference=services.inference(), files=FileLinks(services.layout.served_dir))
         if start:
             ctx.scheduler.start()
         return ctx
@@ -94,6 +96,14 @@ class StudioContext:
                 log.exception("stopping the %s failed", name)
         self.db.close()
 
+    def redact(self, text: str | None) -> str | None:
+        """A message for users: the data directory's location is not theirs to see."""
+        return redact_home(text, self.layout.home)
+
+    def file_link(self, path: str | Path) -> str:
+        """An expiring link to a file whose owner the caller has checked."""
+        return (self.files or FileLinks(self.layout.served_dir)).link(path)
+
     # ---- cheap reads for the GPUs tab ----------------------------------------------------------
     def machine_status(self) -> dict[str, Any]:
         """GPUs with the job on each, host RAM and free disk of the data directory."""
@@ -103,6 +113,8 @@ class StudioContext:
         for job in self.scheduler.list_jobs(statuses=["starting", "running", "stopping"], limit=200):
             for index in job.gpus_assigned:
                 holders[index] = {"job": f"#{job.id} {job.name} ({job.owner})", "owner": job.owner}
+        for hold in self.scheduler.store.holds():  # inference workers: the service's own account
+            holders.setdefault(hold.device, {"job": f"inference worker (pid {hold.pid})", "owner": None})
         memory = psutil.virtual_memory()
         disk = shutil.disk_usage(self.layout.home)
         return {
@@ -112,7 +124,8 @@ class StudioContext:
                 "utilization_pct": g.utilization_pct, "temperature_c": g.temperature_c, "power_w": g.power_w,
                 "job": holders.get(g.index, {}).get("job", ""), "job_owner": holders.get(g.index, {}).get("owner"),
             } for g in gpus],
-            "cpu_jobs": [holder for index, holder in sorted(holders.items()) if index < 0],
+            "cpu_jobs": [{**holder, "slot": Device(index).label} for index, holder in sorted(holders.items())
+                         if Device(index).is_cpu],
             "host_ram_total_gib": memory.total / 2**30,
             "host_ram_used_gib": (memory.total - memory.available) / 2**30,
             "disk_free_gib": disk.free / 2**30,

@@ -48,8 +48,9 @@ def confine(path: str | Path, roots: tuple[Path, ...]) -> Path:
             if not resolved.is_dir():
                 raise DatasetError(f"{text}: not an existing folder")
             return resolved
-    allowed = ", ".join(str(r) for r in roots) or "(none)"
-    raise DatasetError(f"{text}: outside the allowed dataset folders ({allowed})")
+    # The roots are not named: they include the data directory, which users are not shown.
+    raise DatasetError(f"{text}: outside the allowed dataset folders (your uploads, the studio's datasets "
+                       "and the shared folders set by --allowed-roots)")
 
 
 def list_dataset_folders(roots: tuple[Path, ...], max_depth: int = 2, limit: int = 200) -> list[str]:

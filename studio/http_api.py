@@ -22,7 +22,7 @@ def _wrap(api: StudioApi, method: Callable[..., Any]) -> Callable[..., Any]:
             user = api.user(getattr(request, "username", None))
             return method(user, *args, **kwargs)
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(api.redact(str(exc)), print_exception=False) from None
 
     return endpoint
 
@@ -81,8 +81,14 @@ def register_api(api: StudioApi) -> None:
         return _wrap(api, api.generate)(values, request=request)
 
     def generation_status(request_id: str, request: gr.Request = None) -> dict:
-        """State (queued, running, succeeded, failed, cancelled), step, ETA, error and gallery_ids."""
+        """State (queued, waiting, loading, running, succeeded, failed, cancelled, lost), step, ETA, error,
+        gallery_ids and, while waiting, waiting_for (which job or worker holds the devices)."""
         return _wrap(api, api.generation_status)(request_id, request=request)
+
+    def list_generations(limit: int = 50, offset: int = 0, request: gr.Request = None) -> list[dict]:
+        """Generation requests visible to the caller, newest first, with owner, state and error;
+        they survive a restart (state "lost" when the studio stopped while one ran)."""
+        return _wrap(api, api.list_generations)(limit, offset, request=request)
 
     def cancel_generation(request_id: str, request: gr.Request = None) -> dict:
         """Cancel a generation at its next denoising step."""
@@ -126,6 +132,7 @@ def register_api(api: StudioApi) -> None:
     call("generate", generate)
     call("generation_status", generation_status)
     call("cancel_generation", cancel_generation)
+    call("list_generations", list_generations)
     call("gallery_list", gallery_list)
     call("gallery_item", gallery_item)
     call("gallery_favorite", gallery_favorite)
@@ -135,14 +142,15 @@ def register_api(api: StudioApi) -> None:
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """In UI handlers: show a user error as a Gradio error message instead of a stack trace."""
+def user_errors(api: StudioApi | None = None) -> Iterator[None]:
+    """In UI handlers: show a user error as a Gradio error message instead of a stack trace (with
+    `api`: without the data directory's location)."""
     try:
         yield
     except USER_ERRORS as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise gr.Error(api.redact(str(exc)) if api is not None else str(exc), print_exception=False) from None
 
 
 def request_user(api: StudioApi, request: gr.Request | None) -> User:
-    with user_errors():
+    with user_errors(api):
         return api.user(getattr(request, "username", None))

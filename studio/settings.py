@@ -63,10 +63,11 @@ class StudioSettings(BaseModel):
     deepspeed_include: Annotated[str | None, BlankIsUnset] = None
 
     @property
-    def dataset_roots(self) -> tuple[Path, ...]:
-        """Folders a dataset may come from: the configured roots plus the studio's own."""
-        own = (self.home / "datasets", self.home / "uploads")
-        return tuple(dict.fromkeys([*(p.resolve() for p in self.allowed_roots), *(p.resolve() for p in own)]))
+    def shared_dataset_roots(self) -> tuple[Path, ...]:
+        """Dataset folders every user may read: the configured roots plus the studio's `datasets/`
+        (the demo dataset). Uploads are per user (`studio.api.StudioApi.dataset_roots`)."""
+        own = self.home / "datasets"
+        return tuple(dict.fromkeys([*(p.resolve() for p in self.allowed_roots), own.resolve()]))
 
     def inference_speed(self) -> InferenceSpeed:
         return InferenceSpeed(compile_blocks=self.infer_compile_blocks, step_cache=self.infer_step_cache,
@@ -182,7 +183,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", help="port to listen on (default 7860)")
     parser.add_argument("--auth-file", dest="auth_file", help="users TOML with scrypt hashes")
     parser.add_argument("--allowed-roots", dest="allowed_roots",
-                        help=f"folders datasets may come from, separated by '{os.pathsep}'")
+                        help=f"shared dataset folders every user may read, separated by '{os.pathsep}'")
     parser.add_argument("--cpu-slots", dest="cpu_slots", help="parallel CPU jobs on a machine without GPUs")
     parser.add_argument("--share", action="store_true", default=None, help="public link (needs --auth-file)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")

@@ -57,8 +57,9 @@ def launch_kwargs(ctx: StudioContext) -> dict[str, Any]:
         "show_error": True,
         "theme": THEME,
         "css_paths": [CSS_FILE],
-        # Only the media the app shows: finished videos and saved LoRAs (never the db or users file).
-        "allowed_paths": [str(layout.gallery_dir), str(layout.runs_dir)],
+        # Only expiring links that handlers hand out after checking the owner (studio.files): never
+        # the runs or gallery trees, whose folder names can be guessed.
+        "allowed_paths": [str(layout.served_dir)],
         "blocked_paths": [str(layout.db_path), str(layout.logs_dir)],
         "footer_links": ["api"],
     }

@@ -67,7 +67,7 @@ def gallery_page(api: StudioApi, user: User, query: str, model: str, lora: str, 
         record = api.own_item(user, item["id"])
         # Posters keep the grid light; the selected video plays in the detail panel.
         shown = record.poster_path if record.poster_path.is_file() else record.video_path
-        media.append((str(shown), _caption(item)))
+        media.append((api.file_link(shown), _caption(item)))
     signature = json.dumps([[i["id"], i.get("favorite")] for i in items]) + f"{page}/{pages}"
     return GalleryPage(media, [i["id"] for i in items], f"page {page} of {pages} · {result['total']} videos",
                        signature)
@@ -77,7 +77,7 @@ def item_view(api: StudioApi, user: User, item_id: str) -> tuple[str, str, str]:
     """(video file, details table, favorite button label) of one item."""
     item = api.gallery_item(user, item_id)
     record = api.own_item(user, item_id)
-    return str(record.video_path), _details(item), "★ Unfavorite" if item["favorite"] else "☆ Favorite"
+    return api.file_link(record.video_path), _details(item), "★ Unfavorite" if item["favorite"] else "☆ Favorite"
 
 
 def _selected(item_id: str | None) -> str:
@@ -146,7 +146,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
 
     def load(q: str, m: str, l: str, fav: bool, only_mine: bool, pg: int, last_sig: str, request: gr.Request):
         user = request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             found = gallery_page(api, user, q, m, l, fav, only_mine, pg)
         if found.signature == last_sig:
             return gr.skip(), gr.skip(), gr.skip(), last_sig
@@ -169,7 +169,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
         user = request_user(api, request)
         if not item_id:
             return None, "", gr.update(value="☆ Favorite"), None
-        with user_errors():
+        with user_errors(api):
             video_file, table, star = item_view(api, user, item_id)
         return video_file, table, gr.update(value=star), video_file
 
@@ -185,7 +185,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
 
     def on_favorite(item_id: str | None, request: gr.Request):
         user = request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             toggle_favorite(api, user, item_id)
         return ""
 
@@ -194,7 +194,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
 
     def on_delete(item_id: str | None, request: gr.Request):
         user = request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             note_html = delete_item(api, user, item_id)
         return None, None, "", None, note_html
 
@@ -207,7 +207,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
 
     def on_reuse(item_id: str | None, request: gr.Request):
         user = request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             values, loras, missing = reuse_values(api, user, item_id, list(infer_params))
         filled = LoraStack.fill(loras)
         n = len(stack.refs)

@@ -7,13 +7,14 @@ from typing import Any
 import gradio as gr
 
 from engine.inference.request import LIMITS, request_defaults
+from engine.inference.tracking import TERMINAL_STATES
 from studio.api import StudioApi
 from studio.auth import AccessDenied, User
 from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
 from studio.widgets import LoraStack, message, progress_bar
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = TERMINAL_STATES  # "lost" included: a request the studio lost ends the polling too
 DEMO = request_defaults("demo")  # the form starts on the demo model
 
 
@@ -50,6 +51,8 @@ def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationVi
     text = f"{state} · step {status.get('step', 0)}/{total}" if total else state
     if status.get("eta_s") and state == "running":
         text += f" · ETA {status['eta_s']:.0f}s"
+    if status.get("waiting_for"):  # never "queued" without a reason
+        text += f" · {status['waiting_for']}"
     if state not in TERMINAL:
         return GenerationView(progress_bar(status.get("step", 0) / total if total else None, text), final=False)
     if state != "succeeded":
@@ -58,7 +61,7 @@ def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationVi
                               error=message(error, "error"))
     item_id = status["gallery_ids"][0]
     item = api.own_item(user, item_id)
-    return GenerationView(progress_bar(1.0, f"done · seed {item.seed}"), final=True, video=str(item.video_path),
+    return GenerationView(progress_bar(1.0, f"done · seed {item.seed}"), final=True, video=api.file_link(item.video_path),
                           link=f"<span class='gallery-link'>Gallery entry {item_id} (seed {item.seed})</span>",
                           timings=status.get("timings"), item_id=item_id)
 
@@ -152,7 +155,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         user = request_user(api, request)
         if not file:
             return gr.skip()
-        with user_errors():
+        with user_errors(api):
             loras = stack_with_upload(api, user, file, LoraStack.read(count, list(values)))
         filled = LoraStack.fill(loras)
         n = len(stack.refs)
@@ -167,7 +170,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         lora_values = [values[c] for c in (*stack.refs, *stack.weights)]
         req = form_request({name: values[c] for c, name in by_component.items()})
         req["loras"] = LoraStack.read(values[stack.visible], lora_values)
-        with user_errors():
+        with user_errors(api):
             rid = api.generate(user, req)["request_id"]
         return rid, progress_bar(0.0, "queued"), "", message(f"request {rid} queued", "ok"), gr.update(visible=False)
 
@@ -176,7 +179,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
 
     def stop(rid: str | None, request: gr.Request):
         user = request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             return cancel_generation(api, user, rid)
 
     cancel.click(stop, request_id, request_msg, api_visibility="private")

@@ -90,10 +90,10 @@ class DatasetCheck:
     rows: list[list[Any]]
 
 
-def check_dataset(api: StudioApi, folder_text: str, buckets_text: str) -> DatasetCheck:
+def check_dataset(api: StudioApi, user: User, folder_text: str, buckets_text: str) -> DatasetCheck:
     """The preview the trainer follows (engine.dataset): each file's bucket or why it is skipped."""
     ctx = api.ctx
-    path = ds.confine(folder_text, ctx.settings.dataset_roots)
+    path = ds.confine(folder_text, api.dataset_roots(user))
     dataset = DatasetConfig(directory=[DirectoryConfig(path=str(path))])
     buckets = [int(b) for b in str(buckets_text).replace(" ", "").split(",") if b]
     if buckets:
@@ -110,13 +110,13 @@ def check_dataset(api: StudioApi, folder_text: str, buckets_text: str) -> Datase
     rows = [[f["file"], f["kind"], f["frames"] if f["frames"] is not None else "?", f["size"],
              f"skipped: {f['skipped']}" if f["skipped"] else ", ".join(f["buckets"]), f["caption"]]
             for f in found["files"]]
-    shots = [(str(t), f["file"]) for f in found["files"][:64]
+    shots = [(api.file_link(t), f["file"]) for f in found["files"][:64]
              if (t := ds.thumbnail(path / f["file"], ctx.layout.cache_dir / "thumbs")) is not None]
     return DatasetCheck(note, shots, rows)
 
 
-def write_captions(api: StudioApi, folder_text: str, table: Any) -> str:
-    path = ds.confine(folder_text, api.ctx.settings.dataset_roots)
+def write_captions(api: StudioApi, user: User, folder_text: str, table: Any) -> str:
+    path = ds.confine(folder_text, api.writable_dataset_roots(user))  # shared roots are read-only
     rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
     for row in rows:
         ds.save_caption(path, str(row[0]), str(row[-1] or ""))
@@ -169,7 +169,7 @@ def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_file
     sig = f"{job_id}:{len(series['step'])}:{series['step'][-1] if series['step'] else ''}:{job['status']}"
     saves = api.job_lora_files(user, job_id)
     fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
-    files = [str(api.lora_download(user, job_id, label)) for label, _ in saves] if fsig != last_files else None
+    files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in saves] if fsig != last_files else None
     return JobPanel(header, bar, series if sig != last_plot else None, api.job_log(user, job_id)[-6000:],
                     files, sig, fsig)
 
@@ -193,7 +193,7 @@ def gpu_choices(api: StudioApi, user: User) -> tuple[list[tuple[str, str]], str]
 
 
 def build(ctx: StudioContext, api: StudioApi) -> None:
-    roots = ctx.settings.dataset_roots
+    roots = ctx.settings.shared_dataset_roots  # the page as built: no user's uploads (filled per user on focus)
     try:
         start_cfg = load_preset(DEMO_PRESET, ctx.layout.runs_dir, ctx.layout.home)
     except ConfigError:
@@ -279,7 +279,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
 
     def on_preset(name: str, request: gr.Request):
         request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             return train_form.updates(preset_config(api, name))
 
     preset.input(on_preset, preset, list(form_inputs), api_visibility="private")
@@ -288,7 +288,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         request_user(api, request)
         if not file:
             return gr.skip()
-        with user_errors():
+        with user_errors(api):
             return train_form.updates(TrainConfig.from_toml_file(file))
 
     load_toml.upload(on_toml_file, load_toml, list(form_inputs), api_visibility="private")
@@ -301,9 +301,9 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
 
     # ---------------------------------------------------------------- dataset
     def on_check(folder_text: str, buckets_text: str, request: gr.Request):
-        request_user(api, request)
-        with user_errors():
-            found = check_dataset(api, folder_text, buckets_text)
+        user = request_user(api, request)
+        with user_errors(api):
+            found = check_dataset(api, user, folder_text, buckets_text)
         return (found.note, gr.update(value=found.thumbnails, visible=bool(found.thumbnails)),
                 gr.update(value=found.rows, visible=bool(found.rows)), gr.update(visible=bool(found.rows)))
 
@@ -313,17 +313,22 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     folder.input(on_check, [folder, buckets_box], check_outputs, api_visibility="private")
 
     def on_save_captions(folder_text: str, table: Any, request: gr.Request):
-        request_user(api, request)
-        with user_errors():
-            return write_captions(api, folder_text, table)
+        user = request_user(api, request)
+        with user_errors(api):
+            return write_captions(api, user, folder_text, table)
 
     save_captions.click(on_save_captions, [folder, files], check_msg, api_visibility="private")
 
     def on_import(paths: list[str] | None, name: str, request: gr.Request):
         user = request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             dest, note = import_dataset(api, user, paths, name)
-        return gr.update(choices=ds.list_dataset_folders(roots), value=str(dest)), note
+        return gr.update(choices=api.dataset_folders(user), value=str(dest)), note
+
+    def on_folder_focus(current: str | None, request: gr.Request):
+        return gr.update(choices=api.dataset_folders(request_user(api, request)), value=current)
+
+    folder.focus(on_folder_focus, folder, folder, queue=False, api_visibility="private")
 
     upload_btn.click(on_import, [uploads, upload_name], [folder, check_msg], api_visibility="private").then(
         on_check, [folder, buckets_box], check_outputs, api_visibility="private")
@@ -331,7 +336,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     # ---------------------------------------------------------------- start
     def on_start(values: dict, request: gr.Request):
         user = request_user(api, request)
-        with user_errors():
+        with user_errors(api):
             job = start_run(api, user, train_form.config(values), values.get(gpu_pick), values.get(num_gpus),
                             values.get(run_name))
         warned = "".join(f"<li>{html.escape(w)}</li>" for w in job.get("config_warnings", []))
@@ -376,7 +381,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     for button, action in ((stop_btn, "stop"), (save_btn, "save"), (resume_btn, "resume"), (cancel_btn, "cancel")):
         def on_control(job_id: int | None, request: gr.Request, action: str = action):
             user = request_user(api, request)
-            with user_errors():
+            with user_errors(api):
                 return control_job(api, user, job_id, action)
 
         button.click(on_control, job_pick, job_msg, api_visibility="private")

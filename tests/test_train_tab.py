@@ -15,7 +15,7 @@ from studio.widgets import ConfigForm
 from tabs import train
 from tests.ui_support import write_dataset
 
-ALICE, BOB = User("alice"), User("bob")
+ALICE, BOB, ROOT = User("alice"), User("bob"), User("root", is_admin=True)
 
 
 @pytest.fixture
@@ -41,12 +41,14 @@ def test_form_renders_the_config_and_names_a_bad_value(api: StudioApi, form: tra
 def test_check_dataset_lists_files_and_problems(api: StudioApi) -> None:
     dataset = write_dataset(api.ctx.layout.home, count=3)
     (dataset / "orphan.txt").write_text("a caption without a video")
-    found = train.check_dataset(api, str(dataset), "1, 17")
+    found = train.check_dataset(api, ALICE, str(dataset), "1, 17")
     assert "files in shapes" in found.note and len(found.rows) >= 3
     assert {row[1] for row in found.rows} >= {"video"}
     with pytest.raises(Exception, match="outside|allowed"):
-        train.check_dataset(api, "/etc", "17")
-    assert "saved 3 captions" in train.write_captions(api, str(dataset), [[r[0], "new caption"] for r in found.rows[:3]])
+        train.check_dataset(api, ALICE, "/etc", "17")
+    with pytest.raises(Exception, match="outside"):  # the studio's shared datasets are read-only to users
+        train.write_captions(api, ALICE, str(dataset), [[found.rows[0][0], "new caption"]])
+    assert "saved 3 captions" in train.write_captions(api, ROOT, str(dataset), [[r[0], "new caption"] for r in found.rows[:3]])
 
 
 def test_start_list_panel_and_control_a_run(api: StudioApi, form: train.TrainForm) -> None:
@@ -132,7 +134,7 @@ def test_start_refuses_a_dataset_with_nothing_trainable_before_queueing(api: Stu
     with pytest.raises(DatasetError, match="no trainable item, 1 media files .*5 frames, shorter than every video"):
         train.start_run(api, ALICE, cfg, [], 1, "short")
     assert api.list_jobs(ALICE) == []
-    found = train.check_dataset(api, str(folder), "1, 17")
+    found = train.check_dataset(api, ALICE, str(folder), "1, 17")
     assert "nothing trainable: Start will refuse" in found.note and found.rows[0][4].startswith("skipped: 5 frames")
     preview = api.check_dataset(ALICE, config_toml=cfg.to_toml())  # the /check_dataset endpoint's action
     assert preview["trainable"] is False and preview["files"][0]["skipped"].startswith("5 frames")

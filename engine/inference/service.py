@@ -4,14 +4,21 @@ One worker slot per device the scheduler can hand out (`max_workers`). A slot ho
 the scheduler (`acquire_devices(holder, 1)`; `[-1]` = a CPU slot) only while its worker runs, so a
 generation never lands on a GPU a training job holds. The worker process stays up while
 requests keep coming and keeps its pipeline warm; after `idle_timeout_s` without work the slot stops
-it and gives the devices back. Request states: queued, waiting (for a device), loading, running,
-succeeded, failed, cancelled. Finished videos become gallery items.
+it and gives the devices back, and an idle worker gives them back at once when the head of the
+training queue needs them. Request states: queued, waiting (for a device), loading, running,
+succeeded, failed, cancelled, lost. Finished videos become gallery items before the request reads as
+succeeded.
+
+Requests are durable (engine.store.requests): each change is written to SQLite, so a status call
+after a restart answers. A new service adopts the queued requests of a service process that is
+gone and marks the ones that process was running as lost.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -26,10 +33,12 @@ from engine.gallery import Gallery
 from engine.inference.request import SPATIAL_MULTIPLE, TEMPORAL_STRIDE, InferRequest, resolve_lora_path
 from engine.inference.slots import Slot
 from engine.inference.speed import InferenceSpeed
-from engine.inference.tracking import TERMINAL_STATES, DeviceScheduler, RequestState, Tracked
+from engine.inference.tracking import DURABLE_FIELDS, TERMINAL_STATES, DeviceScheduler, RequestState, Tracked
+from engine.launcher import is_same_process, process_identity
 from engine.models import ModelNotFoundError, resolve_model
 from engine.paths import DataLayout
 from engine.store.db import Database
+from engine.store.requests import RequestStore
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,10 @@ class InferenceService:
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
+        self.requests = RequestStore(store)
+        identity = process_identity(os.getpid())
+        self._identity = (os.getpid(), identity.start_time if identity else None)
+        self._recover()
         if max_workers is None:  # one worker per device the scheduler can hand out; idle slots hold nothing
             max_workers = _device_count(scheduler)
         self._slots = [Slot(self, f"infer-{uuid.uuid4().hex[:6]}-{n}") for n in range(max(1, max_workers))]
@@ -82,6 +95,7 @@ class InferenceService:
             req = req.model_copy(update={"flow_shift": _model_flow_shift(Path(model_path))})
         tracked = Tracked(id=uuid.uuid4().hex[:12], owner=owner, request=req, model_path=str(model_path),
                            lora_files=lora_files, total_steps=req.steps * req.num_videos)
+        self.requests.insert(**tracked.row(), service_pid=self._identity[0], service_start_time=self._identity[1])
         with self._lock:
             self._requests[tracked.id] = tracked
             self._order.append(tracked.id)
@@ -91,17 +105,26 @@ class InferenceService:
         return tracked.id
 
     def status(self, request_id: str) -> dict[str, Any]:
+        """Live progress of a request this process runs, else its record (any process, any time)."""
         with self._lock:
             tracked = self._requests.get(request_id)
-            if tracked is None:
-                raise KeyError(f"unknown inference request {request_id!r}")
-            return tracked.snapshot()
+            if tracked is not None:
+                return tracked.snapshot()
+        row = self.requests.get(str(request_id))
+        if row is None:
+            raise KeyError(f"unknown inference request {request_id!r}")
+        return Tracked.from_row(row).snapshot()
+
+    def list(self, owner: str | None = None, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Requests, newest first, with their owner (all owners when None)."""
+        return [self.status(row["id"]) for row in self.requests.list(owner, limit, offset)]
 
     def wait(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Block until the request ends (or the timeout passes); returns its status."""
         with self._lock:
-            tracked = self._requests[request_id]
-        tracked.done.wait(timeout_s)
+            tracked = self._requests.get(request_id)
+        if tracked is not None:
+            tracked.done.wait(timeout_s)
         return self.status(request_id)
 
     def cancel(self, request_id: str) -> None:
@@ -109,7 +132,8 @@ class InferenceService:
         with self._lock:
             tracked = self._requests.get(request_id)
             if tracked is None:
-                raise KeyError(f"unknown inference request {request_id!r}")
+                self._cancel_elsewhere(request_id)
+                return
             if tracked.state in TERMINAL_STATES:
                 return
             if tracked.state in ("queued", "waiting"):
@@ -119,19 +143,66 @@ class InferenceService:
         if slot is not None:
             slot.cancel(request_id)
 
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Cancel what is queued, stop the workers and give their devices back."""
+    def shutdown(self, timeout_s: float = 30.0, *, force: bool = False) -> None:
+        """Cancel what is queued, stop the workers and give their devices back. `force` (a second
+        Ctrl-C, SIGTERM): running requests end as cancelled now and the workers are killed."""
         self._stopping.set()
         with self._lock:
             for tracked in self._requests.values():
-                if tracked.state in ("queued", "waiting"):
+                if tracked.state in ("queued", "waiting") or (force and tracked.state not in TERMINAL_STATES):
                     self._finish(tracked, "cancelled", error="the service shut down")
         for slot in self._slots:
-            if slot.current:
+            if force:
+                slot.kill_worker()
+            elif slot.current:
                 slot.cancel(slot.current)
             self._queue.put(None)
         for slot in self._slots:
             slot.join(timeout_s)
+
+    # ---- durability ------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Requests of a service process that is gone: queued ones run here, running ones are lost."""
+        for row in self.requests.unfinished(("queued", "waiting", "loading", "running")):
+            if is_same_process(row["service_pid"], row["service_start_time"]):
+                continue  # another live studio process (app or CLI) runs it
+            if row["state"] in ("queued", "waiting"):
+                tracked = Tracked.from_row(row)
+                tracked.state = "queued"
+                self.requests.update(tracked.id, state="queued", service_pid=self._identity[0],
+                                     service_start_time=self._identity[1])
+                self._requests[tracked.id] = tracked
+                self._order.append(tracked.id)
+                self._queue.put(tracked.id)
+                log.info("adopted queued inference %s of %s after a restart", tracked.id, tracked.owner)
+            else:
+                self.requests.update(row["id"], state="lost", ended_at=time.time(), error_kind="lost",
+                                     error="the studio process running this generation stopped (crash or "
+                                           "restart); videos it finished are in the gallery, generate again for the rest")
+                log.info("inference %s was running when its service stopped: lost", row["id"])
+
+    def _cancel_elsewhere(self, request_id: str) -> None:
+        """Cancel a request this process does not run: only possible once its own process is gone."""
+        row = self.requests.get(str(request_id))
+        if row is None:
+            raise KeyError(f"unknown inference request {request_id!r}")
+        if row["state"] in TERMINAL_STATES:
+            return
+        if is_same_process(row["service_pid"], row["service_start_time"]):
+            raise ValueError(f"generation {request_id} runs in another studio process (pid {row['service_pid']}); "
+                             "cancel it there")
+        self.requests.update(str(request_id), unless_states=TERMINAL_STATES, state="cancelled", ended_at=time.time())
+
+    def _persist(self, tracked: Tracked, progress: bool = False) -> None:
+        """Write the request's durable fields (and its progress when asked) to the database."""
+        values = {name: getattr(tracked, name) for name in DURABLE_FIELDS}
+        if progress or tracked.state in TERMINAL_STATES:
+            values.update(step=tracked.step, total_steps=tracked.total_steps)
+            tracked.persisted_at = time.monotonic()
+        try:
+            self.requests.update(tracked.id, **values)
+        except Exception:  # a locked or full database must not kill a generation; the next write retries
+            log.exception("could not record inference %s", tracked.id)
 
     # ---- checks before anything is queued ---------------------------------------------------------
     def _check_model(self, req: InferRequest) -> tuple[Path, int, int]:
@@ -179,8 +250,12 @@ class InferenceService:
         with self._lock:
             if tracked.state in TERMINAL_STATES:
                 return
+            changed = any(getattr(tracked, key) != value for key, value in values.items())
             for key, value in values.items():
                 setattr(tracked, key, value)
+            durable = changed and any(key in DURABLE_FIELDS for key in values)
+            if durable or time.monotonic() - tracked.persisted_at >= 1.0:
+                self._persist(tracked, progress=True)
 
     def _finish(self, tracked: Tracked, state: str, error: str | None = None, kind: str | None = None) -> None:
         # Caller may hold the lock (RLock-free: only plain assignments here).
@@ -191,6 +266,7 @@ class InferenceService:
         tracked.error_kind = kind
         tracked.eta_s = 0.0 if state == "succeeded" else None
         tracked.ended_at = time.time()
+        self._persist(tracked)  # recorded before anyone is told it ended
         tracked.done.set()
         log.info("inference %s %s%s", tracked.id, state, f": {error}" if error else "")
 

@@ -30,22 +30,18 @@ class WorkerProcess:
 
     def __init__(self, holder: str, devices: list[int], layout: DataLayout, idle_timeout_s: float,
                  python: str, speed: InferenceSpeed) -> None:
-        import os
-
-        from engine.launcher import gpu_order_env, spawn_process
+        from engine.launcher import spawn_process, worker_env
 
         self.holder = holder
         self.devices = devices
         self.device = "?"  # what the worker reports when ready: cpu, cuda (its one visible GPU)
         self.log_path = layout.workers_dir / f"{holder}.log"
-        env = gpu_order_env(dict(os.environ))
-        on_cpu = devices == [-1] or not devices
-        env["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else ",".join(str(d) for d in devices)
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [python, "-m", "engine.inference.worker", "--device", "cpu" if on_cpu else "cuda",
+        env, device = worker_env(devices)
+        argv = [python, "-m", "engine.inference.worker", "--device", device,
                 "--idle-timeout", str(idle_timeout_s), *speed.to_argv()]
+        # A worker never outlives the app or CLI feeding it (a killed `studio infer` left one at 100% CPU).
         self.process = spawn_process(argv, cwd=REPO_ROOT, env=env, log_path=self.log_path,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, die_with_parent=True)
         self.events: queue.Queue[dict | None] = queue.Queue()
         self.last_active = time.monotonic()
         threading.Thread(target=self._pump, daemon=True, name=f"{holder}-events").start()
@@ -101,6 +97,7 @@ class Slot(threading.Thread):
                 if tracked is False:
                     self._stop_if_idle()
                     continue
+                self._yield_if_wanted()  # a queued training job goes before the next generation
                 self.current = tracked.id
                 try:
                     self._serve(tracked)
@@ -112,6 +109,14 @@ class Slot(threading.Thread):
                     self.current = None
         finally:
             self._stop_worker()
+
+    def kill_worker(self) -> None:
+        """End the worker process now (a forced shutdown); the feeding thread then sees it exit."""
+        from engine.launcher import stop_process_group
+
+        worker = self.worker
+        if worker is not None and worker.alive():
+            stop_process_group(worker.process.pid, grace_s=2.0)
 
     def cancel(self, request_id: str) -> None:
         worker = self.worker
@@ -131,8 +136,8 @@ class Slot(threading.Thread):
         with svc._lock:  # a cancel while the worker was starting ends the request here
             if tracked.state in TERMINAL_STATES:
                 return
-            tracked.state, tracked.started_at = "loading", time.time()
-            tracked.worker = f"{self.holder} on {worker.device}"  # which card made the video
+        # which card made the video
+        svc._update(tracked, state="loading", started_at=time.time(), worker=f"{self.holder} on {worker.device}")
         staging = svc.gallery.staging_dir(tracked.id)
         worker.send({"op": "generate", "id": tracked.id, "request": tracked.request.to_dict(),
                      "model_path": tracked.model_path, "lora_files": tracked.lora_files, "out_dir": str(staging)})
@@ -176,8 +181,8 @@ class Slot(threading.Thread):
             seed=int(event["seed"]), media_dir=event["dir"], timings=event.get("timings", {}),
             digest=event.get("digest", ""), request_id=tracked.id,
         )
-        with self.service._lock:
-            tracked.gallery_ids.append(item.id)
+        # recorded (gallery row, then the request's list) before the request can read as succeeded
+        self.service._update(tracked, gallery_ids=[*tracked.gallery_ids, item.id])
 
     # ---- the worker process ----------------------------------------------------------------------
     def _ensure_worker(self, tracked: Tracked) -> bool:
@@ -223,14 +228,41 @@ class Slot(threading.Thread):
             devices = svc.scheduler.acquire_devices(self.holder, 1)
             if devices is not None:
                 return devices
-            svc._update(tracked, state="waiting")
+            svc._update(tracked, state="waiting", waiting_for=self._why_waiting(tracked.owner))
             time.sleep(1.0)
         return None
+
+    def _why_waiting(self, owner: str) -> str:
+        blockers = getattr(self.service.scheduler, "device_blockers", None)
+        try:
+            described = [b.describe(lambda o: o == owner) for b in blockers()] if callable(blockers) else []
+        except Exception:  # an explanation must never stop the request from waiting
+            log.debug("no explanation for the wait", exc_info=True)
+            described = []
+        return "; ".join(described) or "every device is in use"
 
     def _stop_if_idle(self) -> None:
         worker = self.worker
         if worker is not None and time.monotonic() - worker.last_active >= self.service.idle_timeout_s:
             log.info("%s: idle for %.0f s, stopping the worker", self.holder, self.service.idle_timeout_s)
+            self._stop_worker()
+        else:
+            self._yield_if_wanted()
+
+    def _yield_if_wanted(self) -> None:
+        """Give the devices back at once when the head of the training queue needs them (the next
+        request starts a worker again once a device is free)."""
+        worker, scheduler = self.worker, self.service.scheduler
+        reserved = getattr(scheduler, "reserved_for_queue", None)
+        if worker is None or not callable(reserved):
+            return
+        try:
+            wanted = set(worker.devices) & reserved()
+        except Exception:  # a busy database: try again on the next pass
+            log.debug("could not read the training queue", exc_info=True)
+            return
+        if wanted:
+            log.info("%s: a queued training job needs %s; stopping the idle worker", self.holder, sorted(wanted))
             self._stop_worker()
 
     def _stop_worker(self) -> None:

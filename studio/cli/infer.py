@@ -2,7 +2,9 @@
 
 Generates through the same service as the web UI (a warm worker placed by the scheduler, so it
 never takes a GPU a training job holds); results land in the gallery, and in --out if given.
-Ctrl-C cancels at the next denoising step.
+Ctrl-C cancels at the next denoising step; a second Ctrl-C stops at once. SIGTERM or a closed
+terminal (SIGHUP) stop at once too: the request ends cancelled, the worker is killed and its
+device reservation released (the worker also dies with this process if it is killed outright).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import argparse
 import getpass
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +22,18 @@ from engine.inference.request import InferRequest, LoraSpec
 from studio.settings import StudioSettings
 
 POLL_S = 0.25
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: stop now (a BaseException, so no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,8 +78,12 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    stop_signals = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in stop_signals}
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     services = open_services(settings)
     db, gallery, service = services.db, services.gallery, services.inference()
+    force, request_id = False, None
     try:
         try:
             request_id = service.submit(req, owner=args.owner or _login())
@@ -72,9 +91,23 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         status = _follow(service, request_id, TERMINAL_STATES)
+        force = status.get("forced", False)
+    except Terminated as exc:
+        force = True
+        print(f"{signal.Signals(exc.signum).name}: stopping", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # a Ctrl-C before the request was queued
+        force = True
+        return 130
     finally:
-        service.shutdown()
+        for sig in (*stop_signals, signal.SIGINT):  # the cleanup itself must not be interrupted
+            signal.signal(sig, signal.SIG_IGN)
+        service.shutdown(timeout_s=10.0 if force else 30.0, force=force)
+        if force and request_id is not None:
+            status = service.status(request_id)
         db.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if status["state"] != "succeeded":
         print(f"{status['state']}: {status['error'] or ''}".rstrip(": "), file=sys.stderr)
         return 1
@@ -107,9 +140,13 @@ def _follow(service, request_id: str, terminal: frozenset[str]) -> dict:
                 return status
             time.sleep(POLL_S)
     except KeyboardInterrupt:
-        print("cancelling at the next step...", file=sys.stderr, flush=True)
+        print("cancelling at the next step (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
         service.cancel(request_id)
-        return service.wait(request_id, 600)
+        try:
+            return service.wait(request_id)
+        except KeyboardInterrupt:
+            print("stopping now", file=sys.stderr, flush=True)
+            return {**service.status(request_id), "forced": True}
 
 
 def _progress_line(status: dict) -> str:
