@@ -8,7 +8,7 @@ import sys
 
 from studio.settings import SettingsError, add_settings_arguments, load_settings, settings_flag_names
 
-COMMANDS = ("serve", "demo", "train", "jobs", "infer", "gallery", "users", "config", "dataset")
+COMMANDS = ("serve", "demo", "train", "jobs", "infer", "gallery", "users", "config", "dataset", "mcp")
 
 
 def build_parser() -> argparse.ArgumentParser:
