@@ -16,7 +16,7 @@ from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConf
 from engine.dataset import plan_dataset, require_trainable
 from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus, parse_job_id
 from engine.numbers import named_whole_number, whole_number
-from engine.rundir import RunDir, read_log_tail
+from engine.rundir import SAMPLES_DIR, RunDir, read_log_tail
 from studio.auth import AccessDenied, User
 from studio.datasets import DatasetError, confine, safe_name
 
@@ -254,6 +254,14 @@ class StudioApi:
             except OSError:  # another filesystem: a copy
                 shutil.copyfile(source, target)
         return target
+
+    def job_sample_file(self, user: User, job_id: int | str, relative: str) -> Path:
+        """A sample video or its poster (`samples/<label>/<k>.mp4|png`, as the loss series names it)."""
+        samples = RunDir(self.own_job(user, job_id).run_dir).path / SAMPLES_DIR
+        path = (samples.parent / relative).resolve()
+        if not path.is_relative_to(samples.resolve()) or not path.is_file():
+            raise FileNotFoundError(f"job {job_id} has no sample {relative!r}")
+        return path
 
     def control_job(self, user: User, job_id: int | str, action: str) -> dict[str, Any]:
         job = self.own_job(user, job_id)

@@ -18,35 +18,36 @@ from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
 from studio.plots import loss_figure
 from studio.presets import DEMO_PRESET, PRESET_NAMES, load_preset
-from studio.widgets import ConfigForm, message, progress_bar, status_badge
+from studio.widgets import ConfigForm, message, progress_bar
+from tabs.runs import JOB_COLUMNS, control_job, job_list, job_panel
 
-JOB_COLUMNS = ["ID", "Name", "Owner", "Status", "Progress", "GPUs", "Created"]
 FILE_COLUMNS = ["file", "kind", "frames", "size", "bucket", "caption"]
-
-
-def _job_row(job: dict[str, Any]) -> list[Any]:
-    gpus = ",".join("cpu" if g < 0 else str(g) for g in job["gpus_assigned"]) or f"({job['gpus_requested']})"
-    created = time.strftime("%m-%d %H:%M", time.localtime(job["created_at"] or 0))
-    return [job["id"], job["name"], job["owner"], job["status"], job["progress"], gpus, created]
 
 
 @dataclass
 class TrainForm:
-    """The config form plus the dataset folder and repeats: values <-> TrainConfig."""
+    """The config form plus the dataset folder and repeats: values <-> TrainConfig. `loaded` holds the
+    TOML of the last preset or file, so what the form does not show ([sample], eval datasets, more
+    dataset folders, per-folder overrides) goes into the run as loaded."""
 
     form: ConfigForm
     folder: gr.components.Component
     repeats: gr.components.Component
     runs_dir: Path
+    loaded: gr.components.Component  # gr.State: TOML text, "" before any preset or file
 
     @property
     def inputs(self) -> set[gr.components.Component]:
-        return self.form.inputs | {self.folder, self.repeats}
+        return self.form.inputs | {self.folder, self.repeats, self.loaded}
 
     def config(self, values: dict) -> TrainConfig:
-        cfg = self.form.to_config(values, TrainConfig(output_dir=str(self.runs_dir)))
-        folder, repeats = values.get(self.folder) or "", values.get(self.repeats)
-        cfg.dataset.directory = [DirectoryConfig(path=folder.strip(), num_repeats=int(repeats or 1))] if folder else []
+        loaded = values.get(self.loaded) or ""
+        base = TrainConfig.from_toml_string(loaded) if loaded else TrainConfig(output_dir=str(self.runs_dir))
+        cfg = self.form.to_config(values, base)
+        folder, repeats = (values.get(self.folder) or "").strip(), int(values.get(self.repeats) or 1)
+        first = base.dataset.directory[0] if base.dataset.directory else DirectoryConfig(path=folder)
+        cfg.dataset.directory = ([first.model_copy(update={"path": folder, "num_repeats": repeats}),
+                                  *base.dataset.directory[1:]] if folder else [])
         return cfg
 
     def updates(self, cfg: TrainConfig) -> dict[gr.components.Component, Any]:
@@ -55,6 +56,7 @@ class TrainForm:
         # A config without a dataset keeps the folder already chosen.
         updates[self.folder] = directory.path if directory else gr.skip()
         updates[self.repeats] = directory.num_repeats if directory else gr.skip()
+        updates[self.loaded] = cfg.to_toml()
         return updates
 
 
@@ -138,49 +140,6 @@ def start_run(api: StudioApi, user: User, cfg: TrainConfig, gpus: list[str] | No
     return api.start_training(user, cfg.to_toml(), ",".join(gpus or []), int(count or 1), name or "")
 
 
-def job_list(api: StudioApi, user: User, current: int | None) -> tuple[list[list[Any]], list[tuple[str, int]], int | None]:
-    """(table rows, run choices, the run to show: the current one if still listed, else the newest)."""
-    jobs = api.list_jobs(user, limit=50)
-    choices = [(f"#{j['id']} {j['name']} · {j['status']}", j["id"]) for j in jobs]
-    pick = current if current in {j["id"] for j in jobs} else (jobs[0]["id"] if jobs else None)
-    return [_job_row(j) for j in jobs], choices, pick
-
-
-@dataclass
-class JobPanel:
-    header: str
-    bar: str
-    series: dict[str, Any] | None  # the loss series, None when unchanged since `last_plot`
-    log: str
-    files: list[str] | None  # LoRA downloads, None when unchanged since `last_files`
-    plot_sig: str
-    files_sig: str
-
-
-def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_files: str) -> JobPanel:
-    job = api.job_status(user, job_id)
-    header = (f"{status_badge(job['status'])} <b>#{job['id']} {job['name']}</b>"
-              f" <span class='muted'>{job['owner']} · {job['phase'] or ''}</span>")
-    if job["failure_reason"]:
-        header += message(f"{job['failure_reason']} {job['failure_hint'] or ''}", "error")
-    fraction = (job["step"] or 0) / job["total_steps"] if job["total_steps"] else None
-    bar = progress_bar(fraction, job["progress"] or job["status"])
-    series = api.job_metrics(user, job_id)
-    sig = f"{job_id}:{len(series['step'])}:{series['step'][-1] if series['step'] else ''}:{job['status']}"
-    saves = api.job_lora_files(user, job_id)
-    fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
-    files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in saves] if fsig != last_files else None
-    return JobPanel(header, bar, series if sig != last_plot else None, api.job_log(user, job_id)[-6000:],
-                    files, sig, fsig)
-
-
-def control_job(api: StudioApi, user: User, job_id: int | None, action: str) -> str:
-    if job_id is None:
-        raise ValueError("select a run first")
-    job = api.control_job(user, job_id, action)
-    return message(f"#{job['id']}: {action} requested ({job['status']})", "ok")
-
-
 def gpu_choices(api: StudioApi, user: User) -> tuple[list[tuple[str, str]], str]:
     """(the GPU picker's choices, its label)."""
     status = api.gpu_status(user)
@@ -255,6 +214,8 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
                 resume_btn = gr.Button("Resume", size="sm", min_width=80, elem_id="job-resume")
                 cancel_btn = gr.Button("Cancel", size="sm", min_width=80, variant="stop", elem_id="job-cancel")
             job_msg = gr.HTML()
+            sample_view = gr.Gallery(label="Samples of the latest save ([sample] in the config)", columns=4,
+                                     height=170, allow_preview=True, elem_id="train-samples")
             lora_files = gr.File(label="Saved LoRAs", file_count="multiple", interactive=False, height=120)
             with gr.Accordion("Log", open=False):
                 log_view = gr.Code(language=None, lines=14, max_lines=14, interactive=False, elem_id="train-log")
@@ -265,7 +226,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     gpu_sig = gr.State("")
 
     # ---------------------------------------------------------------- form <-> TOML
-    train_form = TrainForm(form, folder, repeats, ctx.layout.runs_dir)
+    train_form = TrainForm(form, folder, repeats, ctx.layout.runs_dir, gr.State(start_cfg.to_toml()))
     form_inputs = train_form.inputs
 
     def on_form_change(values: dict, request: gr.Request):
@@ -358,17 +319,20 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     def on_job_tick(job_id: int | None, last_plot: str, last_files: str, request: gr.Request):
         user = request_user(api, request)
         if job_id is None:
-            return ("", progress_bar(None, "no run selected"), gr.skip(), "", gr.skip(), last_plot, last_files)
+            return ("", progress_bar(None, "no run selected"), gr.skip(), "", gr.skip(), gr.skip(), last_plot,
+                    last_files)
         try:
             panel = job_panel(api, user, job_id, last_plot, last_files)
         except Exception:  # deleted or not visible: clear the panel
-            return ("", progress_bar(None, ""), loss_figure(None), "", None, "", "")
+            return ("", progress_bar(None, ""), loss_figure(None), "", None, None, "", "")
         plot = gr.skip() if panel.series is None else loss_figure(panel.series)
         files_update = gr.skip() if panel.files is None else panel.files
-        return panel.header, panel.bar, plot, panel.log, files_update, panel.plot_sig, panel.files_sig
+        samples_update = gr.skip() if panel.samples is None else panel.samples
+        return (panel.header, panel.bar, plot, panel.log, files_update, samples_update, panel.plot_sig,
+                panel.files_sig)
 
     timer.tick(on_job_tick, [job_pick, plot_sig, files_sig],
-               [job_header, job_progress, loss_plot, log_view, lora_files, plot_sig, files_sig],
+               [job_header, job_progress, loss_plot, log_view, lora_files, sample_view, plot_sig, files_sig],
                queue=False, show_progress="hidden", api_visibility="private")
     job_pick.change(lambda: ("", ""), None, [plot_sig, files_sig], queue=False, api_visibility="private")
 

@@ -12,7 +12,7 @@ from studio.api import StudioApi
 from studio.auth import User
 from studio.presets import DEMO_PRESET
 from studio.widgets import ConfigForm
-from tabs import train
+from tabs import runs, train
 from tests.ui_support import write_dataset
 
 ALICE, BOB, ROOT = User("alice"), User("bob"), User("root", is_admin=True)
@@ -23,7 +23,8 @@ def form(api: StudioApi) -> train.TrainForm:
     with gr.Blocks():
         config_form = ConfigForm.build(TrainConfig(output_dir="x"))
         folder, repeats = gr.Dropdown(allow_custom_value=True), gr.Number()
-    return train.TrainForm(config_form, folder, repeats, api.ctx.layout.runs_dir)
+        loaded = gr.State("")
+    return train.TrainForm(config_form, folder, repeats, api.ctx.layout.runs_dir, loaded)
 
 
 def test_form_renders_the_config_and_names_a_bad_value(api: StudioApi, form: train.TrainForm) -> None:
@@ -36,6 +37,25 @@ def test_form_renders_the_config_and_names_a_bad_value(api: StudioApi, form: tra
     values[form.form.components["optimizer.lr"]] = 0
     text, note = train.render_toml(form, values)
     assert text is not None and "optimizer.lr: must be &gt; 0" in note  # HTML-escaped in the note
+
+
+def test_what_the_form_does_not_show_goes_into_the_run_as_loaded(api: StudioApi, form: train.TrainForm) -> None:
+    """The demo preset's [sample] table, a second dataset folder with its own buckets and an eval set
+    are TOML-only: editing the form keeps them; a fresh form has none."""
+    dataset = write_dataset(api.ctx.layout.home)
+    cfg = train.preset_config(api, DEMO_PRESET)
+    assert cfg.sample is not None and cfg.sample.prompts
+    cfg.dataset.directory = [cfg.dataset.directory[0].model_copy(update={"path": str(dataset)}),
+                             cfg.dataset.directory[0].model_copy(update={"path": str(dataset), "frame_buckets": [1]})]
+    values = form.updates(cfg)
+    values[form.form.components["optimizer.lr"]] = 5e-4  # the user edits the form
+    values[form.repeats] = 2
+    edited = form.config(values)
+    assert edited.sample == cfg.sample and edited.optimizer.lr == 5e-4
+    assert [d.num_repeats for d in edited.dataset.directory] == [2, 4]
+    assert edited.dataset.directory[1].frame_buckets == [1]
+    values[form.loaded] = ""
+    assert form.config(values).sample is None
 
 
 def test_check_dataset_lists_files_and_problems(api: StudioApi) -> None:
@@ -57,18 +77,29 @@ def test_start_list_panel_and_control_a_run(api: StudioApi, form: train.TrainFor
     cfg.dataset.directory[0].path = str(dataset)
     job = train.start_run(api, ALICE, cfg, [], 1, "my run")
     assert job["status"] == "queued" and job["name"] == "my run"
-    rows, choices, pick = train.job_list(api, ALICE, current=None)
+    rows, choices, pick = runs.job_list(api, ALICE, current=None)
     assert pick == job["id"] and rows[0][:4] == [job["id"], "my run", "alice", "queued"]
-    assert train.job_list(api, BOB, current=job["id"])[2] is None  # not bob's
-    panel = train.job_panel(api, ALICE, job["id"], last_plot="", last_files="")
+    assert runs.job_list(api, BOB, current=job["id"])[2] is None  # not bob's
+    panel = runs.job_panel(api, ALICE, job["id"], last_plot="", last_files="")
     assert f"#{job['id']} my run" in panel.header and panel.series["step"] == [] and panel.files == []
-    again = train.job_panel(api, ALICE, job["id"], panel.plot_sig, panel.files_sig)
+    again = runs.job_panel(api, ALICE, job["id"], panel.plot_sig, panel.files_sig)
     assert again.series is None and again.files is None  # unchanged: the UI skips redrawing
+    # Samples of a save and the best save, as the trainer records them.
+    run_dir = Path(api.ctx.scheduler.get(job["id"]).run_dir)
+    write_sample_event(run_dir, "epoch1", step=4, scores={"all": 1.0, "color": 1.0})
+    shown = runs.job_panel(api, ALICE, job["id"], again.plot_sig, again.files_sig)
+    assert "best save: <b>epoch1</b>" in shown.header and "highest sample scores" in shown.header
+    ((poster, caption),) = shown.samples
+    assert Path(poster).read_bytes() == (run_dir / "samples" / "epoch1" / "0.png").read_bytes()
+    assert str(run_dir) not in poster  # an expiring link, not the run folder
+    assert caption == "epoch1 · seed 0 · a purple star · all 1.00 color 1.00"
+    with pytest.raises(FileNotFoundError):
+        api.job_sample_file(ALICE, job["id"], "../run.toml")
     with pytest.raises(ValueError, match="select a run"):
-        train.control_job(api, ALICE, None, "stop")
+        runs.control_job(api, ALICE, None, "stop")
     with pytest.raises(Exception, match="not found"):
-        train.control_job(api, BOB, job["id"], "cancel")
-    assert "cancel requested (stopped)" in train.control_job(api, ALICE, job["id"], "cancel")
+        runs.control_job(api, BOB, job["id"], "cancel")
+    assert "cancel requested (stopped)" in runs.control_job(api, ALICE, job["id"], "cancel")
 
 
 def test_gpu_picker_on_a_machine_without_gpus(api: StudioApi, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,3 +169,18 @@ def test_start_refuses_a_dataset_with_nothing_trainable_before_queueing(api: Stu
     assert "nothing trainable: Start will refuse" in found.note and found.rows[0][4].startswith("skipped: 5 frames")
     preview = api.check_dataset(ALICE, config_toml=cfg.to_toml())  # the /check_dataset endpoint's action
     assert preview["trainable"] is False and preview["files"][0]["skipped"].startswith("5 frames")
+
+
+def write_sample_event(run_dir: Path, label: str, step: int, scores: dict[str, float]) -> None:
+    import json
+
+    from PIL import Image
+
+    folder = run_dir / "samples" / label
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (120, 40, 200)).save(folder / "0.png")
+    video = {"prompt": "a purple star", "seed": 0, "file": str(folder / "0.mp4"), "scores": scores}
+    with (run_dir / "metrics.jsonl").open("a") as out:
+        out.write(json.dumps({"event": "save", "step": step, "epoch": 1, "label": label}) + "\n")
+        out.write(json.dumps({"event": "sample", "step": step, "label": label, "scores": scores,
+                              "videos": [video]}) + "\n")

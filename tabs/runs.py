@@ -1,0 +1,92 @@
+"""The Train tab's run view: the runs table, the selected run's status, loss chart, samples, best save,
+LoRA downloads and log, and its controls. Handlers (api, user, inputs) -> outputs, unit-tested in
+tests/test_train_tab.py; tabs/train.py wires them."""
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studio.api import StudioApi
+from studio.auth import User
+from studio.widgets import message, progress_bar, status_badge
+
+JOB_COLUMNS = ["ID", "Name", "Owner", "Status", "Progress", "GPUs", "Created"]
+
+
+def _job_row(job: dict[str, Any]) -> list[Any]:
+    gpus = ",".join("cpu" if g < 0 else str(g) for g in job["gpus_assigned"]) or f"({job['gpus_requested']})"
+    created = time.strftime("%m-%d %H:%M", time.localtime(job["created_at"] or 0))
+    return [job["id"], job["name"], job["owner"], job["status"], job["progress"], gpus, created]
+
+
+def job_list(api: StudioApi, user: User, current: int | None) -> tuple[list[list[Any]], list[tuple[str, int]], int | None]:
+    """(table rows, run choices, the run to show: the current one if still listed, else the newest)."""
+    jobs = api.list_jobs(user, limit=50)
+    choices = [(f"#{j['id']} {j['name']} · {j['status']}", j["id"]) for j in jobs]
+    pick = current if current in {j["id"] for j in jobs} else (jobs[0]["id"] if jobs else None)
+    return [_job_row(j) for j in jobs], choices, pick
+
+
+@dataclass
+class JobPanel:
+    header: str
+    bar: str
+    series: dict[str, Any] | None  # the loss series, None when unchanged since `last_plot`
+    log: str
+    files: list[str] | None  # LoRA downloads, None when unchanged since `last_files`
+    plot_sig: str
+    files_sig: str
+    samples: list[tuple[str, str]] | None = None  # the latest save's sample posters + captions (None: unchanged)
+
+
+def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_files: str) -> JobPanel:
+    job = api.job_status(user, job_id)
+    header = (f"{status_badge(job['status'])} <b>#{job['id']} {job['name']}</b>"
+              f" <span class='muted'>{job['owner']} · {job['phase'] or ''}</span>")
+    if job["failure_reason"]:
+        header += message(f"{job['failure_reason']} {job['failure_hint'] or ''}", "error")
+    fraction = (job["step"] or 0) / job["total_steps"] if job["total_steps"] else None
+    bar = progress_bar(fraction, job["progress"] or job["status"])
+    series = api.job_metrics(user, job_id)
+    header += best_save_line(series.get("best"))
+    sig = f"{job_id}:{len(series['step'])}:{series['step'][-1] if series['step'] else ''}:{job['status']}"
+    saves = api.job_lora_files(user, job_id)
+    latest = (series.get("samples") or [None])[-1]
+    fsig = f"{job_id}:" + ",".join(label for label, _ in saves) + f"|{latest['label'] if latest else ''}"
+    changed = fsig != last_files
+    files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in saves] if changed else None
+    samples = sample_posters(api, user, job_id, latest) if changed else None
+    return JobPanel(header, bar, series if sig != last_plot else None, api.job_log(user, job_id)[-6000:],
+                    files, sig, fsig, samples)
+
+
+def best_save_line(best: dict[str, Any] | None) -> str:
+    if not best:
+        return ""
+    return (f"<div class='best-save'>best save: <b>{html.escape(str(best['label']))}</b> "
+            f"<span class='muted'>{html.escape(best['why'])}</span></div>")
+
+
+def sample_posters(api: StudioApi, user: User, job_id: int, event: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(poster link, caption) for each video of one `sample` event: prompt, seed and its scores."""
+    if not event:
+        return []
+    shown = []
+    for video in event.get("videos", []):
+        poster = api.job_sample_file(user, job_id, str(Path(video["file"]).with_suffix(".png")))
+        scores = " ".join(f"{k} {v:.2f}" for k, v in (video.get("scores") or {}).items())
+        shown.append((api.file_link(poster), f"{event['label']} · seed {video['seed']} · {video['prompt']}"
+                                              + (f" · {scores}" if scores else "")))
+    return shown
+
+
+def control_job(api: StudioApi, user: User, job_id: int | None, action: str) -> str:
+    if job_id is None:
+        raise ValueError("select a run first")
+    job = api.control_job(user, job_id, action)
+    return message(f"#{job['id']}: {action} requested ({job['status']})", "ok")
+
+
