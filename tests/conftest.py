@@ -47,3 +47,19 @@ def api(tmp_path: Path):
     ctx = StudioContext.create(StudioSettings(home=tmp_path / "home").validate(), start=False)
     yield StudioApi(ctx)
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Wan (real shapes, seconds per training run on a CPU core)."""
+    from engine.families.wan_random import build_random_wan
+
+    return build_random_wan(tmp_path_factory.mktemp("model") / "tiny_wan", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Captioned squares, an uncaptioned image, a video and a broken video (tests.trainer_support)."""
+    from tests.trainer_support import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("data") / "shapes")

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.families.wan_random import build_random_wan
 from tests.trainer_support import (
     REPO_ROOT,
     make_dataset,
@@ -27,16 +26,6 @@ from tests.trainer_support import (
     wait_for_step,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_random_wan(tmp_path_factory.mktemp("model") / "tiny_wan", preset="tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data") / "shapes")
 
 
 # ---- tests -------------------------------------------------------------------------------------

@@ -5,25 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 
-from engine.families.wan_random import build_random_wan
 from engine.media import probe_video
 from engine.scoring import best_save
-from tests.trainer_support import make_dataset, of_kind, read_events, run_trainer, trainer_cmd, write_config
+from tests.trainer_support import of_kind, read_events, run_trainer, trainer_cmd, write_config
 
 SAMPLE = {"sample.prompts": ["a red square", "a blue circle"], "sample.seeds": [3], "sample.steps": 2,
           "sample.width": 32, "sample.num_frames": 5, "sample.at_start": True}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_random_wan(tmp_path_factory.mktemp("model") / "tiny_wan", preset="tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data") / "shapes")
 
 
 def test_saves_get_sample_videos_with_the_current_lora(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
