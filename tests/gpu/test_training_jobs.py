@@ -121,3 +121,25 @@ def test_save_now_stop_and_resume_on_two_gpus(home: Path) -> None:
     assert of_kind(events(run_dir), "done")[-1]["step"] == 600
     record("demo LoRA 2 GPUs ZeRO-2: save-now, stop, resume", save_step=saved["step"], stop_step=stop_step,
            finished_step=600)
+
+
+def test_samples_during_a_two_gpu_job(home: Path) -> None:
+    """[sample] on GPUs: rank 0 draws with the bf16 training transformer and its LoRA while rank 1 waits;
+    the demo world's evaluator scores every save; the best save is named."""
+    config = demo_run_config(home, "samples", max_steps=10, save_every_n_steps=5)
+    job_id = queued_job_id(ok(studio(home, "train", str(config), "--num-gpus", "2", "--name", "samples",
+                                     "--follow")))
+    done = job(home, job_id)
+    assert done.status.value == "succeeded", explain(home, job_id)
+    found = events(done.run_dir)
+    samples = of_kind(found, "sample")
+    assert [s["label"] for s in samples] == ["start", "step5", "step10"], [e for e in found if e["event"] == "warning"]
+    for sample in samples:
+        assert set(sample["scores"]) == {"color", "shape", "motion", "all"}
+        assert all(Path(v["file"]).is_file() for v in sample["videos"])
+    from tests.gpu.support import save_frames
+
+    save_frames(Path(samples[-1]["videos"][0]["file"]), "samples-step10")
+    record("demo LoRA 2 GPUs: samples at start and every save", seconds=[s["seconds"] for s in samples],
+           scores={s["label"]: s["scores"] for s in samples},
+           step_s=of_kind(found, "step")[-1]["elapsed_s"] / len(of_kind(found, "step")))
