@@ -52,7 +52,8 @@ def spawn_process(argv: Sequence[str], *, cwd: str | os.PathLike, env: Mapping[s
     (e.g. subprocess.PIPE for a worker we talk to); stderr then still goes to the log file.
     `die_with_parent`: the child gets SIGTERM when this process dies, even by SIGKILL (Linux), for
     helpers like inference workers that must not outlive the app or CLI that feeds them (trainers
-    must: they survive an app restart)."""
+    must: they survive an app restart). The kernel ties this to the spawning *thread*, not the
+    process: spawn such a child from a thread that lives as long as it does (the inference slot's)."""
     log_file = None
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
