@@ -43,6 +43,8 @@ DType = Literal["bfloat16", "float16", "float32"]
 AttentionBackend = Literal["default", "cudnn", "flash", "efficient", "flash3"]
 CheckpointPolicyName = Literal["full", "save_attention"]
 LoraComputeDtype = Literal["adapter", "activation"]
+Experts = Literal["one", "both"]
+IdleExpert = Literal["offload", "resident"]
 
 
 class ModelConfig(ConfigTable):
@@ -64,6 +66,18 @@ class ModelConfig(ConfigTable):
     shift: Float = Field(1.0, description="Flow shift applied to sampled t (1 = none, >1 = noisier).")
     min_t: Float = Field(0.0, description="Lowest noise level trained (0..1).")
     max_t: Float = Field(1.0, description="Highest noise level trained (0..1).")
+    # Two-expert keys are TOML/preset-only (not form fields); None means the default named in each.
+    experts: Experts | None = Field(
+        None, description="Wan2.2 A14B: 'both' trains a LoRA for each expert in one run (t >= boundary: "
+                           "high-noise expert, below: low-noise); default 'one' (transformer_subfolder only).",
+        json_schema_extra={"form": False})
+    boundary_ratio: Float | None = Field(
+        None, description="Noise level splitting the two experts; default the model's own (model_index.json).",
+        json_schema_extra={"form": False})
+    idle_expert: IdleExpert | None = Field(
+        None, description="With experts = 'both' on a GPU: 'offload' (default) keeps the idle expert's frozen "
+                          "weights in host memory, 'resident' keeps both experts on the GPU.",
+        json_schema_extra={"form": False})
 
 
 class AdapterConfig(ConfigTable):
@@ -298,6 +312,8 @@ class TrainConfig(ConfigTable):
         check(bool(m.ckpt_path.strip()), "model.ckpt_path", "must not be empty")
         check(0.0 <= m.min_t < m.max_t <= 1.0, "model.min_t", "need 0 <= min_t < max_t <= 1")
         check(m.shift > 0, "model.shift", "must be > 0")
+        if m.experts == "both":
+            errors += _two_expert_errors(self)
 
         a = self.adapter
         check(1 <= a.rank <= 1024, "adapter.rank", "must be between 1 and 1024")
@@ -327,6 +343,17 @@ class TrainConfig(ConfigTable):
         if errors:
             raise ConfigError(errors)
         return self
+
+
+def _two_expert_errors(cfg: "TrainConfig") -> list[tuple[str, str]]:
+    m, errors = cfg.model, []
+    if m.boundary_ratio is not None and not m.min_t < m.boundary_ratio < m.max_t:
+        errors.append(("model.boundary_ratio", "must lie strictly between min_t and max_t, or one expert never trains"))
+    if m.transformer_path is not None:
+        errors.append(("model.transformer_path", "names one transformer; with experts = 'both' both come from ckpt_path"))
+    if cfg.zero_stage != 0:  # ZeRO's flat buffers would give the idle expert zero gradients: Adam still moves it
+        errors.append(("zero_stage", "must be 0 with experts = 'both' (each step trains one expert's LoRA)"))
+    return errors
 
 
 # ---- field registry for forms ------------------------------------------------------------------

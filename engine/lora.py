@@ -37,6 +37,7 @@ __all__ = [
     "read_safetensors_header",
     "diffusers_to_wan_module",
     "wan_to_diffusers_module",
+    "expert_partner",
 ]
 
 COMFY_PREFIX = "diffusion_model."
@@ -83,6 +84,7 @@ def save_lora(
     dtype: torch.dtype = torch.bfloat16,
     base_model: str | None = None,
     metadata: dict[str, str] | None = None,
+    file_name: str = ADAPTER_FILE,
 ) -> Path:
     """Write `peft_state` (keys like `blocks.0.attn1.to_q.lora_A.weight`, from
     `peft.get_peft_model_state_dict`) as a ComfyUI-format LoRA folder. Returns the folder.
@@ -103,10 +105,10 @@ def save_lora(
         tensors[COMFY_PREFIX + diffusers_to_wan_module(module) + suffix] = tensor.to(dtype).contiguous()
     if not tensors:
         raise LoraError("no LoRA weights to save (is the adapter attached?)")
-    tmp = out_dir / (ADAPTER_FILE + ".tmp")
+    tmp = out_dir / (file_name + ".tmp")
     meta = {"format": "pt", "family": "wan", **(metadata or {})}
     save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out_dir / ADAPTER_FILE)
+    tmp.replace(out_dir / file_name)
 
     config = {
         "peft_type": "LORA",
@@ -173,6 +175,18 @@ def _strip_peft_adapter_name(key: str) -> str:
         if key.startswith(prefix):
             key = key[len(prefix):]
     return key
+
+
+def expert_partner(file: str | Path) -> Path | None:
+    """The low-noise LoRA saved beside a Wan2.2 high-noise one (`high_noise_model.safetensors` ->
+    `low_noise_model.safetensors`, `..._HIGH_fp16.safetensors` -> `..._LOW_fp16.safetensors`), if it exists."""
+    file = Path(file)
+    for high, low in (("high_noise", "low_noise"), ("HIGH", "LOW"), ("High", "Low")):
+        if high in file.name:
+            partner = file.with_name(file.name.replace(high, low))
+            if partner.is_file():
+                return partner
+    return None
 
 
 # ---- reading -------------------------------------------------------------------------------------

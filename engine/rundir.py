@@ -7,7 +7,8 @@ read and written, for the trainer, the scheduler, the launcher, the API and the 
                            train.nodeK.log: several machines appending to one shared file interleave)
     save | stop | save_quit    control requests, consumed by the trainer. The studio writes
                            {"id": ..., "time": ...}; an empty file (`touch stop`) counts from its mtime
-    epochN/ stepN/         LoRA saves: adapter_model.safetensors (+ adapter_config.json)
+    epochN/ stepN/         LoRA saves: adapter_model.safetensors (+ adapter_config.json); a two-expert
+                           run: high_noise_model.safetensors + low_noise_model.safetensors
     samples/<label>/       videos drawn with the LoRA at that save (k.mp4 + k.png; label start|epochN|stepN)
     global_stepN/          DeepSpeed checkpoints; complete.json is written last
 
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "run.toml"
 METRICS_FILE = "metrics.jsonl"
 LORA_FILE = "adapter_model.safetensors"
+# A two-expert save (Wan2.2 A14B): one file per expert, named as Wan2.2's own expert folders and the
+# LoRAs ComfyUI users load in pairs (high_noise_model / low_noise_model).
+EXPERT_LORA_FILES = {"high_noise": "high_noise_model.safetensors", "low_noise": "low_noise_model.safetensors"}
 COMPLETE_MARKER = "complete.json"
 SAVE_FILE = "save"
 STOP_FILE = "stop"
@@ -136,6 +140,8 @@ class RunDir:
         for folder in self.path.iterdir():
             match = _SAVE_DIR.match(folder.name)
             file = folder / LORA_FILE
+            if not file.is_file():  # a two-expert save is named by its high-noise file
+                file = folder / EXPERT_LORA_FILES["high_noise"]
             if match is None or not file.is_file():
                 continue
             step, epoch = _saved_at(str(file), file.stat().st_mtime_ns)

@@ -73,9 +73,11 @@ class ModelFamily(abc.ABC):
         """Stack unpadded text embeddings into the batch layout the transformer expects."""
 
     @abc.abstractmethod
-    def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any) -> Any:
+    def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any,
+                          transformer_2: torch.nn.Module | None = None, boundary_ratio: float | None = None) -> Any:
         """A diffusers pipeline over the given (training) transformer and VAE, without a text encoder:
-        samples during training take precomputed `pad_text` embeddings, as inference takes its own."""
+        samples during training take precomputed `pad_text` embeddings, as inference takes its own.
+        Two experts (Wan2.2 A14B): `transformer` denoises t >= boundary_ratio, `transformer_2` the rest."""
 
     def enable_activation_checkpointing(self, transformer: torch.nn.Module) -> None:
         transformer.enable_gradient_checkpointing()

@@ -1,4 +1,4 @@
-"""The Wan family (Wan2.1 T2V 1.3B/14B, Wan2.2 T2V A14B experts) from a local diffusers folder.
+"""The Wan family (Wan2.1 T2V 1.3B/14B, Wan2.2 T2V A14B: one expert or both) from a local diffusers folder.
 
 All transformer forwards for training go through `WanFamily.forward`, so attention backends and
 compilation can be switched in one place.
@@ -33,6 +33,13 @@ class WanModelInfo:
     latent_channels: int
     num_blocks: int
     transformers: tuple[str, ...]  # subfolders holding a transformer ("transformer", "transformer_2")
+    # Wan2.2 A14B: noise levels t >= boundary_ratio go to `transformer` (the high-noise expert), the
+    # rest to `transformer_2` (low noise). None for a single transformer.
+    boundary_ratio: float | None = None
+
+    @property
+    def two_experts(self) -> bool:
+        return self.boundary_ratio is not None and len(self.transformers) == 2
 
 
 class WanFamily(ModelFamily):
@@ -61,6 +68,7 @@ class WanFamily(ModelFamily):
             latent_channels=int(vae_cfg.get("z_dim", 16)),
             num_blocks=int(t_cfg.get("num_layers", 0)),
             transformers=transformers,
+            boundary_ratio=float(index["boundary_ratio"]) if index.get("boundary_ratio") is not None else None,
         )
 
     # ---- encoders (used once, to fill the cache) ------------------------------------------------
@@ -131,13 +139,15 @@ class WanFamily(ModelFamily):
             raise ConfigError("adapter.target_modules", f"{suffixes} match no linear layer in the Wan blocks")
         return names
 
-    def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any) -> Any:
+    def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any,
+                          transformer_2: torch.nn.Module | None = None, boundary_ratio: float | None = None) -> Any:
         import diffusers
 
         config = _read_json(Path(model_dir) / "scheduler" / "scheduler_config.json")
         scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(str(model_dir), subfolder="scheduler")
         pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
-                                     scheduler=scheduler)
+                                     scheduler=scheduler, transformer_2=transformer_2,
+                                     boundary_ratio=boundary_ratio if transformer_2 is not None else None)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

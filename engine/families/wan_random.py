@@ -90,12 +90,14 @@ def build_tokenizer(path: Path | None = None):
 
 def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
                      transformer_preset: str | None = None,
-                     transformer_dtype: torch.dtype = torch.float32) -> Path:
+                     transformer_dtype: torch.dtype = torch.float32, boundary_ratio: float | None = None) -> Path:
     """Write a complete diffusers WanPipeline folder with random weights at `path`; returns it.
 
     "tiny" loads and runs a training step in about a second on a CPU core. `transformer_preset`
     ("1.3B", "14B") swaps in a transformer of real shape (with a text encoder of matching width)
-    for GPU runs of the whole trainer.
+    for GPU runs of the whole trainer. A `boundary_ratio` makes it a Wan2.2 A14B-style pair of
+    experts: `transformer` (high noise, t >= boundary) and `transformer_2` (low noise), each with
+    its own random weights, and the ratio in model_index.json as Wan2.2's own folders have it.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -122,11 +124,13 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
     transformer = WanTransformer3DModel(**t_cfg).to(transformer_dtype)
     transformer.save_pretrained(str(path / "transformer"))
     del transformer
+    if boundary_ratio is not None:  # the low-noise expert: same shape, its own weights
+        WanTransformer3DModel(**t_cfg).to(transformer_dtype).save_pretrained(str(path / "transformer_2"))
 
     vae = AutoencoderKLWan(z_dim=16, **_VAE_PRESETS[preset])
     vae.save_pretrained(str(path / "vae"))
 
-    _write_scheduler_and_index(path)
+    _write_scheduler_and_index(path, boundary_ratio)
     logger.info("built random Wan (%s) at %s", preset, path)
     return path
 
@@ -164,7 +168,7 @@ def build_real_shape_wan(path: str | Path, transformer_preset: str = "1.3B", dev
     return path
 
 
-def _write_scheduler_and_index(path: Path) -> None:
+def _write_scheduler_and_index(path: Path, boundary_ratio: float | None = None) -> None:
     from diffusers import UniPCMultistepScheduler
 
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
@@ -172,13 +176,13 @@ def _write_scheduler_and_index(path: Path) -> None:
     index = {
         "_class_name": "WanPipeline",
         "_diffusers_version": _diffusers_version(),
-        "boundary_ratio": None,
+        "boundary_ratio": boundary_ratio,
         "expand_timesteps": False,
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": [None, None],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"] if boundary_ratio is not None else [None, None],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")

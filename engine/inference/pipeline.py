@@ -183,11 +183,28 @@ class PipelineCache:
             raise LoraLoadError(str(exc)) from None
         try:
             loaded.pipe.load_lora_weights(state, adapter_name=name)
+            if getattr(loaded.pipe, "transformer_2", None) is not None:
+                self._load_low_noise_adapter(loaded, file, name)
+        except LoraError as exc:
+            self._drop_adapter(loaded, name)
+            raise LoraLoadError(str(exc)) from None
         except Exception as exc:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shape)
             self._drop_adapter(loaded, name)
             reason = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
             raise LoraLoadError(f"{file}: does not fit this model ({type(exc).__name__}: {reason})") from None
         log.info("loaded LoRA %s as %s", file, name)
+
+    def _load_low_noise_adapter(self, loaded: LoadedModel, file: Path, name: str) -> None:
+        """Wan2.2 A14B: the low-noise expert (transformer_2) takes the pair's low-noise file, or the same
+        file when there is no pair (a Wan2.1 LoRA applies to both, as ComfyUI users load it)."""
+        from engine.lora import expert_partner
+
+        partner = expert_partner(file) or file
+        if partner != file:
+            validate_lora(partner, family="wan", num_blocks=loaded.num_blocks)
+        state = _diffusers_keys(load_lora_state_dict(partner))
+        loaded.pipe.load_lora_weights(state, adapter_name=name, load_into_transformer_2=True)
+        log.info("loaded LoRA %s into the low-noise expert as %s", partner, name)
 
     def _drop_adapter(self, loaded: LoadedModel, name: str) -> None:
         try:

@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from engine.config import ConfigError
 from engine.config_types import ConfigTable
 from engine.numbers import whole_number
-from engine.rundir import LORA_FILE, RunDir
+from engine.rundir import EXPERT_LORA_FILES, LORA_FILE, RunDir
 
 __all__ = ["LoraSpec", "InferRequest", "LIMITS", "request_defaults", "resolve_lora_path", "random_seed"]
 
@@ -239,7 +239,7 @@ def resolve_lora_path(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: LoRA file or folder not found")
     direct = sorted(path.glob("*" + LORA_SUFFIX))
     if direct:
-        preferred = [p for p in direct if p.name == LORA_FILE]
+        preferred = [p for p in direct if p.name in (LORA_FILE, EXPERT_LORA_FILES["high_noise"])]
         if len(preferred) == 1 or len(direct) == 1:
             return (preferred or direct)[0].resolve()
         raise FileNotFoundError(f"{path}: folder holds several .safetensors files; name one")

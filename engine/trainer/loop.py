@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import TrainConfig
+from engine.config import ConfigError, TrainConfig
 from engine.families import get_family
 from engine.lora import peft_state_from_file, save_lora, validate_lora
 from engine.models import resolve_model
@@ -21,7 +21,8 @@ from engine.trainer.sampling import Sampler
 from engine.trainer.objective import FlowMatchingModule, sample_timesteps
 from engine.trainer.order import (Sample, epoch_microbatches, lr_factor, microbatch_for, microbatch_position,
                                   steps_per_epoch)
-from engine.rundir import ResumeError, RunDir
+from engine.rundir import EXPERT_LORA_FILES, LORA_FILE, ResumeError, RunDir
+from engine.trainer.experts import (HIGH_NOISE, LOW_NOISE, ExpertPairModule, ExpertPlacement, ExpertSchedule)
 from engine.trainer.runfiles import MetricsWriter
 from engine.trainer.samples import CacheContext, StopRequested, prepare_samples
 
@@ -53,6 +54,7 @@ class Trainer:
         self.last_saved_step = -1
         self.last_save_label = self.last_sampled_label = ""
         self.evaluator = Evaluator(cfg, [], self.family, dist, events)  # eval sets come with the samples
+        self.experts: ExpertSchedule | None = None  # Wan2.2 A14B with model.experts = "both"
 
     # -- setup ----------------------------------------------------------------------------------
     def prepare_samples(self, model_dir: Path) -> tuple[list[Sample], list[tuple[str, list[Sample]]]]:
@@ -77,21 +79,68 @@ class Trainer:
             self.events.emit("warning", message=message)
 
     def build_model(self, model_dir: Path) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        cfg = self.cfg
+        self.experts = self._expert_schedule(model_dir)
+        if self.experts is not None:
+            return self._build_expert_pair(model_dir)
+        source = cfg.model.transformer_path or cfg.model.transformer_subfolder  # Wan2.2: one expert's folder or file
+        transformer, params = self._transformer_with_lora(model_dir, source, cfg.model.transformer_subfolder,
+                                                          cfg.adapter.init_from_existing, cfg.seed)
+        self.transformer = transformer
+        self.saved_transformers = {None: transformer}
+        self.lora_params = params
+        return FlowMatchingModule(transformer, self.family, self.model_dtype), params
+
+    def _expert_schedule(self, model_dir: Path) -> ExpertSchedule | None:
+        """None unless model.experts = 'both' (then the model must have two experts)."""
+        m = self.cfg.model
+        if m.experts != "both":
+            return None
+        info = self.family.describe(model_dir)
+        if len(getattr(info, "transformers", ())) != 2:
+            raise ConfigError("model.experts", f"'both' needs a model with two experts (transformer and "
+                                               f"transformer_2); {model_dir} has {len(info.transformers)}")
+        boundary = m.boundary_ratio if m.boundary_ratio is not None else info.boundary_ratio
+        if boundary is None:
+            raise ConfigError("model.boundary_ratio", f"{model_dir}/model_index.json has no boundary_ratio; set one")
+        if not m.min_t < boundary < m.max_t:
+            raise ConfigError("model.boundary_ratio", f"{boundary} must lie strictly between min_t and max_t")
+        schedule = ExpertSchedule.from_config(self.cfg, boundary)
+        logger.info("two experts: boundary %.3f, high-noise expert trained on %.1f%% of steps",
+                    boundary, 100 * schedule.p_high)
+        return schedule
+
+    def _build_expert_pair(self, model_dir: Path) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        cfg = self.cfg
+        init = _expert_init_files(cfg.adapter.init_from_existing)
+        high, high_params = self._transformer_with_lora(model_dir, "transformer", "transformer", init[HIGH_NOISE],
+                                                        cfg.seed)
+        low, low_params = self._transformer_with_lora(model_dir, "transformer_2", "transformer_2", init[LOW_NOISE],
+                                                      cfg.seed + 1)
+        self.transformer = high  # what the sampler and the performance options see first
+        self.saved_transformers = {HIGH_NOISE: high, LOW_NOISE: low}
+        self.lora_params = high_params + low_params
+        self.placement = ExpertPlacement(self.saved_transformers, self.dist.device,
+                                         offload=cfg.model.idle_expert != "resident")
+        module = ExpertPairModule(high, low, self.family, self.model_dtype, self.experts.boundary)
+        return module, self.lora_params
+
+    def _transformer_with_lora(self, model_dir: Path, source: str, config_subfolder: str, init_from: str | None,
+                               seed: int) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
         from peft import LoraConfig, set_peft_model_state_dict
 
         cfg = self.cfg
-        source = cfg.model.transformer_path or cfg.model.transformer_subfolder  # Wan2.2: one expert's folder or file
         transformer = self.family.load_transformer(model_dir, source, self.dist.device, self.model_dtype,
-                                                   cfg.model.transformer_subfolder)
+                                                   config_subfolder)
         targets = self.family.lora_target_modules(transformer, cfg.adapter.target_modules)
-        torch.manual_seed(cfg.seed)  # identical LoRA init on every rank and every resume
+        torch.manual_seed(seed)  # identical LoRA init on every rank and every resume
         transformer.add_adapter(LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.lora_alpha,
                                            lora_dropout=cfg.adapter.dropout, target_modules=targets,
                                            init_lora_weights=True))
-        if cfg.adapter.init_from_existing:
+        if init_from:
             info = self.family.describe(model_dir)
-            validate_lora(cfg.adapter.init_from_existing, self.family.name, num_blocks=info.num_blocks)
-            state = peft_state_from_file(cfg.adapter.init_from_existing, rank=cfg.adapter.rank, alpha=cfg.lora_alpha)
+            validate_lora(init_from, self.family.name, num_blocks=info.num_blocks)
+            state = peft_state_from_file(init_from, rank=cfg.adapter.rank, alpha=cfg.lora_alpha)
             result = set_peft_model_state_dict(transformer, state)
             missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if missing:
@@ -111,9 +160,7 @@ class Trainer:
             apply_performance(transformer, PerfOptions.from_config(cfg.performance),
                               activation_checkpointing=cfg.activation_checkpointing)
         self.targets = targets
-        self.transformer = transformer
-        self.lora_params = params
-        return FlowMatchingModule(transformer, self.family, self.model_dtype), params
+        return transformer, params
 
     def build_engine(self, module: torch.nn.Module, params: list[torch.nn.Parameter], total_steps: int):
         import deepspeed
@@ -152,11 +199,15 @@ class Trainer:
             return
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.transformer)
-        path = save_lora(state, self.files.lora_dir(name), rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
-                         target_modules=self.cfg.adapter.target_modules, dtype=_DTYPES[self.cfg.save_dtype],
-                         base_model=self.cfg.model.ckpt_path,
-                         metadata={"step": str(step), "epoch": str(epoch)})
+        for expert, transformer in self.saved_transformers.items():
+            meta = {"step": str(step), "epoch": str(epoch)}
+            if expert is not None:
+                meta.update(expert=expert, boundary_ratio=str(self.experts.boundary))
+            path = save_lora(get_peft_model_state_dict(transformer), self.files.lora_dir(name),
+                             rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
+                             target_modules=self.cfg.adapter.target_modules, dtype=_DTYPES[self.cfg.save_dtype],
+                             base_model=self.cfg.model.ckpt_path, metadata=meta,
+                             file_name=EXPERT_LORA_FILES[expert] if expert else LORA_FILE)
         self.events.emit("save", step=step, epoch=epoch, label=name, path=str(path))
 
     def save_checkpoint(self, engine, step: int, epoch: int, elapsed: float) -> None:
@@ -212,8 +263,10 @@ class Trainer:
         self.sampler = Sampler(cfg, model_dir, self.family, dist, self.events, self.run_dir, self.model_dtype)
         self.sampler.encode_prompts()  # before the transformer: the text encoder never sits beside it
         module, params = self.build_model(model_dir)
-        self.sampler.attach(self.transformer)
+        self.sampler.attach(*self._sampling_transformers())
         engine, scheduler = self.build_engine(module, params, total_steps)
+        if self.experts is not None:  # DeepSpeed put both on the device; the first step's expert stays
+            self.placement.bring(self.experts.expert_for_step(0))
         self.evaluator = Evaluator(cfg, eval_sets, self.family, dist, self.events)
 
         start_step, elapsed_before = 0, 0.0
@@ -341,11 +394,13 @@ class Trainer:
             noise = torch.randn(latents.shape, generator=generator)
         else:  # drawn where it is used: a host draw of a 480p81 latent costs over a percent of a GPU step
             noise = torch.randn(latents.shape, generator=torch.Generator(device).manual_seed(seed), device=device)
-        t = sample_timesteps(cfg, latents.shape[0], generator)
+        t = self._timesteps(step, latents.shape[0], generator)
         torch.manual_seed(seed)
         loss = engine(latents.to(device), text.to(device), noise, t.to(device))
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
+        if boundary and self.experts is not None:
+            engine.module.drop_idle_gradients()
         norm = None
         if boundary and cfg.zero_stage == 0:
             norm = _clip_lora_grads(self.lora_params, cfg.gradient_clipping)
@@ -359,6 +414,35 @@ class Trainer:
         # One device sync for both values, after the optimizer step is queued.
         loss_value, norm_value = torch.stack([loss, norm.to(loss.device, torch.float32).reshape(())]).tolist()
         return loss_value, norm_value
+
+
+    def _timesteps(self, step: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Noise levels of a micro-batch; with two experts, from the side of the boundary of this step's expert."""
+        if self.experts is None:
+            return sample_timesteps(self.cfg, batch, generator)
+        expert = self.experts.expert_for_step(step)
+        t = sample_timesteps(self.cfg, batch, generator, self.experts.t_range(expert))
+        return self.experts.clamp(t, expert)
+
+    def _sampling_transformers(self) -> tuple:
+        """(transformer, transformer_2, boundary) for samples drawn during training."""
+        if self.experts is None:
+            return (self.transformer,)
+        return (self.saved_transformers[HIGH_NOISE], self.saved_transformers[LOW_NOISE], self.experts.boundary)
+
+
+def _expert_init_files(path: str | None) -> dict[str, str | None]:
+    """init_from_existing for two experts: a save folder or a high-noise file gives both of a pair;
+    a single file (e.g. a Wan2.1 LoRA) starts both experts."""
+    from engine.lora import expert_partner
+
+    if not path:
+        return {HIGH_NOISE: None, LOW_NOISE: None}
+    high = Path(path)
+    if high.is_dir() and (high / EXPERT_LORA_FILES[HIGH_NOISE]).is_file():
+        high = high / EXPERT_LORA_FILES[HIGH_NOISE]
+    low = expert_partner(high) if high.is_file() else None
+    return {HIGH_NOISE: str(high), LOW_NOISE: str(low or high)}
 
 
 def _process_start_time() -> float:

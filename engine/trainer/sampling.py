@@ -67,13 +67,17 @@ class Sampler:
         except Exception as exc:  # noqa: BLE001 - sampling is optional: warn and train on
             self._give_up("preparing", exc)
 
-    def attach(self, transformer: torch.nn.Module) -> None:
+    def attach(self, transformer: torch.nn.Module, transformer_2: torch.nn.Module | None = None,
+               boundary_ratio: float | None = None) -> None:
+        """The transformer(s) being trained; two experts (Wan2.2 A14B) sample as inference does, each
+        denoising its side of the boundary with its own LoRA."""
         if not self.enabled or not self.dist.is_main:
             return
         from engine.inference.pipeline import LoadedModel
 
         try:
-            pipe = self.family.sampling_pipeline(self.model_dir, transformer, self.vae)
+            pipe = self.family.sampling_pipeline(self.model_dir, transformer, self.vae, transformer_2=transformer_2,
+                                                 boundary_ratio=boundary_ratio)
             self.loaded = LoadedModel(path=str(self.model_dir), pipe=pipe, scheduler_config=dict(pipe.scheduler.config),
                                       num_blocks=self.family.describe(self.model_dir).num_blocks)
         except Exception as exc:  # noqa: BLE001
