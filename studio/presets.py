@@ -1,4 +1,4 @@
-"""Training presets for the Train tab: the demo on CPU and two Wan starting points."""
+"""Training presets for the Train tab: the demo on CPU and Wan starting points (the GPU ones fit an 80 GB card)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,6 +45,24 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every_n_minutes": 30.0,
         "performance.attention_backend": "flash3",  # no memory cost; falls back to cuDNN
         "performance.compile_blocks": True,
+    },
+    "Wan2.2 A14B · both experts · 80 GB": {
+        "model.ckpt_path": "/path/to/Wan2.2-T2V-A14B-Diffusers",
+        "model.dtype": "bfloat16",
+        "model.experts": "both",  # one LoRA per expert; boundary from the model's model_index.json
+        "model.idle_expert": "offload",  # one 14B expert on the GPU, the idle one in pinned host RAM
+        "dataset.resolutions": [480],
+        "dataset.frame_buckets": [1, 33],
+        "adapter.rank": 32,
+        "optimizer.lr": 2e-5,
+        "epochs": 20,
+        "gradient_accumulation_steps": 4,
+        "zero_stage": 0,  # two experts need it: each step updates one expert's LoRA
+        "activation_checkpointing": True,
+        "save_every_n_epochs": 2,
+        "checkpoint_every_n_minutes": 60.0,
+        "performance.attention_backend": "flash3",
+        "performance.checkpointing": "save_attention",
     },
 }
 PRESET_NAMES: tuple[str, ...] = (DEMO_PRESET, *WAN_PRESETS)
