@@ -24,6 +24,8 @@ __all__ = ["WanFamily", "WanModelInfo", "TEXT_LENGTH"]
 
 # Wan pads every prompt to 512 tokens of UMT5 output (zeros after the real tokens).
 TEXT_LENGTH = 512
+# I2V cross-attention's image projections, trained with the text ones (ComfyUI: cross_attn.k_img/v_img).
+_IMAGE_KV = {"to_k": "attn2.add_k_proj", "to_v": "attn2.add_v_proj"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,10 @@ class WanFamily(ModelFamily):
         return model
 
     def lora_target_modules(self, transformer: torch.nn.Module, suffixes: list[str]) -> list[str]:
+        """Linears in the blocks ending in one of `suffixes`. Image-to-video models (Wan2.1 I2V) also
+        get the image keys/values of cross-attention (`k_img`/`v_img`, diffusers' `attn2.add_k_proj`/
+        `add_v_proj`) wherever `to_k`/`to_v` are targeted: they are that attention's other keys/values."""
+        suffixes = list(suffixes) + [image for text, image in _IMAGE_KV.items() if text in suffixes]
         names = []
         for name, module in transformer.named_modules():
             if not isinstance(module, torch.nn.Linear) or not name.startswith("blocks."):
