@@ -64,6 +64,22 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
         "performance.attention_backend": "flash3",
         "performance.checkpointing": "save_attention",
     },
+    "Wan2.2 TI2V-5B · 720p": {
+        "model.ckpt_path": "/path/to/Wan2.2-TI2V-5B-Diffusers",  # text-to-video; 48-channel VAE, 32 px per token
+        "model.dtype": "bfloat16",
+        "dataset.resolutions": [704],
+        "dataset.frame_buckets": [1, 49],
+        "adapter.rank": 32,
+        "optimizer.lr": 3e-5,
+        "epochs": 30,
+        "warmup_steps": 50,
+        "save_every_n_epochs": 5,
+        "checkpoint_every_n_minutes": 60.0,
+        "activation_checkpointing": True,
+        "performance.attention_backend": "flash3",
+        "performance.checkpointing": "save_attention",
+        "performance.compile_blocks": True,
+    },
 }
 PRESET_NAMES: tuple[str, ...] = (DEMO_PRESET, *WAN_PRESETS)
 

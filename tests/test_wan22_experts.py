@@ -120,3 +120,36 @@ def _worker_loads_each_expert_lora(tmp_path: Path, model: Path, save: Path) -> N
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["event"] for e in events if e.get("id") == "r1"][-1] == "done", proc.stderr[-3000:]
     assert (tmp_path / "gen/0").is_dir() and any((tmp_path / "gen/0").iterdir())
+
+
+@pytest.mark.slow  # about 35 s on 2 cores
+def test_ti2v_5b_shape_trains_and_generates_with_its_48_channel_vae(tmp_path: Path) -> None:
+    """Wan2.2 TI2V-5B (text-to-video): 48 latent channels, 32 px per token; trainer, then the worker."""
+    from engine.families.wan_random import build_random_wan
+    from engine.lora import load_lora_state_dict
+
+    model = build_random_wan(tmp_path / "tiny_ti2v", preset="tiny", vae="wan2.2")
+    data = make_dataset(tmp_path / "data", images=2, video=False, corrupt_video=False, uncaptioned=False)
+    config = write_config(tmp_path, model, data, epochs=2, **{"dataset.resolutions": [64], "dataset.frame_buckets": [1],
+                                                              "sample.prompts": ["a green square"], "sample.steps": 2,
+                                                              "sample.num_frames": 5, "sample.guidance_scale": 1.0})
+    run_dir = tmp_path / "run"
+    result = run_trainer(trainer_cmd(config, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(run_dir)
+    assert events[-1]["event"] == "done" and not of_kind(events, "warning"), of_kind(events, "warning")
+    save = Path(of_kind(events, "save")[-1]["path"])
+    assert any(v.abs().max() > 0 for k, v in load_lora_state_dict(save).items() if k.endswith("lora_B.weight"))
+    assert (run_dir / "samples" / save.name / "0.mp4").is_file()
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
+    request = {"prompt": "a green square", "negative_prompt": "", "loras": [{"weight": 1.0}], "guidance_scale": 1.0,
+               "steps": 2, "num_videos": 1, "seed": 1, "width": 64, "height": 64, "num_frames": 5, "fps": 8,
+               "flow_shift": 3.0}
+    commands = [json.dumps({"op": "generate", "id": "r1", "request": request, "model_path": str(model),
+                            "lora_files": [str(save / "adapter_model.safetensors")], "out_dir": str(tmp_path / "gen")}),
+                json.dumps({"op": "shutdown"})]
+    proc = subprocess.run([sys.executable, "-m", "engine.inference.worker", "--device", "cpu"], cwd=REPO_ROOT,
+                          env=env, input="\n".join(commands) + "\n", capture_output=True, text=True, timeout=240)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["event"] for e in events if e.get("id") == "r1"][-1] == "done", proc.stderr[-3000:]

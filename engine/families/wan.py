@@ -1,4 +1,9 @@
-"""The Wan family (Wan2.1 T2V 1.3B/14B, Wan2.2 T2V A14B: one expert or both) from a local diffusers folder.
+"""The Wan family (Wan2.1 T2V 1.3B/14B, Wan2.2 T2V A14B: one expert or both, Wan2.2 TI2V-5B as
+text-to-video) from a local diffusers folder.
+
+TI2V-5B needs nothing of its own for text-to-video: its 48-channel VAE and 16x compression are read
+from the VAE config (`describe`), and the per-token timesteps its pipeline uses (`expand_timesteps`)
+are all equal without a start image, so training passes one t per sample.
 
 All transformer forwards for training go through `WanFamily.forward`, so attention backends and
 compilation can be switched in one place.
@@ -151,9 +156,11 @@ class WanFamily(ModelFamily):
 
         config = _read_json(Path(model_dir) / "scheduler" / "scheduler_config.json")
         scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(str(model_dir), subfolder="scheduler")
+        index = _read_json(Path(model_dir) / "model_index.json")
         pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
                                      scheduler=scheduler, transformer_2=transformer_2,
-                                     boundary_ratio=boundary_ratio if transformer_2 is not None else None)
+                                     boundary_ratio=boundary_ratio if transformer_2 is not None else None,
+                                     expand_timesteps=bool(index.get("expand_timesteps")))  # TI2V-5B: per-token t
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -90,7 +90,8 @@ def build_tokenizer(path: Path | None = None):
 
 def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
                      transformer_preset: str | None = None,
-                     transformer_dtype: torch.dtype = torch.float32, boundary_ratio: float | None = None) -> Path:
+                     transformer_dtype: torch.dtype = torch.float32, boundary_ratio: float | None = None,
+                     vae: str = "wan2.1") -> Path:
     """Write a complete diffusers WanPipeline folder with random weights at `path`; returns it.
 
     "tiny" loads and runs a training step in about a second on a CPU core. `transformer_preset`
@@ -98,6 +99,9 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
     for GPU runs of the whole trainer. A `boundary_ratio` makes it a Wan2.2 A14B-style pair of
     experts: `transformer` (high noise, t >= boundary) and `transformer_2` (low noise), each with
     its own random weights, and the ratio in model_index.json as Wan2.2's own folders have it.
+    `vae="wan2.2"` makes it a Wan2.2 TI2V-5B-style model: the 48-channel VAE that patchifies 2x2 and
+    compresses 16x16 spatially (32 px per token with the transformer's patch), a 48-channel transformer
+    and per-token timesteps (`expand_timesteps`) at inference.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -121,16 +125,17 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
     text_encoder.save_pretrained(str(path / "text_encoder"))
 
     t_cfg["text_dim"] = text_cfg["d_model"]
+    z_dim = _VAE_Z_DIM[vae]
+    t_cfg.update(in_channels=z_dim, out_channels=z_dim)
     transformer = WanTransformer3DModel(**t_cfg).to(transformer_dtype)
     transformer.save_pretrained(str(path / "transformer"))
     del transformer
     if boundary_ratio is not None:  # the low-noise expert: same shape, its own weights
         WanTransformer3DModel(**t_cfg).to(transformer_dtype).save_pretrained(str(path / "transformer_2"))
 
-    vae = AutoencoderKLWan(z_dim=16, **_VAE_PRESETS[preset])
-    vae.save_pretrained(str(path / "vae"))
+    AutoencoderKLWan(**_vae_config(vae, preset)).save_pretrained(str(path / "vae"))
 
-    _write_scheduler_and_index(path, boundary_ratio)
+    _write_scheduler_and_index(path, boundary_ratio, expand_timesteps=vae == "wan2.2")
     logger.info("built random Wan (%s) at %s", preset, path)
     return path
 
@@ -168,7 +173,20 @@ def build_real_shape_wan(path: str | Path, transformer_preset: str = "1.3B", dev
     return path
 
 
-def _write_scheduler_and_index(path: Path, boundary_ratio: float | None = None) -> None:
+_VAE_Z_DIM = {"wan2.1": 16, "wan2.2": 48}
+
+
+def _vae_config(vae: str, preset: str) -> dict:
+    if vae not in _VAE_Z_DIM:
+        raise ValueError(f"unknown Wan VAE {vae!r}; choose one of {sorted(_VAE_Z_DIM)}")
+    config = dict(z_dim=_VAE_Z_DIM[vae], **_VAE_PRESETS[preset])
+    if vae == "wan2.2":  # Wan2.2's VAE: 2x2 pixel patches in (12 channels), residual blocks, 16x spatial
+        config.update(is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                      latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    return config
+
+
+def _write_scheduler_and_index(path: Path, boundary_ratio: float | None = None, expand_timesteps: bool = False) -> None:
     from diffusers import UniPCMultistepScheduler
 
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
@@ -177,7 +195,7 @@ def _write_scheduler_and_index(path: Path, boundary_ratio: float | None = None) 
         "_class_name": "WanPipeline",
         "_diffusers_version": _diffusers_version(),
         "boundary_ratio": boundary_ratio,
-        "expand_timesteps": False,
+        "expand_timesteps": expand_timesteps,
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
