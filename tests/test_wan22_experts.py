@@ -153,3 +153,40 @@ def test_ti2v_5b_shape_trains_and_generates_with_its_48_channel_vae(tmp_path: Pa
                           env=env, input="\n".join(commands) + "\n", capture_output=True, text=True, timeout=240)
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["event"] for e in events if e.get("id") == "r1"][-1] == "done", proc.stderr[-3000:]
+
+
+def test_a_step_of_one_expert_leaves_the_other_without_gradient_or_update() -> None:
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig
+
+    from engine.families.wan import WanFamily
+    from engine.families.wan_random import transformer_config
+    from engine.trainer.experts import ExpertPairModule
+
+    experts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(**transformer_config("tiny")).requires_grad_(False)
+        model.add_adapter(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False))
+        experts.append(model)
+    pair = ExpertPairModule(*experts, WanFamily(), torch.float32, boundary=0.5)
+    lora = [p for p in pair.parameters() if p.requires_grad]
+    for p in lora:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(lora, lr=0.1)
+    latents, noise = torch.randn(2, 16, 1, 4, 4), torch.randn(2, 16, 1, 4, 4)
+    text = torch.randn(2, 8, 32)
+    for t in (torch.tensor([0.2, 0.3]), torch.tensor([0.7, 0.9])):  # a low-noise step, then a high-noise one
+        before = {n: p.detach().clone() for n, p in pair.named_parameters() if p.requires_grad}
+        pair(latents, text, noise, t).backward()
+        for p in lora:  # what DeepSpeed's all-reduce does to a parameter without a gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        pair.drop_idle_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ran = "low_noise" if t[0] < 0.5 else "high_noise"
+        for name, p in pair.named_parameters():
+            if p.requires_grad:
+                moved = not torch.equal(before[name], p)
+                assert moved == (f"experts.{ran}." in name), name  # Adam's momentum never moves the idle one
