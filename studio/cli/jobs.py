@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from engine.gpus import on_cpu
 from engine.jobs import Job, JobError, JobStatus, format_duration
 from engine.rundir import read_log_tail
 from engine.scheduler import Scheduler
@@ -73,7 +74,7 @@ def _when(timestamp: float | None) -> str:
 def _devices(job: Job) -> str:
     if not job.gpus_assigned:
         return ("gpu " if job.gpus_explicit else "") + job.gpus_requested
-    if all(d < 0 for d in job.gpus_assigned):
+    if on_cpu(job.gpus_assigned):
         return f"cpu x{len(job.gpus_assigned)}"
     return "gpu " + ",".join(str(d) for d in job.gpus_assigned)
 
@@ -94,6 +95,10 @@ def cmd_list(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
     if not jobs:
         out.write("no jobs\n")
+    waits = sched.queue_waits() if any(j.status == JobStatus.QUEUED for j in jobs) else {}
+    for job in jobs:  # never "queued" without a reason
+        if job.id in waits:
+            out.write(f"#{job.id} waits: {waits[job.id].describe()}\n")
     return 0
 
 
@@ -112,6 +117,8 @@ def cmd_show(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
             out.write(f"{key:>12}: {value}\n")
     if job.failure_reason:
         out.write(f"{'failure':>12}: {job.failure_reason}\n{'hint':>12}: {job.failure_hint}\n")
+    if job.status == JobStatus.QUEUED and job.id in (waits := sched.queue_waits()):
+        out.write(f"{'waiting':>12}: {waits[job.id].describe()}\n")
     out.write("\nhistory:\n")
     for event in sched.events(job.id):
         out.write(f"  {_when(event.time)}  {event.kind:<10} {event.message}\n")
@@ -190,7 +197,7 @@ def launch_and_report(sched: Scheduler, job: Job, follow: bool, out: TextIO) -> 
         return 0
     try:
         job = wait_until(sched, job.id, lambda j: j.status != JobStatus.QUEUED, None,
-                         note=lambda: out.write("waiting for free devices...\n"))
+                         note=lambda: out.write(f"waiting: {_wait_reason(sched, job.id)}\n"))
     except KeyboardInterrupt:
         out.write(f"\njob {job.id} stays queued; it starts when a studio or this command runs again\n")
         return 0
@@ -199,6 +206,11 @@ def launch_and_report(sched: Scheduler, job: Job, follow: bool, out: TextIO) -> 
         out.write("the trainer keeps running after this command; `python -m studio jobs show "
                   f"{job.id}` records its outcome\n")
     return 0 if job.status != JobStatus.FAILED else 1
+
+
+def _wait_reason(sched: Scheduler, job_id: int) -> str:
+    wait = sched.queue_waits().get(job_id)
+    return wait.describe() if wait is not None else "for free devices"
 
 
 def wait_until(sched: Scheduler, job_id: int, predicate, timeout_s: float | None, note=None) -> Job:
