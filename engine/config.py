@@ -40,6 +40,7 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "f
 LrScheduler = Literal["constant", "linear", "cosine"]
 TimestepMethod = Literal["logit_normal", "uniform"]
 DType = Literal["bfloat16", "float16", "float32"]
+TransformerDType = Literal["bfloat16", "float16", "float32", "float8"]
 AttentionBackend = Literal["default", "cudnn", "flash", "efficient", "flash3"]
 CheckpointPolicyName = Literal["full", "save_attention"]
 LoraComputeDtype = Literal["adapter", "activation"]
@@ -57,7 +58,9 @@ class ModelConfig(ConfigTable):
         description="Transformer to train. Wan2.2 A14B: 'transformer' = high-noise expert, "
                     "'transformer_2' = low-noise expert (set min_t/max_t to its range).")
     dtype: DType = Field("bfloat16", description="Dtype of the frozen model on GPU (CPU always uses float32).")
-    transformer_dtype: DType | None = Field(None, description="Transformer dtype on GPU; default = dtype.")
+    transformer_dtype: TransformerDType | None = Field(
+        None, description="Transformer dtype on GPU; default = dtype. 'float8': the blocks' frozen linear weights "
+                          "in fp8 (torchao), computed in dtype.")
     transformer_path: Str | None = Field(
         None, description="Transformer to train instead of ckpt_path's: a diffusers folder, a folder of "
                           "ckpt_path (Wan2.2 'high_noise_model'), or a single .safetensors file (ComfyUI).",
@@ -78,6 +81,11 @@ class ModelConfig(ConfigTable):
         None, description="With experts = 'both' on a GPU: 'offload' (default) keeps the idle expert's frozen "
                           "weights in host memory, 'resident' keeps both experts on the GPU.",
         json_schema_extra={"form": False})
+
+    @property
+    def compute_dtype(self) -> str:
+        """The transformer's dtype on a GPU for activations and non-fp8 weights (fp8 stores weights only)."""
+        return self.dtype if self.transformer_dtype in (None, "float8") else self.transformer_dtype
 
 
 class AdapterConfig(ConfigTable):
@@ -159,6 +167,10 @@ class TrainConfig(ConfigTable):
         None, description="Write a resumable DeepSpeed checkpoint every N minutes.")
     activation_checkpointing: Bool = Field(
         False, description="Recompute block activations in backward (less memory, ~30% slower).")
+    blocks_to_swap: Int | None = Field(
+        None, description="Keep the frozen weights of the last N transformer blocks in pinned host memory and copy "
+                          "each to the GPU one block ahead of use (saves memory with activation_checkpointing; default 0).",
+        json_schema_extra={"form": False})
     # Plain ints with a choice list: a Literal would reject 3 when parsing, but validate() says why.
     zero_stage: Int = Field(0, description="DeepSpeed ZeRO stage.", json_schema_extra={"choices": (0, 1, 2)})
     pipeline_stages: Int = Field(
@@ -307,6 +319,7 @@ class TrainConfig(ConfigTable):
         check(self.zero_stage in (0, 1, 2), "zero_stage", "must be 0, 1 or 2")
         check(self.pipeline_stages == 1, "pipeline_stages", "only 1 is supported (data parallel over ranks)")
         check(self.caching_batch_size >= 1, "caching_batch_size", "must be >= 1")
+        check((self.blocks_to_swap or 0) >= 0, "blocks_to_swap", "must be >= 0")
 
         m = self.model
         check(bool(m.ckpt_path.strip()), "model.ckpt_path", "must not be empty")
@@ -314,6 +327,8 @@ class TrainConfig(ConfigTable):
         check(m.shift > 0, "model.shift", "must be > 0")
         if m.experts == "both":
             errors += _two_expert_errors(self)
+            check(not self.blocks_to_swap and m.transformer_dtype != "float8", "model.experts",
+                  "'both' cannot be combined with blocks_to_swap or transformer_dtype = 'float8' yet")
 
         a = self.adapter
         check(1 <= a.rank <= 1024, "adapter.rank", "must be between 1 and 1024")

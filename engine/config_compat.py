@@ -12,16 +12,13 @@ from typing import Any
 Warnings = list[tuple[str, str]]
 
 _NO_PIPELINE = "ignored: the studio trains data parallel (pipeline_stages = 1)"
-_MEMORY = ("use activation_checkpointing, zero_stage or a smaller frame bucket to fit memory; "
-           "the studio keeps every block on the GPU")
 
 # Keys accepted and ignored, with what the studio does instead (main table).
 IGNORED_MAIN = {
     "partition_method": _NO_PIPELINE,
     "partition_split": _NO_PIPELINE,
     "steps_per_print": "ignored: every step is written to metrics.jsonl",
-    "blocks_to_swap": f"block swapping is not implemented: {_MEMORY}",
-    "disable_block_swap_for_eval": "ignored: no block swapping",
+    "disable_block_swap_for_eval": "ignored: blocks stay swapped during eval",
     "reentrant_activation_checkpointing": "ignored: the studio uses non-reentrant checkpointing",
     "pseudo_huber_c": "ignored: the loss is the plain mean squared error",
     "x_axis_examples": "ignored: charts use the optimizer step as x axis",
@@ -140,8 +137,9 @@ def _move_clip_mode(data: dict[str, Any]) -> None:
 
 
 def _float8(model: dict[str, Any], warnings: Warnings) -> None:
+    """diffusion-pipe's 'float8' (and its e4m3 / e5m2 spellings) is the studio's 'float8' (e4m3 weights)."""
     value = model.get("transformer_dtype")
-    if isinstance(value, str) and value.startswith("float8"):
-        model.pop("transformer_dtype")
-        warnings.append(("model.transformer_dtype", f"'{value}' weights are not implemented: the transformer "
-                                                    "is kept in model.dtype (more GPU memory)"))
+    if isinstance(value, str) and value.startswith("float8") and value != "float8":
+        model["transformer_dtype"] = "float8"
+        if "e5m2" in value:
+            warnings.append(("model.transformer_dtype", f"'{value}': weights are stored as float8 e4m3 (torchao)"))

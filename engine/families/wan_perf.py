@@ -278,6 +278,9 @@ def apply(transformer: torch.nn.Module, options: PerfOptions, *, activation_chec
     if compile_wanted and not on_gpu:
         notes.append("compile_blocks ignored: model is not on a GPU")
         compile_wanted = False
+    if compile_wanted and getattr(transformer, "_block_swapper", None) is not None:
+        notes.append("compile_blocks ignored: blocks_to_swap swaps the blocks' weights between steps")
+        compile_wanted = False
 
     blocks = _blocks(transformer)
     lora_layers = 0

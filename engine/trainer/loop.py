@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, TrainConfig
-from engine.families import get_family
+from engine.families import base_weights, get_family
 from engine.lora import peft_state_from_file, save_lora, validate_lora
 from engine.models import resolve_model
 from engine import optimizers
@@ -46,7 +46,7 @@ class Trainer:
         self.resume = resume
         self.family = get_family(cfg.model.type)
         on_gpu = dist.device.type != "cpu"
-        self.model_dtype = _DTYPES[cfg.model.transformer_dtype or cfg.model.dtype] if on_gpu else torch.float32
+        self.model_dtype = _DTYPES[cfg.model.compute_dtype] if on_gpu else torch.float32
         self.adapter_dtype = _DTYPES[cfg.adapter.dtype] if on_gpu else torch.float32
         self.signal_stop = False
         self.stop_while_caching = False
@@ -130,8 +130,8 @@ class Trainer:
         from peft import LoraConfig, set_peft_model_state_dict
 
         cfg = self.cfg
-        transformer = self.family.load_transformer(model_dir, source, self.dist.device, self.model_dtype,
-                                                   config_subfolder)
+        transformer = self.family.load_transformer(model_dir, source, base_weights.load_device(cfg, self.dist.device),
+                                                   self.model_dtype, config_subfolder)
         targets = self.family.lora_target_modules(transformer, cfg.adapter.target_modules)
         torch.manual_seed(seed)  # identical LoRA init on every rank and every resume
         transformer.add_adapter(LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.lora_alpha,
@@ -152,6 +152,7 @@ class Trainer:
                 param.data = param.data.to(self.adapter_dtype)
                 param.requires_grad_(True)
                 params.append(param)
+        base_weights.place(transformer, cfg, self.dist.device, self._warn)  # fp8 / block swap ([model], blocks_to_swap)
         if cfg.activation_checkpointing:
             self.family.enable_activation_checkpointing(transformer)
         if self.family.name == "wan":  # speed options ([performance]); defaults change nothing
