@@ -45,6 +45,15 @@ FAILURE_RULES: tuple[FailureRule, ...] = (
 )
 
 _SIGNAL_IN_LOG = re.compile(r"exits with return code = -(\d+)")
+# The trainer adds the planner's cheapest change to a CUDA OOM error (engine.planner.advice_after_oom).
+_PLANNER_ADVICE = re.compile(r"planner suggests: (.+)")
+
+
+def _with_planner_advice(rule: FailureRule, text: str) -> str:
+    advice = _PLANNER_ADVICE.search(text) if rule.reason == "CUDA out of memory" else None
+    if advice is None:
+        return rule.hint
+    return f"The planner's cheapest change for this GPU: {advice.group(1).strip()}. {rule.hint}"
 
 
 def classify_failure(exit_code: int | None, log_tail: str, error_message: str | None = None, *,
@@ -55,7 +64,7 @@ def classify_failure(exit_code: int | None, log_tail: str, error_message: str | 
     text = f"{error_message or ''}\n{log_tail}"
     for rule in FAILURE_RULES:
         if rule.pattern.search(text):
-            return rule.reason, rule.hint
+            return rule.reason, _with_planner_advice(rule, text)
     signum = _signal_number(exit_code, log_tail)
     if signum is not None:
         return _signal_failure(signum, oom_killed)

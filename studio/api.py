@@ -184,6 +184,16 @@ class StudioApi:
         log.info("user %s started job %s", user.name, job.id)
         return {**job_summary(job), "config_warnings": cfg.warnings}
 
+    def plan_training(self, user: User, config_toml: str, gpus: str = "", num_gpus: int = 1,
+                      card: str = "") -> dict[str, Any]:
+        """Will the config fit, and how long will it take (engine.planner): on the GPUs Start would use,
+        or on `card` ("RTX 4090" or "RTX 4090:24" GiB) instead."""
+        from engine.planner import DeviceSet, plan_training
+
+        cfg = self.prepare_config(user, config_toml)
+        devices = DeviceSet.choose(self.ctx.gpus.list(), gpus, num_gpus, card)
+        return _without_paths(plan_training(cfg, devices).as_dict())
+
     def check_dataset(self, user: User, folder: str = "", frame_buckets: str = "",
                       config_toml: str = "") -> dict[str, Any]:
         """The dataset preview (engine.dataset's plan, as the trainer will follow it) of an allowed

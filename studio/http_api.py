@@ -42,6 +42,12 @@ def register_api(api: StudioApi) -> None:
         """Queue a training job from a TOML config (dataset inlined). gpus: '0,1' or '' for num_gpus."""
         return _wrap(api, api.start_training)(config_toml, gpus, num_gpus, name, request=request)
 
+    def plan_training(config_toml: str, gpus: str = "", num_gpus: int = 1, card: str = "",
+                      request: gr.Request = None) -> dict:
+        """Pre-flight plan of a training TOML: peak GPU memory, host RAM, cache size, s/step, total time,
+        fits or not, and the cheapest change that fits. card: plan for another card, e.g. 'RTX 4090:24'."""
+        return _wrap(api, api.plan_training)(config_toml, gpus, num_gpus, card, request=request)
+
     def list_jobs(status: str = "", limit: int = 50, offset: int = 0, request: gr.Request = None) -> list[dict]:
         """Jobs visible to the caller, newest first; status: comma-separated filter, e.g. 'running,queued'."""
         statuses = [s.strip() for s in status.split(",") if s.strip()]
@@ -123,6 +129,7 @@ def register_api(api: StudioApi) -> None:
 
     call("whoami", whoami)
     call("start_training", start_training)
+    call("plan_training", plan_training)
     call("list_jobs", list_jobs)
     call("job_status", job_status)
     call("job_metrics", job_metrics)

@@ -140,6 +140,13 @@ def start_run(api: StudioApi, user: User, cfg: TrainConfig, gpus: list[str] | No
     return api.start_training(user, cfg.to_toml(), ",".join(gpus or []), int(count or 1), name or "")
 
 
+def plan_note(api: StudioApi, user: User, cfg: TrainConfig, gpus: list[str] | None, count: Any) -> str:
+    """HTML: whether the form's config fits the GPUs Start would use, its time, and what would make it fit."""
+    plan = api.plan_training(user, cfg.to_toml(), ",".join(gpus or []), int(count or 1))
+    lines = [html.escape(line) for line in plan["summary"]]
+    return message(lines[0], "ok" if plan["fits"] else "error") + "".join(f"<div>{line}</div>" for line in lines[1:])
+
+
 def gpu_choices(api: StudioApi, user: User) -> tuple[list[tuple[str, str]], str]:
     """(the GPU picker's choices, its label)."""
     status = api.gpu_status(user)
@@ -197,7 +204,9 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
                 num_gpus = gr.Number(1, precision=0, label="how many", minimum=1, scale=1, min_width=90)
             with gr.Row(equal_height=True):
                 run_name = gr.Textbox(label="Run name", placeholder="optional", scale=3)
+                plan_btn = gr.Button("Will it fit?", scale=1, elem_id="train-plan")
                 start = gr.Button("Start training", variant="primary", scale=2, elem_id="train-start")
+            plan_msg = gr.HTML(elem_id="train-plan-msg")
             start_msg = gr.HTML()
 
         # ---------------------------------------------------------------- runs
@@ -307,6 +316,13 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
 
     start.click(on_start, form_inputs | {gpu_pick, num_gpus, run_name}, [job_pick, start_msg],
                 api_visibility="private")
+
+    def on_plan(values: dict, request: gr.Request):
+        user = request_user(api, request)
+        with user_errors(api):
+            return plan_note(api, user, train_form.config(values), values.get(gpu_pick), values.get(num_gpus))
+
+    plan_btn.click(on_plan, form_inputs | {gpu_pick, num_gpus}, plan_msg, api_visibility="private")
 
     # ---------------------------------------------------------------- live reads
     def on_jobs_tick(current: int | None, request: gr.Request):

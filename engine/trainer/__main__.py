@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return EXIT_BAD_INPUT
     except Exception as exc:
-        events.emit("error", message=f"{type(exc).__name__}: {exc}")
+        from engine.planner import advice_after_oom
+
+        events.emit("error", message=f"{type(exc).__name__}: {exc}{advice_after_oom(cfg, exc, dist.world_size)}")
         traceback.print_exc()
         return EXIT_CRASH
 

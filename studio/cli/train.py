@@ -2,6 +2,8 @@
 
 Queues a training job in the studio's database. When no studio runs, this process launches it
 (the trainer then runs on in its own session); otherwise the running studio does.
+`--plan [--card "RTX 4090:24"]` queues nothing: it prints whether the config fits and how long it
+takes (engine.planner), exit 0 when it fits, 3 when it does not.
 """
 from __future__ import annotations
 
@@ -30,7 +32,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--priority", type=int, default=0, help="higher starts first")
     parser.add_argument("--run-dir", dest="run_dir", default=None,
                         help="run directory instead of runs/<id>-<name> (multi-node: one shared directory)")
+    parser.add_argument("--plan", action="store_true",
+                        help="queue nothing: estimate memory and time, say whether it fits and what would make it fit")
+    parser.add_argument("--card", default="", help='with --plan: a card instead of this machine\'s GPUs, '
+                        'e.g. "RTX 4090" or "RTX 4090:24" (GiB)')
     parser.set_defaults(func=run)
+
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def print_plan(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    from engine.gpus import GpuInventory
+    from engine.planner import DeviceSet, plan_training
+
+    try:
+        devices = DeviceSet.choose(GpuInventory().list(), args.gpus or "", args.num_gpus, args.card)
+        plan = plan_training(cfg, devices)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in plan.summary():
+        print(line)
+    return 0 if plan.fits else EXIT_DOES_NOT_FIT
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -43,6 +67,8 @@ def parse_gpus(text: str) -> list[int]:
 def run(args: argparse.Namespace, settings: StudioSettings) -> int:
     try:
         cfg = TrainConfig.from_toml_file(args.config).validate()
+        if args.plan:
+            return print_plan(cfg, args)
         # Refused before queueing: the run would fail minutes later on the same plan.
         require_trainable(plan_dataset(cfg.dataset), ", ".join(d.path for d in cfg.dataset.directory),
                           cfg.micro_batch_size_per_gpu)

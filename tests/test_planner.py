@@ -1,0 +1,158 @@
+"""The pre-flight planner (engine.planner): shapes from config files, estimates against recorded
+measurements, the cheapest change that fits, and its three doors (Train tab, HTTP API, CLI)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from engine.failures import classify_failure
+from engine.families.wan_random import transformer_config
+from engine.planner import DeviceSet, Workload, estimate, plan_training, suggest
+from engine.planner_shapes import Clip, ModelShape
+
+CLIP_81 = Clip(832, 480, 81)
+FAST = {"activation_checkpointing": True, "performance.checkpointing": "save_attention",
+        "performance.lora_compute_dtype": "activation", "performance.compile_blocks": True,
+        "performance.attention_backend": "flash3"}
+
+
+def shape_of(preset: str) -> ModelShape:
+    return ModelShape.from_transformer_config(transformer_config(preset))
+
+
+def config(**changes) -> TrainConfig:
+    cfg = TrainConfig(output_dir="o")
+    for path, value in changes.items():
+        cfg = cfg.with_value(path.replace("__", "."), value)
+    return cfg
+
+
+def work(clip: Clip = CLIP_81) -> Workload:
+    return Workload(clip, {clip: 1}, {}, None, "config")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "1.3B", "14B"])
+def test_parameter_count_matches_the_diffusers_model(preset: str) -> None:
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**transformer_config(preset))
+    shape = shape_of(preset)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    linears = sum(m.weight.numel() for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.startswith("blocks."))
+    assert shape.block_linear_params * shape.layers == linears
+
+
+def test_lora_parameter_count_matches_peft() -> None:
+    from peft import LoraConfig
+
+    from engine.families.wan import WanFamily
+    from engine.config import DEFAULT_LORA_TARGETS
+
+    model = WanFamily_model = __import__("engine.families.wan_random", fromlist=["x"]).random_transformer("tiny")
+    targets = WanFamily().lora_target_modules(WanFamily_model, list(DEFAULT_LORA_TARGETS))
+    model.add_adapter(LoraConfig(r=4, target_modules=targets))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert shape_of("tiny").lora_params(4, list(DEFAULT_LORA_TARGETS)) == lora
+
+
+def test_tokens_and_the_demo_model_folder_are_read_without_weights() -> None:
+    assert shape_of("1.3B").tokens(CLIP_81) == 32_760  # 21 x 60 x 104 / 4 (REFERENCE)
+    demo = ModelShape.from_model_dir(Path(__file__).resolve().parent.parent / "assets" / "demo_model")
+    assert (demo.width, demo.layers, demo.vae_spatial) == (128, 6, 4) and demo.text_encoder_params > 0
+
+
+@pytest.mark.parametrize("preset, card, step, peak", [
+    ("14B", "H100", 9.203, 63.17),  # bench/RESULTS.md third session, trainer + flash3 + B (not fitted on)
+    ("1.3B", "H100", 1.833, 13.88),  # the same, 1.3B (fitted on)
+])
+def test_estimates_stay_within_the_issue_bounds_of_recorded_runs(preset: str, card: str, step: float,
+                                                                 peak: float) -> None:
+    result = estimate(config(**FAST), shape_of(preset), DeviceSet.gpus(card), work())
+    assert abs(result.s_per_step / step - 1) < 0.20
+    assert abs(result.gpu_peak_gib / peak - 1) < 0.10
+
+
+def test_each_memory_option_moves_the_estimate_the_right_way() -> None:
+    shape, gpu = shape_of("14B"), DeviceSet.gpus("H100")
+    base = estimate(config(activation_checkpointing=True), shape, gpu, work())
+    fp8 = estimate(config(activation_checkpointing=True, model__transformer_dtype="float8"), shape, gpu, work())
+    swap = estimate(config(activation_checkpointing=True, blocks_to_swap=20), shape, gpu, work())
+    fewer = estimate(config(activation_checkpointing=True), shape, gpu, work(Clip(832, 480, 33)))
+    assert fp8.gpu_parts["base weights"] < 0.6 * base.gpu_parts["base weights"]
+    assert swap.gpu_peak_gib < base.gpu_peak_gib and swap.host_ram_gib > base.host_ram_gib
+    assert fewer.gpu_peak_gib < base.gpu_peak_gib and fewer.s_per_step < base.s_per_step / 2
+    unswapped = estimate(config(blocks_to_swap=20), shape, gpu, work())  # no checkpointing: nothing saved
+    assert unswapped.gpu_parts["base weights"] == estimate(config(), shape, gpu, work()).gpu_parts["base weights"]
+
+
+def test_the_cheapest_fitting_change_is_lossless_when_one_exists() -> None:
+    card = DeviceSet.gpus("RTX 4090", 24)
+    # 1.3B at 480p81 without checkpointing: turning it on (keeping attention) is enough
+    found = suggest(config(), shape_of("1.3B"), card, work())
+    assert found.lossless and found.changes == {"activation_checkpointing": True,
+                                                "performance.checkpointing": "save_attention"}
+    # 14B at 33 frames: the weights alone exceed the card; the fewest swapped blocks that fit
+    cfg, shape, clip = config(activation_checkpointing=True), shape_of("14B"), work(Clip(832, 480, 33))
+    found = suggest(cfg, shape, card, clip)
+    n = found.changes["blocks_to_swap"]
+    assert found.lossless and found.estimate.fits and 0 < n < shape.layers
+    assert not estimate(cfg.with_value("blocks_to_swap", n - 1), shape, card, clip).fits
+    # 14B at 81 frames does not fit 24 GB whatever the weights do: fewer frames
+    found = suggest(cfg, shape, card, work())
+    assert not found.lossless and found.changes["dataset.frame_buckets"][-1] < 81 and found.estimate.fits
+
+
+def _config_only_model(folder: Path, preset: str) -> Path:
+    """A Wan folder with config files and no weights: all the planner reads."""
+    for sub, data in {"": {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]},
+                      "transformer": {**transformer_config(preset), "patch_size": [1, 2, 2]},
+                      "vae": {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}}.items():
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        name = "model_index.json" if not sub else "config.json"
+        (folder / sub / name).write_text(json.dumps(data))
+    return folder
+
+
+def test_cli_plan_exits_3_with_the_change_that_fits(tmp_path: Path, capsys) -> None:
+    from studio.cli import main
+
+    model = _config_only_model(tmp_path / "wan14b", "14B")
+    toml = tmp_path / "plan.toml"
+    toml.write_text(f'output_dir = "o"\nactivation_checkpointing = true\n[model]\nckpt_path = "{model}"\n'
+                    '[dataset]\nresolutions = [480]\nframe_buckets = [33]\n[[dataset.directory]]\npath = "nowhere"\n')
+    assert main(["--home", str(tmp_path / "home"), "train", str(toml), "--plan", "--card", "RTX 4090"]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("does not fit: GPU peak") and "to fit: blocks_to_swap = " in out
+    assert main(["--home", str(tmp_path / "home"), "train", str(toml), "--plan", "--card", "H100"]) == 0
+    assert capsys.readouterr().out.startswith("fits: GPU peak")
+
+
+def test_train_tab_and_api_plan_the_form_config(api, tmp_path: Path) -> None:
+    from studio.auth import User
+    from studio.presets import DEMO_PRESET
+    from tabs import train
+    from tests.ui_support import write_dataset
+
+    alice = User("alice")
+    cfg = train.preset_config(api, DEMO_PRESET)
+    cfg.dataset.directory[0].path = str(write_dataset(api.ctx.layout.home))
+    note = train.plan_note(api, alice, cfg, [], 1)  # no GPU here: a CPU slot, memory = host RAM
+    assert "fits: host RAM peak" in note and "s/step" in note and "cache" in note
+    plan = api.plan_training(alice, cfg.to_toml(), card="RTX 4090:24")
+    assert plan["device"] == "RTX 4090 (24 GiB)" and plan["fits"] and plan["estimate"]["steps"] > 0
+    with pytest.raises(ValueError, match="gpus"):
+        api.plan_training(alice, cfg.to_toml(), gpus="7")
+
+
+def test_an_oom_failure_names_the_planners_change() -> None:
+    message = ("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+               "planner suggests: blocks_to_swap = 12: ~21.0 GiB, ~30.10 s/step (+4%)")
+    reason, hint = classify_failure(1, "", message)
+    assert reason == "CUDA out of memory" and "blocks_to_swap = 12" in hint
+    assert "blocks_to_swap" not in classify_failure(1, "", "OutOfMemoryError: CUDA out of memory.")[1]
