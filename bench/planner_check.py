@@ -44,24 +44,24 @@ class Case:
     options: dict
     s_per_step: float | None
     peak_gib: float | None
-    role: str  # "fit" (a constant was fitted on it) | "check" (not used for fitting)
+    role: str  # what was fitted on it ("fit": time and memory); "check": not used for fitting
     source: str
 
 
 R = "bench/RESULTS.md"
 CASES = [
-    Case("plain 1.3B 480x832x33", "H200", 1, "1.3B", Clip(832, 480, 33), PLAIN, 0.853, 6.9, "fit", "REFERENCE"),
+    Case("plain 1.3B 480x832x33", "H200", 1, "1.3B", Clip(832, 480, 33), PLAIN, 0.853, 6.9, "memory fit, time check", "REFERENCE"),
     Case("plain 1.3B 33f, no checkpointing", "H200", 1, "1.3B", Clip(832, 480, 33),
-         {"activation_checkpointing": False}, 0.619, 45.4, "fit", "REFERENCE"),
-    Case("plain 1.3B 480x832x81", "H200", 1, "1.3B", Clip(832, 480, 81), PLAIN, 2.87, 11.7, "fit", "REFERENCE"),
+         {"activation_checkpointing": False}, 0.619, 45.4, "memory fit, time check", "REFERENCE"),
+    Case("plain 1.3B 480x832x81", "H200", 1, "1.3B", Clip(832, 480, 81), PLAIN, 2.87, 11.7, "memory fit, time check", "REFERENCE"),
     Case("plain 1.3B 81f, compiled blocks", "H200", 1, "1.3B", Clip(832, 480, 81),
-         {**PLAIN, "performance.compile_blocks": True}, 2.33, 10.5, "fit", "REFERENCE"),
-    Case("plain 14B 480x832x81", "H200", 1, "14B", Clip(832, 480, 81), PLAIN, 14.06, 54.7, "fit", "REFERENCE"),
+         {**PLAIN, "performance.compile_blocks": True}, 2.33, 10.5, "memory fit, time check", "REFERENCE"),
+    Case("plain 14B 480x832x81", "H200", 1, "14B", Clip(832, 480, 81), PLAIN, 14.06, 54.7, "memory fit, time check", "REFERENCE"),
     Case("plain 1.3B 81f (re-measured)", "H200", 1, "1.3B", Clip(832, 480, 81), PLAIN, 3.233, 12.1, "check",
          "REFERENCE 2026-11-27"),
     Case("trainer cudnn+save_attention+act+compile 1.3B 81f", "H200", 1, "1.3B", Clip(832, 480, 81),
          {**B, "performance.attention_backend": "cudnn"}, 1.966, 13.9, "check", "REFERENCE 2026-11-27"),
-    Case("plain 1.3B 81f", "H100", 1, "1.3B", Clip(832, 480, 81), PLAIN, 3.463, 12.08, "fit", R + " third session"),
+    Case("plain 1.3B 81f", "H100", 1, "1.3B", Clip(832, 480, 81), PLAIN, 3.463, 12.08, "time fit, memory check", R + " third session"),
     Case("trainer flash3+B 1.3B 81f", "H100", 1, "1.3B", Clip(832, 480, 81),
          {**B, "performance.attention_backend": "flash3"}, 1.833, 13.88, "fit", R + " third session"),
     Case("trainer cudnn+B 1.3B 81f", "H100", 1, "1.3B", Clip(832, 480, 81),
@@ -71,7 +71,7 @@ CASES = [
     Case("trainer cudnn+B 14B 81f", "H100", 1, "14B", Clip(832, 480, 81),
          {**B, "performance.attention_backend": "cudnn"}, 10.032, 63.16, "check", R + " second session"),
     Case("trainer flash3+B 1.3B 81f", "H200", 1, "1.3B", Clip(832, 480, 81),
-         {**B, "performance.attention_backend": "flash3"}, 1.756, 13.88, "fit", R + " third session"),
+         {**B, "performance.attention_backend": "flash3"}, 1.756, 13.88, "time fit (H200/H100 ratio), memory check", R + " third session"),
     Case("trainer flash3+B 1.3B 81f, 2 GPUs", "H200", 2, "1.3B", Clip(832, 480, 81),
          {**B, "performance.attention_backend": "flash3"}, 1.758, None, "check", R + " third session"),
     Case("studio job 848x480x81 (cudnn, save_attention, act LoRA, eager)", "H200", 1, "1.3B", Clip(848, 480, 81),
@@ -79,7 +79,7 @@ CASES = [
     Case("studio job 848x480x81, 2 GPUs", "H200", 2, "1.3B", Clip(848, 480, 81), FAST_JOB, 2.494, None, "check",
          R + " GPU acceptance"),
     Case("studio job 848x480, buckets 33+81 (peak of 6 steps)", "H200", 1, "1.3B", Clip(848, 480, 81), FAST_JOB,
-         None, 13.0, "fit", R + " GPU acceptance"),
+         None, 13.0, "memory fit", R + " GPU acceptance"),
 ]
 
 

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.trainer.loop import Trainer
 
     dist = init_distributed()
+    _cap_gpu_memory(dist.device)
     # Rank 0 picks the run directory (a timestamp or a resumable run) and tells the others.
     choice = broadcast_object(_choose_run_dir(cfg, args) if dist.is_main else None, dist)
     if isinstance(choice, str):
@@ -82,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         events.emit("error", message=f"{type(exc).__name__}: {exc}{advice_after_oom(cfg, exc, dist.world_size)}")
         traceback.print_exc()
         return EXIT_CRASH
+
+
+def _cap_gpu_memory(device) -> None:  # noqa: ANN001 - a torch.device
+    """STUDIO_GPU_MEMORY_CAP_GIB=N: this process may allocate at most N GiB of its GPU, a stand-in for a
+    smaller card when measuring what fits (torch.cuda.set_per_process_memory_fraction)."""
+    cap = os.environ.get("STUDIO_GPU_MEMORY_CAP_GIB")
+    if not cap or device.type != "cuda":
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total), device)
+    logger.info("GPU memory capped at %s GiB of %.1f", cap, total / 2**30)
 
 
 def _choose_run_dir(cfg: TrainConfig, args: argparse.Namespace) -> Path | str:
