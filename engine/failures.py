@@ -57,10 +57,10 @@ def _with_planner_advice(rule: FailureRule, text: str) -> str:
 
 
 def classify_failure(exit_code: int | None, log_tail: str, error_message: str | None = None, *,
-                     oom_killed: bool | None = None) -> tuple[str, str]:
+                     oom_killed: bool | None = None, orphans: int = 0) -> tuple[str, str]:
     """(reason, hint) for a failed run from its exit code, log tail and the trainer's error event.
     `oom_killed`: whether the memory cgroup counted an out-of-memory kill during the run (None:
-    not readable here)."""
+    not readable here). `orphans`: processes of the run still alive when its launcher ended."""
     text = f"{error_message or ''}\n{log_tail}"
     for rule in FAILURE_RULES:
         if rule.pattern.search(text):
@@ -68,6 +68,10 @@ def classify_failure(exit_code: int | None, log_tail: str, error_message: str | 
     signum = _signal_number(exit_code, log_tail)
     if signum is not None:
         return _signal_failure(signum, oom_killed)
+    if orphans and not error_message:  # DeepSpeed's launcher died (its runner still exits 0)
+        return (f"The launcher ended while {orphans} process(es) of the run still ran",
+                "A process between the studio and the ranks (DeepSpeed's runner or launcher) was killed or "
+                f"crashed; the studio stopped the ranks left behind. {_RESUME}")
     if error_message:
         return error_message.splitlines()[0][:300], "See the log tail for the traceback."
     if exit_code is None:

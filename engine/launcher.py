@@ -186,16 +186,23 @@ def job_processes(pgid: int | None, run_dir: str | os.PathLike | None) -> list[p
     return members if any(mark in " ".join(_command_line(p)) for p in members) else []
 
 
+@dataclass(frozen=True)
+class Reaped:
+    found: int  # processes of the job still alive when reaping began (0: it had ended on its own)
+    survivors: tuple[int, ...]  # pids alive even after SIGKILL (uninterruptible I/O); normally none
+
+
 def reap_job(pgid: int | None, run_dir: str | os.PathLike | None, grace_s: float, *,
-             own_group: bool = False) -> list[int]:
-    """End every process left of a job: SIGTERM to its group, SIGKILL after `grace_s`. Returns the
-    pids still alive afterwards (normally none). `own_group`: the caller launched the group and
-    watched its leader until now, so the group is the job's even if no member names the run dir."""
-    if not pgid or not (group_members(pgid) if own_group else job_processes(pgid, run_dir)):
-        return []
-    log.info("reaping what is left of process group %d", pgid)
+             own_group: bool = False) -> Reaped:
+    """End every process left of a job: SIGTERM to its group, SIGKILL after `grace_s`. `own_group`:
+    the caller launched the group and watched its leader until now, so the group is the job's even
+    if no member names the run dir."""
+    left = group_members(pgid) if own_group and pgid else job_processes(pgid, run_dir)
+    if not left:
+        return Reaped(0, ())
+    log.info("reaping %d process(es) left of process group %d", len(left), pgid)
     stop_process_group(pgid, grace_s)
-    return [p.pid for p in group_members(pgid)]
+    return Reaped(len(left), tuple(p.pid for p in group_members(pgid)))
 
 
 def _command_line(proc: psutil.Process) -> list[str]:

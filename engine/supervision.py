@@ -82,7 +82,7 @@ class Supervisor:
 
     def _finish_unwatched(self, job: Job) -> None:
         """The process ended while no scheduler watched: decide from the trainer's last event."""
-        self._reap(job, own_group=False)
+        orphans = self._reap(job, own_group=False)
         final = self._final_event_of_this_launch(job)
         if final is None:
             tail = read_log_tail(job.log_path)
@@ -91,7 +91,7 @@ class Supervisor:
                                   failure_reason="The process ended while the studio was not running",
                                   failure_hint="Resume the job to continue from its last checkpoint.")
             return
-        self.record_outcome(job, exit_code=None, final=final)
+        self.record_outcome(job, exit_code=None, final=final, orphans=orphans)
 
     @staticmethod
     def _final_event_of_this_launch(job: Job) -> dict | None:
@@ -127,20 +127,24 @@ class Supervisor:
             if exited:
                 # Nothing of the job may outlive its outcome: ranks orphaned by a killed runner or
                 # launcher would keep training beside a resume and free devices would be in use.
-                self._reap(job, own_group=watched.popen is not None)
+                orphans = self._reap(job, own_group=watched.popen is not None)
                 self._read_progress(job, watched)
                 self.watched.pop(job_id, None)
                 self.record_outcome(self.get(job_id), exit_code=exit_code, final=watched.final_event,
-                                    final_known=True, oom_killed=self._oom_killed(watched))
+                                    final_known=True, oom_killed=self._oom_killed(watched), orphans=orphans)
                 self.on_exit()
             elif job.status == JobStatus.STOPPING:
                 self._escalate_stop(job, watched)
 
-    def _reap(self, job: Job, own_group: bool) -> None:
-        survivors = reap_job(job.pid, job.run_dir, self.kill_grace_s, own_group=own_group)
-        if survivors:  # unkillable (uninterruptible I/O): say so rather than hide them
-            log.error("job %d: processes %s survived SIGKILL", job.id, survivors)
-            self.store.add_event(job.id, "survivors", f"pids {survivors} survived SIGKILL")
+    def _reap(self, job: Job, own_group: bool) -> int:
+        """End what is left of the job; returns how many of its processes were still running."""
+        reaped = reap_job(job.pid, job.run_dir, self.kill_grace_s, own_group=own_group)
+        if reaped.found:
+            self.store.add_event(job.id, "reaped", f"{reaped.found} process(es) outlived the launcher")
+        if reaped.survivors:  # unkillable (uninterruptible I/O): say so rather than hide them
+            log.error("job %d: processes %s survived SIGKILL", job.id, list(reaped.survivors))
+            self.store.add_event(job.id, "survivors", f"pids {list(reaped.survivors)} survived SIGKILL")
+        return reaped.found
 
     @staticmethod
     def _oom_killed(watched: Watched) -> bool | None:
@@ -194,7 +198,9 @@ class Supervisor:
 
     # ---- the outcome ---------------------------------------------------------------------------
     def record_outcome(self, job: Job, exit_code: int | None, final: dict | None,
-                       final_known: bool = False, oom_killed: bool | None = None) -> None:
+                       final_known: bool = False, oom_killed: bool | None = None, orphans: int = 0) -> None:
+        """`orphans`: processes still running when the launcher ended, which the studio then stopped.
+        A `stopped` they wrote on that SIGTERM is not a stop the user asked for: the run failed."""
         if final is None and not final_known:
             final = self._final_event_of_this_launch(job)
         kind = final.get("event") if final else None
@@ -202,7 +208,7 @@ class Supervisor:
         values: dict = {"ended_at": time.time(), "exit_code": exit_code}
         if kind == "done" and exit_code in (0, None):
             status = JobStatus.SUCCEEDED
-        elif kind == "stopped" and exit_code in (0, None):
+        elif kind == "stopped" and exit_code in (0, None) and (not orphans or stop_requested):
             status = JobStatus.STOPPED
         elif stop_requested and kind != "error":
             status = JobStatus.STOPPED
@@ -210,7 +216,7 @@ class Supervisor:
             status = JobStatus.FAILED
             tail = read_log_tail(job.log_path)
             message = final.get("message") if final and kind == "error" else None
-            reason, hint = classify_failure(exit_code, tail, message, oom_killed=oom_killed)
+            reason, hint = classify_failure(exit_code, tail, message, oom_killed=oom_killed, orphans=orphans)
             values.update(log_tail=tail, failure_reason=reason, failure_hint=hint)
         self.store.transition(job.id, ACTIVE_STATUSES, status,
                               event=f"exit {exit_code}" + (f", {kind}" if kind else ""), **values)

@@ -51,8 +51,11 @@ def main() -> int:
     first = 1
     if args.resume:
         first = int((run_dir / "latest").read_text()) + 1
+    terminated = []  # like the real trainer: SIGTERM ends the run cleanly with a `stopped` event
     if args.mode == "ignore-stop":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
     if args.mode == "child":  # a grandchild in the same process group, like DeepSpeed's ranks
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     print(f"standin pid {os.getpid()} resume={args.resume} first={first} "
@@ -60,7 +63,7 @@ def main() -> int:
           f"port={os.environ.get('MASTER_PORT')} unbuffered={os.environ.get('PYTHONUNBUFFERED')}", flush=True)
     emit(run_dir, "start", total_steps=args.steps, epochs=1, world_size=1, steps_per_epoch=args.steps)
     for step in range(first, args.steps + 1):
-        if (run_dir / "stop").exists() and args.mode != "ignore-stop":
+        if ((run_dir / "stop").exists() and args.mode != "ignore-stop") or terminated:
             emit(run_dir, "stopped", step=step - 1)
             return 0
         if (run_dir / "save").exists():

@@ -40,6 +40,13 @@ def test_sigkill_names_the_oom_killer_only_when_the_cgroup_counted_one() -> None
     assert "out-of-memory killer" in unknown_hint and "kill -9" in unknown_hint  # both causes named
 
 
+def test_ranks_left_behind_by_a_dead_launcher_are_named() -> None:
+    reason, hint = classify_failure(0, "", None, orphans=2)
+    assert reason == "The launcher ended while 2 process(es) of the run still ran" and "Resume" in hint
+    assert classify_failure(-9, "", None, orphans=2)[0] == "Killed by signal 9 (SIGKILL)"  # the signal says more
+    assert "without saying it finished" in classify_failure(0, "", None)[0]
+
+
 def test_log_tail_reads_the_last_lines(tmp_path) -> None:
     log = tmp_path / "train.log"
     log.write_text("".join(f"line {i}\n" for i in range(1000)))

@@ -60,7 +60,10 @@ class Sampler:
         try:
             encoders = self.family.load_encoders(self.model_dir, self.dist.device, self.encoder_dtype)
             for text in dict.fromkeys([*s.prompts, s.negative_prompt]):
-                self.embeds[text] = self.family.pad_text(self.family.encode_text(encoders, [text]))
+                # On the device, like the inference worker's: the transformer moves its time
+                # embedding to wherever the text embedding is.
+                embed = self.family.pad_text(self.family.encode_text(encoders, [text]))
+                self.embeds[text] = embed.to(self.dist.device, self.encoder_dtype)
             self.vae = encoders.vae
             del encoders
             _free_memory(self.dist.device)

@@ -67,7 +67,7 @@ def test_kill_9_on_two_gpus_fails_the_job_and_frees_the_gpus(home: Path, target:
            processes_left=len(left))
     if target == "runner":  # the orphan case of old: the resume must train alone
         ok(studio(home, "jobs", "resume", str(job_id)))
-        wait_for(lambda: job(home, job_id).status.value == "running", 300, "the resume to run")
+        wait_for(lambda: len(of_kind(events(ended.run_dir), "start")) == 2, 300, "the resume to train")
         ok(studio(home, "jobs", "stop", str(job_id)))
         assert job(home, job_id).status.value == "stopped", explain(home, job_id)
         found = events(ended.run_dir)
