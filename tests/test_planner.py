@@ -11,7 +11,7 @@ import torch
 from engine.config import TrainConfig
 from engine.failures import classify_failure
 from engine.families.wan_random import transformer_config
-from engine.planner import DeviceSet, Workload, estimate, plan_training, suggest
+from engine.planner import DeviceSet, Workload, estimate, suggest
 from engine.planner_shapes import Clip, ModelShape
 
 CLIP_81 = Clip(832, 480, 81)
@@ -51,11 +51,12 @@ def test_parameter_count_matches_the_diffusers_model(preset: str) -> None:
 def test_lora_parameter_count_matches_peft() -> None:
     from peft import LoraConfig
 
-    from engine.families.wan import WanFamily
     from engine.config import DEFAULT_LORA_TARGETS
+    from engine.families.wan import WanFamily
+    from engine.families.wan_random import random_transformer
 
-    model = WanFamily_model = __import__("engine.families.wan_random", fromlist=["x"]).random_transformer("tiny")
-    targets = WanFamily().lora_target_modules(WanFamily_model, list(DEFAULT_LORA_TARGETS))
+    model = random_transformer("tiny")
+    targets = WanFamily().lora_target_modules(model, list(DEFAULT_LORA_TARGETS))
     model.add_adapter(LoraConfig(r=4, target_modules=targets))
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert shape_of("tiny").lora_params(4, list(DEFAULT_LORA_TARGETS)) == lora
