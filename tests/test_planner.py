@@ -157,3 +157,23 @@ def test_an_oom_failure_names_the_planners_change() -> None:
     reason, hint = classify_failure(1, "", message)
     assert reason == "CUDA out of memory" and "blocks_to_swap = 12" in hint
     assert "blocks_to_swap" not in classify_failure(1, "", "OutOfMemoryError: CUDA out of memory.")[1]
+
+
+def test_the_trainer_names_the_change_after_a_cuda_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """advice_after_oom plans for the card the trainer ran on; when the plan said "fits", for 85% of it."""
+    from types import SimpleNamespace
+
+    from engine.planner import OOM_ADVICE_PREFIX, advice_after_oom
+
+    model = _config_only_model(tmp_path / "wan14b", "14B")
+    cfg = config(activation_checkpointing=True, model__ckpt_path=str(model), dataset__frame_buckets=[33])
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    card = SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=24 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: card)
+    advice = advice_after_oom(cfg, oom, 1)
+    assert advice.startswith("\n" + OOM_ADVICE_PREFIX + "blocks_to_swap = ")
+    assert advice_after_oom(cfg, ValueError("bad value"), 1) == ""
+    card.name, card.total_memory = "NVIDIA H100 80GB HBM3", 80 * 2**30  # the plan fits: ask for less
+    assert OOM_ADVICE_PREFIX in advice_after_oom(cfg, oom, 1)
