@@ -89,16 +89,20 @@ class Worker:
 
         from engine.inference.pipeline import PipelineCache
 
+        from engine.threads import apply_thread_policy
+
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        # torch's default (a thread per core) oversubscribes the cores a trainer and the app share.
+        self.threads = apply_thread_policy("inference")
         self.cache = PipelineCache(self.device, speed=speed)
         self.idle_timeout_s = idle_timeout_s
         self.emit = emit
         self.reader = reader
 
     def announce(self) -> None:
-        self.emit("ready", pid=os.getpid(), device=str(self.device))
+        self.emit("ready", pid=os.getpid(), device=str(self.device), threads=self.threads)
 
     def serve(self) -> None:
         while True:
@@ -131,7 +135,8 @@ class Worker:
             self.reader.cancelled.discard(request_id)
 
     def run_request(self, request_id: str, command: dict) -> dict:
-        from engine.inference.export import POSTER_FILE, VIDEO_FILE, frames_digest, to_uint8, write_mp4, write_poster
+        from engine.inference.export import (POSTER_FILE, VIDEO_FILE, frames_digest, to_uint8, write_display_mp4,
+                                             write_mp4, write_poster)
         from engine.inference.pipeline import Cancelled, encode_text, generate
 
         req = command["request"]
@@ -164,6 +169,7 @@ class Worker:
             video_dir = out_dir / str(index)
             video_dir.mkdir(parents=True, exist_ok=True)
             write_mp4(frames, video_dir / VIDEO_FILE, fps=int(req["fps"]))
+            write_display_mp4(frames, video_dir, fps=int(req["fps"]))
             write_poster(frames[len(frames) // 2], video_dir / POSTER_FILE)
             encode_s = time.perf_counter() - started
             video_timings = {"load_s": load_s if index == 0 else 0.0, "lora_s": lora_s if index == 0 else 0.0,

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from engine.threads import apply_thread_policy
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,12 +47,9 @@ def init_distributed() -> DistInfo:
         # it only serves inference all-reduce, so training over gloo does not need it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:
-            # CPU ranks share the cores with each other and with the app: one core is left free,
-            # because oversubscribed OpenMP threads stall (measured: a demo forward 1.0 s with 1
-            # thread, 8.6 s with 2 on a busy 2-core machine).
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - 1))
+        # CPU ranks share the cores with each other, the inference worker and the app (engine/threads.py).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])))
+        apply_thread_policy("trainer", ranks=local_world)
     else:
         # Before the group exists: NCCL binds each rank to the current device.
         device = torch.device(get_accelerator().device_name(local_rank))

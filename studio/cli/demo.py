@@ -63,6 +63,9 @@ def _generate(args: argparse.Namespace) -> int:
         parse_caption(args.generate)
     except CaptionError as exc:
         print(f"warning: {exc}; the demo model only knows shapes-world captions", file=sys.stderr)
+    from engine.threads import apply_thread_policy
+
+    apply_thread_policy("inference")  # the same threads as the inference worker: comparable numbers
     pipe = load_demo_pipeline("demo", lora=args.lora)
     started = time.time()
     frames = generate_clip(pipe, args.generate, args.seed, SampleSettings(steps=args.steps, guidance_scale=args.guidance))
