@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.inference.export import META_FILE, POSTER_FILE, VIDEO_FILE, write_json
+from engine.inference.export import DISPLAY_FILE, META_FILE, POSTER_FILE, VIDEO_FILE, write_json
 from engine.paths import DataLayout
 from engine.store.db import Database
 from engine.store.gallery import GalleryFilter, GalleryStore
@@ -57,6 +57,12 @@ class GalleryItem:
     @property
     def video_path(self) -> Path:
         return self.dir / VIDEO_FILE
+
+    @property
+    def display_path(self) -> Path:
+        """The file to show in the browser: the enlarged copy of a small video, else the video itself."""
+        display = self.dir / DISPLAY_FILE
+        return display if display.is_file() else self.video_path
 
     @property
     def poster_path(self) -> Path:

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MediaError", "VideoInfo", "probe_video", "read_video", "write_video", "error_reason"]
+__all__ = ["MediaError", "VideoInfo", "probe_video", "read_video", "write_video", "error_reason", "display_scale",
+           "upscale_nearest", "contact_sheet"]
+
+DISPLAY_MIN_SIDE = 256  # pixels: smaller videos are shown enlarged (the demo's 64x64 becomes 256x256)
 
 PLUGIN = "FFMPEG"
 _FFMPEG_LINE = re.compile(r"^\[[^\]]* @ 0x[0-9a-f]+\]\s*")  # ffmpeg's own messages: "[mov,mp4 @ 0x55..] text"
@@ -118,6 +121,32 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int, *, crf: int, pre
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def display_scale(width: int, height: int, min_side: int = DISPLAY_MIN_SIDE) -> int:
+    """The whole factor that brings the shorter side to at least `min_side` (1 for videos that big already)."""
+    return max(1, -(-min_side // max(1, min(width, height))))
+
+
+def upscale_nearest(frames: np.ndarray, factor: int) -> np.ndarray:
+    """Frames (..., H, W, C) enlarged `factor` times by repeating pixels: a browser's smooth scaling of
+    a 64x64 clip turns shapes into blurs, repeated pixels keep their edges crisp."""
+    if factor <= 1:
+        return frames
+    return np.repeat(np.repeat(frames, factor, axis=-3), factor, axis=-2)
+
+
+def contact_sheet(clips: list[np.ndarray], every: int = 1, factor: int = 2, gap: int = 2) -> np.ndarray:
+    """One image of clips (F, H, W, 3) uint8, a row each, every `every`-th frame, enlarged `factor` times
+    with nearest-neighbour, white gaps between frames and rows (to look at generated clips by eye)."""
+    rows = []
+    for clip in clips:
+        frames = [upscale_nearest(frame, factor) for frame in clip[::every]]
+        spacer = np.full((frames[0].shape[0], gap, 3), 255, dtype=np.uint8)
+        rows.append(np.concatenate([part for frame in frames for part in (frame, spacer)][:-1], axis=1))
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, gap), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    return np.concatenate(rows, axis=0)[:-gap]
 
 
 def error_reason(exc: BaseException) -> str:

@@ -77,7 +77,7 @@ def item_view(api: StudioApi, user: User, item_id: str) -> tuple[str, str, str]:
     """(video file, details table, favorite button label) of one item."""
     item = api.gallery_item(user, item_id)
     record = api.own_item(user, item_id)
-    return api.file_link(record.video_path), _details(item), "★ Unfavorite" if item["favorite"] else "☆ Favorite"
+    return api.file_link(record.display_path), _details(item), "★ Unfavorite" if item["favorite"] else "☆ Favorite"
 
 
 def _selected(item_id: str | None) -> str:

@@ -61,7 +61,7 @@ def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationVi
                               error=message(error, "error"))
     item_id = status["gallery_ids"][0]
     item = api.own_item(user, item_id)
-    return GenerationView(progress_bar(1.0, f"done · seed {item.seed}"), final=True, video=api.file_link(item.video_path),
+    return GenerationView(progress_bar(1.0, f"done · seed {item.seed}"), final=True, video=api.file_link(item.display_path),
                           link=f"<span class='gallery-link'>Gallery entry {item_id} (seed {item.seed})</span>",
                           timings=status.get("timings"), item_id=item_id)
 
