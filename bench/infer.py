@@ -1,6 +1,7 @@
 """Inference bench: the studio's warm worker against a plain diffusers `WanPipeline` call, same run.
 
-    python bench/infer.py                 # CPU, the demo model (a tiny random Wan if it is missing)
+    python bench/infer.py                 # CPU, the demo model at its own settings (64x64x17, 20 steps),
+                                          # the worker path against `python -m studio demo --generate`
     python bench/infer.py --gpu           # GPU, random-weight Wan2.1-1.3B shape, 480x832x81, 50 steps, CFG
     python bench/infer.py --gpu --variants compile compile+cache:0.05
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,10 +34,14 @@ import torch  # noqa: E402
 
 from engine.inference.random_lora import random_lora  # noqa: E402
 from engine.inference.request import InferRequest, LoraSpec  # noqa: E402
+from engine.demo import world  # noqa: E402
 from engine.inference.speed import InferenceSpeed  # noqa: E402
+from engine.threads import apply_thread_policy, cpu_threads  # noqa: E402
 
 GPU_DEFAULTS = dict(width=832, height=480, frames=81, steps=50, guidance=5.0, lora_rank=32)
-CPU_DEFAULTS = dict(width=64, height=64, frames=9, steps=4, guidance=5.0, lora_rank=4)
+# The demo's own settings (request_defaults("demo"), what the Infer tab sends and `demo --generate` uses).
+CPU_DEFAULTS = dict(width=64, height=64, frames=17, steps=20, guidance=5.0, lora_rank=4)
+CPU_PROMPT = "a red circle moving left on a black background"
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -84,6 +90,19 @@ def plain_diffusers(model: Path, req: InferRequest, device: str, calls: int) -> 
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"load_s": load_s, "first_generate_s": seconds[0], "generate_s": seconds[-1]}
+
+
+def demo_cli(req: InferRequest, home: Path) -> dict[str, float]:
+    """`python -m studio demo --generate` as a user runs it: its own timing of the generation and the
+    whole command's wall time (interpreter start, imports and model load included)."""
+    out = home / "demo_cli.mp4"
+    argv = [sys.executable, "-m", "studio", "--home", str(home), "demo", "--generate", req.prompt, "--out", str(out),
+            "--steps", str(req.steps), "--guidance", str(req.guidance_scale), "--seed", str(req.seed or 0)]
+    started = time.perf_counter()
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    wall_s = time.perf_counter() - started
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"generate_s": float(report["seconds"]), "command_wall_s": wall_s}
 
 
 def _sync(device: str) -> None:
@@ -183,23 +202,31 @@ def main(argv: list[str] | None = None) -> int:
     speeds = {name: parse_variant(name) for name in variants}
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs CUDA")
+    if not args.gpu:
+        apply_thread_policy("inference")  # the plain call gets the threads the worker and the CLI get
     with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
         workdir = Path(tmp)
         build_started = time.perf_counter()
         model, model_desc = gpu_model(workdir) if args.gpu else cpu_model(workdir)
         loras = [random_lora(model, workdir / f"lora_{i}", rank=defaults["lora_rank"], seed=i) for i in (1, 2)]
         build_s = time.perf_counter() - build_started
-        req = InferRequest(model=str(model), prompt="a purple star spins over a green field",
-                           negative_prompt="blurry", width=args.width or defaults["width"],
+        demo = not args.gpu and model_desc == "demo"
+        req = InferRequest(model=str(model), prompt=CPU_PROMPT if demo else "a purple star spins over a green field",
+                           negative_prompt="" if demo else "blurry", width=args.width or defaults["width"],
                            height=args.height or defaults["height"], num_frames=args.frames or defaults["frames"],
                            steps=args.steps or defaults["steps"], guidance_scale=defaults["guidance"], seed=1).validate()
         plain = plain_diffusers(model, req, device, calls=1 if args.gpu else 2)
         print(json.dumps({"plain": plain}), file=sys.stderr, flush=True)
+        # The demo CLI only makes the demo's own size: compare with it only there.
+        same_size = (req.width, req.height, req.num_frames) == (world.WIDTH, world.HEIGHT, world.NUM_FRAMES)
+        cli = demo_cli(req, workdir / "cli_home") if demo and same_size else None
         results = {}
         for index, (name, speed) in enumerate(speeds.items()):
             plan = run_plan(args.gpu, req, loras, with_loras=index == 0)
             runs = studio_runs(model, req, plan, workdir / f"home_{index}", speed)
             results[name] = {**_summary(runs, req, plain["generate_s"]), "runs": runs}
+            if cli is not None:
+                results[name]["worker_vs_demo_generate"] = round(runs["second"]["wall_s"] / cli["generate_s"], 3)
             if args.gpu:
                 results[name].update(_denoise_mfu(req, runs["second"]["denoise_s"]))
     record = {
@@ -209,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         "plain_diffusers_load_s": round(plain["load_s"], 4),
         "plain_diffusers_first_generate_s": round(plain["first_generate_s"], 4),
         "plain_diffusers_generate_s": round(plain["generate_s"], 4),
+        **({"demo_generate_s": round(cli["generate_s"], 4), "demo_generate_command_wall_s": round(cli["command_wall_s"], 2)}
+           if cli else {}),
+        "cpu_threads": None if args.gpu else cpu_threads("inference"),
         "variants": results,
     }
     line = json.dumps(record)
@@ -231,7 +261,9 @@ def _denoise_mfu(req: InferRequest, denoise_s: float) -> dict[str, float]:
 def _card(gpu: bool) -> str:
     if gpu:
         return torch.cuda.get_device_name(0)
-    return f"cpu x{torch.get_num_threads()} threads"
+    import os
+
+    return f"{os.cpu_count()} cpu cores, {torch.get_num_threads()} torch threads"
 
 
 if __name__ == "__main__":
