@@ -40,6 +40,7 @@ class JobPanel:
     plot_sig: str
     files_sig: str
     samples: list[tuple[str, str]] | None = None  # the latest save's sample posters + captions (None: unchanged)
+    actions: tuple[str, ...] = ()  # the controls that apply now; the others are greyed out
 
 
 def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_files: str) -> JobPanel:
@@ -48,6 +49,8 @@ def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_file
               f" <span class='muted'>{job['owner']} · {job['phase'] or ''}</span>")
     if job["failure_reason"]:
         header += message(f"{job['failure_reason']} {job['failure_hint'] or ''}", "error")
+    if job.get("waiting_for"):  # never "queued" without a reason
+        header += message(job["waiting_for"], "info")
     fraction = (job["step"] or 0) / job["total_steps"] if job["total_steps"] else None
     bar = progress_bar(fraction, job["progress"] or job["status"])
     series = api.job_metrics(user, job_id)
@@ -60,7 +63,7 @@ def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_file
     files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in saves] if changed else None
     samples = sample_posters(api, user, job_id, latest) if changed else None
     return JobPanel(header, bar, series if sig != last_plot else None, api.job_log(user, job_id)[-6000:],
-                    files, sig, fsig, samples)
+                    files, sig, fsig, samples, tuple(job.get("actions") or ()))
 
 
 def best_save_line(best: dict[str, Any] | None) -> str:
@@ -81,6 +84,9 @@ def sample_posters(api: StudioApi, user: User, job_id: int, event: dict[str, Any
         shown.append((api.file_link(poster), f"{event['label']} · seed {video['seed']} · {video['prompt']}"
                                               + (f" · {scores}" if scores else "")))
     return shown
+
+
+CONTROLS = ("stop", "save", "resume", "cancel")  # the run view's buttons, in order
 
 
 def control_job(api: StudioApi, user: User, job_id: int | None, action: str) -> str:

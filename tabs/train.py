@@ -19,9 +19,10 @@ from studio.http_api import request_user, user_errors
 from studio.plots import loss_figure
 from studio.presets import DEMO_PRESET, PRESET_NAMES, load_preset
 from studio.widgets import ConfigForm, message, progress_bar
-from tabs.runs import JOB_COLUMNS, control_job, job_list, job_panel
+from tabs.runs import CONTROLS, JOB_COLUMNS, control_job, job_list, job_panel
 
 FILE_COLUMNS = ["file", "kind", "frames", "size", "bucket", "caption"]
+NOT_CONFIRMED = -1  # what the Cancel button's confirm dialog hands the handler when the user says no
 
 
 @dataclass
@@ -334,21 +335,25 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
 
     def on_job_tick(job_id: int | None, last_plot: str, last_files: str, request: gr.Request):
         user = request_user(api, request)
+        no_controls = [gr.update(interactive=False)] * len(CONTROLS)
         if job_id is None:
             return ("", progress_bar(None, "no run selected"), gr.skip(), "", gr.skip(), gr.skip(), last_plot,
-                    last_files)
+                    last_files, *no_controls)
         try:
             panel = job_panel(api, user, job_id, last_plot, last_files)
         except Exception:  # deleted or not visible: clear the panel
-            return ("", progress_bar(None, ""), loss_figure(None), "", None, None, "", "")
+            return ("", progress_bar(None, ""), loss_figure(None), "", None, None, "", "", *no_controls)
         plot = gr.skip() if panel.series is None else loss_figure(panel.series)
         files_update = gr.skip() if panel.files is None else panel.files
         samples_update = gr.skip() if panel.samples is None else panel.samples
+        controls = [gr.update(interactive=action in panel.actions) for action in CONTROLS]
         return (panel.header, panel.bar, plot, panel.log, files_update, samples_update, panel.plot_sig,
-                panel.files_sig)
+                panel.files_sig, *controls)
 
+    control_buttons = {"stop": stop_btn, "save": save_btn, "resume": resume_btn, "cancel": cancel_btn}
     timer.tick(on_job_tick, [job_pick, plot_sig, files_sig],
-               [job_header, job_progress, loss_plot, log_view, lora_files, sample_view, plot_sig, files_sig],
+               [job_header, job_progress, loss_plot, log_view, lora_files, sample_view, plot_sig, files_sig,
+                *(control_buttons[action] for action in CONTROLS)],
                queue=False, show_progress="hidden", api_visibility="private")
     job_pick.change(lambda: ("", ""), None, [plot_sig, files_sig], queue=False, api_visibility="private")
 
@@ -358,13 +363,18 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
 
     jobs_table.select(on_row_select, None, job_pick, queue=False, api_visibility="private")
 
-    for button, action in ((stop_btn, "stop"), (save_btn, "save"), (resume_btn, "resume"), (cancel_btn, "cancel")):
+    for action, button in control_buttons.items():
         def on_control(job_id: int | None, request: gr.Request, action: str = action):
             user = request_user(api, request)
+            if job_id == NOT_CONFIRMED:
+                return message("nothing cancelled", "info")
             with user_errors(api):
                 return control_job(api, user, job_id, action)
 
-        button.click(on_control, job_pick, job_msg, api_visibility="private")
+        # Cancel removes a queued run for good: the browser asks first.
+        confirm = ("(job) => (job === null || confirm(`Cancel run #${job}? It leaves the queue.`)) ? job : "
+                   f"{NOT_CONFIRMED}") if action == "cancel" else None
+        button.click(on_control, job_pick, job_msg, js=confirm, api_visibility="private")
 
     def on_gpus_tick(last: str, request: gr.Request):
         choices, label = gpu_choices(api, request_user(api, request))

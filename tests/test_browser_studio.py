@@ -129,7 +129,9 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.locator("#infer-generate").click()
     page.wait_for_selector("#infer-video video", timeout=LONG)
     page.wait_for_function("""() => { const v = document.querySelector('#infer-video video');
-        return v && v.readyState >= 2 && v.videoWidth === 64; }""", timeout=60_000)
+        // 64x48 generated; shown enlarged with nearest-neighbour (display.mp4), same aspect
+        return v && v.readyState >= 2 && v.videoWidth % 64 === 0 && v.videoWidth * 48 === v.videoHeight * 64; }""",
+                       timeout=60_000)
     page.evaluate("() => { const v = document.querySelector('#infer-video video'); v.muted = true; return v.play(); }")
     page.wait_for_function("() => document.querySelector('#infer-video video').currentTime > 0", timeout=30_000)
     assert "seed 5" in page.locator("#infer-gallery-link").inner_text()

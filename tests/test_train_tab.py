@@ -82,6 +82,7 @@ def test_start_list_panel_and_control_a_run(api: StudioApi, form: train.TrainFor
     assert runs.job_list(api, BOB, current=job["id"])[2] is None  # not bob's
     panel = runs.job_panel(api, ALICE, job["id"], last_plot="", last_files="")
     assert f"#{job['id']} my run" in panel.header and panel.series["step"] == [] and panel.files == []
+    assert "cancel" in panel.actions and not {"resume", "save"} & set(panel.actions)  # the others greyed out
     again = runs.job_panel(api, ALICE, job["id"], panel.plot_sig, panel.files_sig)
     assert again.series is None and again.files is None  # unchanged: the UI skips redrawing
     # Samples of a save and the best save, as the trainer records them.
