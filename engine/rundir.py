@@ -175,6 +175,16 @@ class RunDir:
         tmp.replace(marker)
 
 
+def slugify(text: str, max_len: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].strip("-") or "job"
+
+
+def run_dir_name(job_id: int, name: str) -> str:
+    """A studio job's run directory under runs/: `<id>-<slug of its name>`."""
+    return f"{job_id}-{slugify(name)}"
+
+
 def new_run_dir(output_dir: Path) -> Path:
     stamp = datetime.now().strftime("%Y%m%d_%H-%M-%S")
     candidate = output_dir / stamp

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,13 +20,13 @@ from pathlib import Path
 import filelock
 
 from engine.gpus import GpuInventory, cpu_pool, on_cpu
-from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus, parse_job_id
-from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, build_env, is_same_process,
-                             job_processes, pick_master_port, process_identity, spawn_process,
-                             train_log_path)
-from engine.paths import REPO_ROOT, DataLayout
+from engine.jobs import RESUMABLE_STATUSES, Job, JobError, JobStatus, parse_job_id
+from engine.job_launch import launch_job
+from engine.launcher import (LaunchSpec, Nodes, build_deepspeed_command, is_same_process, job_processes,
+                             pick_master_port, process_identity, train_log_path)
+from engine.paths import DataLayout
 from engine.placement import Blocker, QueueWait, choose_devices, explain_queue, occupants, reserved_for_head
-from engine.rundir import RunDir
+from engine.rundir import RunDir, run_dir_name
 from engine.store.db import Database
 from engine.store.jobs import JobEvent, JobStore
 from engine.supervision import Supervisor
@@ -35,11 +34,6 @@ from engine.supervision import Supervisor
 log = logging.getLogger(__name__)
 
 CommandBuilder = Callable[[LaunchSpec], list[str]]
-
-
-def slugify(text: str, max_len: int = 40) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:max_len].strip("-") or "job"
 
 
 # ---- the scheduler ------------------------------------------------------------------------------
@@ -177,7 +171,7 @@ class Scheduler:
         job = self.store.insert(kind="train", name=job_name, owner=owner, status=JobStatus.QUEUED,
                                 config_toml=config_toml, gpus_requested=requested,
                                 gpus_explicit=explicit, priority=int(priority))
-        chosen = chosen or self.layout.runs_dir / f"{job.id}-{slugify(job_name)}"
+        chosen = chosen or self.layout.runs_dir / run_dir_name(job.id, job_name)
         self.store.update(job.id, run_dir=str(chosen), log_path=str(train_log_path(chosen, self.nodes)))
         self.wake()
         return self.get(job.id)
@@ -374,7 +368,7 @@ class Scheduler:
         used = self.store.devices_in_use()
         fixed_port = self.nodes.master_port if self.nodes is not None else None
         for job in self.store.queued():
-            devices = self._choose_devices(job, pool, used)
+            devices = choose_devices(job, pool, used)
             if devices is None:
                 break  # strict order: later jobs never overtake (a big job is never starved)
             ports = self.store.ports_in_use()
@@ -389,44 +383,9 @@ class Scheduler:
             if claimed is not None:
                 self._launch(claimed)
 
-    @staticmethod
-    def _choose_devices(job: Job, pool: list[int], used: set[int]) -> list[int] | None:
-        return choose_devices(job, pool, used)
-
     def _launch(self, job: Job) -> None:
-        run_dir = Path(job.run_dir or self.layout.runs_dir / f"{job.id}-{slugify(job.name)}")
-        files = RunDir(run_dir)
-        launched_at = time.time()  # control requests made from now on are for this launch
-        if self.get(job.id).status == JobStatus.STOPPING:  # stopped between the claim and here
-            self.supervisor.stopped_before_launch(job)
-            self.wake()
-            return
-        try:
-            files.write_config(job.config_toml)
-            files.discard_stale_control_files(launched_at)  # an earlier attempt's stop would end this one
-            resume = job.resume and files.latest_complete_checkpoint() is not None
-            spec = LaunchSpec(job_id=job.id, job_name=job.name, run_dir=run_dir,
-                              devices=tuple(job.gpus_assigned), master_port=int(job.master_port or 0),
-                              resume=resume, nodes=self.nodes, studio_home=self.layout.home,
-                              control_since=launched_at)
-            argv = self.command_builder(spec)
-            with open(spec.log_path, "a", encoding="utf-8") as handle:
-                handle.write(f"=== studio: launch {job.attempts + 1} of job {job.id} at "
-                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n")
-            popen = spawn_process(argv, cwd=REPO_ROOT, env=build_env(spec, None), log_path=spec.log_path)
-        except Exception as exc:  # noqa: BLE001 - any launch error fails this job, not the loop
-            log.exception("could not launch job %d", job.id)
-            self.store.transition(job.id, ACTIVE_STATUSES, JobStatus.FAILED, event="launch failed",
-                                  ended_at=time.time(), failure_reason=f"Could not start: {exc}",
-                                  failure_hint="Check the studio log and the job's run directory.")
-            return
-        identity = process_identity(popen.pid)
-        start_time = identity.start_time if identity else _create_time(popen.pid)
-        self.store.update(job.id, pid=popen.pid, pid_start_time=start_time, started_at=time.time(),
-                          run_dir=str(run_dir), log_path=str(spec.log_path), attempts=job.attempts + 1,
-                          step=None, eta_s=None, phase="starting")
-        self.store.transition(job.id, [JobStatus.STARTING], JobStatus.RUNNING, event=f"pid {popen.pid}")
-        self.supervisor.watch(self.get(job.id), popen=popen, reattach=False)
+        if not launch_job(job, self.store, self.supervisor, self.layout, self.nodes, self.command_builder):
+            self.wake()  # its devices are free again
 
     # ---- supervision ---------------------------------------------------------------------------
     def _supervise(self) -> None:
@@ -434,13 +393,4 @@ class Scheduler:
         self.supervisor.supervise()
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # noqa: BLE001 - the process may already be gone
-        return None
-
-
-__all__ = ["Scheduler", "slugify"]
+__all__ = ["Scheduler"]

@@ -5,7 +5,7 @@ import pytest
 
 from engine.failures import classify_failure
 from engine.rundir import read_log_tail
-from engine.scheduler import slugify
+from engine.rundir import slugify
 
 
 @pytest.mark.parametrize("exit_code, log, message, reason", [
