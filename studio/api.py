@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from engine.dataset import plan_dataset, require_trainable
 from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus, parse_job_id
 from engine.numbers import named_whole_number, whole_number
 from engine.rundir import SAMPLES_DIR, RunDir, read_log_tail
+from studio.api_media import MediaApi, run_loras, without_paths
 from studio.auth import AccessDenied, User
 from studio.datasets import DatasetError, confine, safe_name
 
@@ -84,23 +84,7 @@ def control_refusal(job: Job, action: str) -> str | None:
     return f"job {job.id} is {job.status.value}{hints.get(action, '')}"
 
 
-def run_loras(run_dir: str | Path | None) -> list[tuple[str, Path]]:
-    """Saved LoRAs of a run as (label, file), oldest first by the step each was saved at."""
-    return [(save.label, save.file) for save in RunDir(run_dir).loras()] if run_dir else []
-
-
-def _without_paths(value: Any) -> Any:
-    """Drop "path" keys: gradio_client takes any dict with one for a file to download."""
-    if isinstance(value, dict):
-        return {k: _without_paths(v) for k, v in value.items() if k != "path"}
-    if isinstance(value, list):
-        return [_without_paths(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-class StudioApi:
+class StudioApi(MediaApi):
     """Authorised actions over the context's engine services."""
 
     def __init__(self, ctx: "StudioContext") -> None:
@@ -192,7 +176,7 @@ class StudioApi:
 
         cfg = self.prepare_config(user, config_toml)
         devices = DeviceSet.choose(self.ctx.gpus.list(), gpus, num_gpus, card)
-        return _without_paths(plan_training(cfg, devices).as_dict())
+        return without_paths(plan_training(cfg, devices).as_dict())
 
     def check_dataset(self, user: User, folder: str = "", frame_buckets: str = "",
                       config_toml: str = "") -> dict[str, Any]:
@@ -291,160 +275,3 @@ class StudioApi:
             raise ValueError(f"unknown job action {action!r}")
         log.info("user %s: %s job %s", user.name, action, job.id)
         return self._summary(user, scheduler.get(job.id))
-
-    # ---- LoRAs ---------------------------------------------------------------------------------
-    def user_uploads(self, user: User) -> Path:
-        return self.ctx.layout.uploads_dir / safe_name(user.name, "user")
-
-    def lora_choices(self, user: User, limit: int = 100) -> list[tuple[str, str]]:
-        """(label, reference) of the LoRAs this user may stack: own trained saves and own uploads."""
-        choices: list[tuple[str, str]] = []
-        jobs = self.ctx.scheduler.list_jobs(owner=self._owner_filter(user), limit=limit)
-        for job in jobs:
-            if job.kind != "train":
-                continue
-            for label, _ in reversed(run_loras(job.run_dir)):
-                choices.append((f"#{job.id} {job.name} · {label}", f"job:{job.id}/{label}"))
-        uploads = self.user_uploads(user) / "loras"
-        if uploads.is_dir():
-            for file in sorted(uploads.glob("*.safetensors")):
-                choices.append((f"uploaded · {file.name}", f"upload:{file.name}"))
-        return choices
-
-    def lora_file(self, user: User, reference: str) -> Path:
-        """The file behind 'job:ID/epochN', 'job:ID' (newest save) or 'upload:NAME', if the user may use it."""
-        reference = str(reference).strip()
-        if reference.startswith("job:"):
-            job_part, _, label = reference[4:].partition("/")
-            saves = dict(self.job_lora_files(user, job_part))
-            if not saves:
-                raise FileNotFoundError(f"{reference}: job {job_part} has no saved LoRA yet")
-            if not label:
-                return list(saves.values())[-1]
-            if label not in saves:
-                raise FileNotFoundError(f"{reference}: no save {label!r} (has {', '.join(saves)})")
-            return saves[label]
-        if reference.startswith("upload:"):
-            file = self.user_uploads(user) / "loras" / safe_name(reference[7:], "lora.safetensors")
-            if not file.is_file():
-                raise FileNotFoundError(f"{reference}: no such uploaded LoRA")
-            return file
-        raise ValueError(f"LoRA {reference!r}: use 'job:ID/epochN' or 'upload:NAME'")
-
-    def lora_reference(self, user: User, path: str) -> str | None:
-        """The stack reference ('job:ID/epochN' or 'upload:NAME') of a LoRA file, if the user may use it."""
-        target = Path(path).resolve() if path else None
-        for _, reference in self.lora_choices(user, limit=500):
-            try:
-                if target is not None and self.lora_file(user, reference).resolve() == target:
-                    return reference
-            except (FileNotFoundError, AccessDenied, ValueError):
-                continue
-        return None
-
-    def upload_lora(self, user: User, file: str | Path) -> str:
-        src = Path(file)
-        if src.suffix.lower() != ".safetensors":
-            raise ValueError(f"{src.name}: a LoRA must be a .safetensors file")
-        target_dir = self.user_uploads(user) / "loras"
-        target_dir.mkdir(parents=True, exist_ok=True)
-        name = safe_name(src.stem, "lora") + ".safetensors"
-        shutil.copyfile(src, target_dir / name)
-        return f"upload:{name}"
-
-    # ---- inference -----------------------------------------------------------------------------
-    def generate(self, user: User, request: dict[str, Any]) -> dict[str, Any]:
-        from engine.inference.request import InferRequest
-
-        values = dict(request)
-        loras = values.pop("loras", None) or []
-        specs = [{"path": str(self.lora_file(user, item["lora"])), "weight": item.get("weight", 1.0)}
-                 for item in loras if str(item.get("lora", "")).strip()]
-        if values.get("seed") in ("", -1):
-            values["seed"] = None
-        req = InferRequest.from_dict({**values, "loras": specs}).validate()
-        request_id = self.ctx.inference.submit(req, owner=user.name)
-        log.info("user %s submitted generation %s", user.name, request_id)
-        return {"request_id": request_id}
-
-    def _own_request(self, user: User, request_id: str) -> dict[str, Any]:
-        try:
-            status = dict(self.ctx.inference.status(str(request_id)))
-        except (KeyError, ValueError):
-            raise AccessDenied(f"generation {request_id} not found") from None
-        # the owner is part of the durable record: the check holds after a restart too
-        self.ctx.accounts.check_owner(user, status.get("owner"), f"generation {request_id}")
-        return status
-
-    def _generation_view(self, status: dict[str, Any]) -> dict[str, Any]:
-        return _without_paths({**status, "error": self.redact(status.get("error"))})
-
-    def generation_status(self, user: User, request_id: str) -> dict[str, Any]:
-        return self._generation_view(self._own_request(user, request_id))
-
-    def list_generations(self, user: User, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
-        """Generation requests visible to the user (all of them for an admin), newest first."""
-        found = self.ctx.inference.list(owner=self._owner_filter(user), limit=min(named_whole_number("limit", limit, 1), 500),
-                                        offset=named_whole_number("offset", offset, 0))
-        return [self._generation_view(status) for status in found]
-
-    def cancel_generation(self, user: User, request_id: str) -> dict[str, Any]:
-        self._own_request(user, request_id)
-        self.ctx.inference.cancel(request_id)
-        return self.generation_status(user, request_id)
-
-    # ---- gallery -------------------------------------------------------------------------------
-    def gallery_list(self, user: User, query: str = "", model: str = "", lora: str = "",
-                     favorite: bool = False, page: int = 1, page_size: int = 24,
-                     all_users: bool = True) -> dict[str, Any]:
-        items, total = self.ctx.gallery.list(owner=self._owner_filter(user, all_users), query=query or None,
-                                             model=model or None, lora=lora or None,
-                                             favorite=True if favorite else None,
-                                             page=named_whole_number("page", page, 1),
-                                             page_size=min(named_whole_number("page_size", page_size, 1), 200))
-        return {"items": [self.item_dict(i) for i in items], "total": total, "page": page}
-
-    def own_item(self, user: User, item_id: str):
-        try:
-            item = self.ctx.gallery.get(item_id)
-        except (LookupError, ValueError):
-            item = None
-        if item is None:
-            raise AccessDenied(f"gallery item {item_id} not found")
-        self.ctx.accounts.check_owner(user, item.owner, f"gallery item {item_id}")
-        return item
-
-    @staticmethod
-    def item_dict(item: Any) -> dict[str, Any]:
-        """JSON of a gallery item without server paths (LoRAs are named, not located)."""
-        data = asdict(item)
-        data.pop("dir", None)
-        return _without_paths(data)
-
-    def gallery_item(self, user: User, item_id: str) -> dict[str, Any]:
-        return self.item_dict(self.own_item(user, item_id))
-
-    def gallery_favorite(self, user: User, item_id: str, value: bool) -> dict[str, Any]:
-        self.own_item(user, item_id)
-        self.ctx.gallery.set_favorite(item_id, bool(value))
-        return self.gallery_item(user, item_id)
-
-    def gallery_delete(self, user: User, item_id: str) -> dict[str, Any]:
-        self.own_item(user, item_id)
-        self.ctx.gallery.delete(item_id)
-        return {"deleted": item_id}
-
-    # ---- machine -------------------------------------------------------------------------------
-    def gpu_status(self, user: User) -> dict[str, Any]:
-        """The machine status with other users' jobs shown only as 'in use' (admins see them)."""
-        status = self.ctx.machine_status()
-
-        def shown(job: str, owner: str | None) -> str:  # owner None: an inference worker, nobody's job
-            return job if owner is None or user.can_access(owner) else "in use (another user)"
-
-        for gpu in status["gpus"]:
-            if gpu["job"]:
-                gpu["job"] = shown(gpu["job"], gpu["job_owner"])
-            gpu.pop("job_owner", None)
-        status["cpu_jobs"] = [f"{h['slot']}: {shown(h['job'], h['owner'])}" for h in status["cpu_jobs"]]
-        return status
