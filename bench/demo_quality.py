@@ -1,10 +1,13 @@
 """Demo model quality and speed on CPU; prints ONE JSON line.
 
-base accuracy (color, shape, motion) on held-in prompts, held-out "purple star" accuracy before and
-after the demo LoRA (trained through the real trainer: python -m engine.trainer), the LoRA's
-training wall time, and one 64x64x17, 20-step generation's wall time.
+Scores come from the frame-by-frame evaluator (engine/demo/evaluate.py): base accuracy (color, shape,
+motion, object present in every frame, all at once, and the share of frames with an object) on
+held-in prompts, held-out "purple star" accuracy before and after the demo LoRA (trained through the
+real trainer: python -m engine.trainer), the LoRA's training wall time, and one 64x64x17, 20-step
+generation's wall time (threads as the inference worker's, engine/threads.py). Writes a contact sheet
+of "a purple star moving right on a white background" (3 seeds; base, then with the LoRA) to --sheet.
 
-    python bench/demo_quality.py [--held-in 24] [--held-out 12] [--lora-steps N] [--home DIR]
+    python bench/demo_quality.py [--held-in 24] [--held-out 12] [--lora-steps N] [--home DIR] [--sheet PNG]
 """
 
 from __future__ import annotations
@@ -57,17 +60,32 @@ def train_demo_lora(home: Path, max_steps: int | None) -> tuple[Path, float]:
     return loras[-1], seconds
 
 
+SHEET_PROMPT = "a purple star moving right on a white background"
+
+
+def write_sheet(path: Path, pipes: list, settings: SampleSettings, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Rows: each pipeline x seed, every other frame, enlarged 3x with nearest-neighbour."""
+    from PIL import Image
+
+    from engine.media import contact_sheet
+
+    clips = [generate_clip(pipe, SHEET_PROMPT, seed, settings) for pipe in pipes for seed in seeds]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(contact_sheet(clips, every=2, factor=3)).save(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--held-in", type=int, default=24, help="held-in prompts to score")
     parser.add_argument("--held-out", type=int, default=12, help="held-out prompts to score")
     parser.add_argument("--lora-steps", type=int, default=None, help="override the config's length")
     parser.add_argument("--home", type=Path, default=None, help="data dir (default: a temporary one)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sheet", type=Path, default=REPO / "bench" / "demo_lora_sheet.png",
+                        help="contact sheet of the held-out prompt before/after the LoRA")
     args = parser.parse_args()
-    import torch
+    from engine.threads import apply_thread_policy
 
-    torch.set_num_threads(args.threads)
+    threads = apply_thread_policy("inference")
     settings = SampleSettings()
     pipe = load_demo_pipeline("demo")
     started = time.time()
@@ -81,9 +99,10 @@ def main() -> int:
         lora, lora_s = train_demo_lora(home, args.lora_steps)
         tuned = load_demo_pipeline("demo", lora=lora)
         after = accuracy(score_prompts(tuned, held_out_prompts, settings))
+        write_sheet(args.sheet, [pipe, tuned], settings)
     result = {
         "bench": "demo_quality",
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch threads {args.threads}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch threads {threads}",
         "settings": {"size": "64x64x17", "steps": settings.steps, "guidance": settings.guidance_scale},
         "base_held_in": {k: round(v, 3) for k, v in base.items()},
         "held_out_before": {k: round(v, 3) for k, v in before.items()},
