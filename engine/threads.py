@@ -3,10 +3,12 @@ inference worker and in-process generation (the demo CLI).
 
 Why: the studio's processes share the machine's cores with each other. torch's default (one thread per
 core in every process) oversubscribes them as soon as two processes compute at once, and oversubscribed
-OpenMP threads spin and stall: on a busy 2-core machine the same demo generation took 15.8 s with 2
-threads against 2.8 s with one, and a demo trainer forward 8.6 s against 1.0 s. So each compute process
-gets its share of the cores, leaving one core for the app (and the other computing process) where the
-machine has more than two. OMP_NUM_THREADS, when set, wins (a person or a cluster script chose it).
+OpenMP threads spin and stall: on a busy 2-core machine a warm worker request took 49.5 s with 2
+threads per process against 7.4 s with one (bench/RESULTS.md), a demo trainer forward 8.6 s against
+1.0 s. So the cores, less one kept for the app, are split in two halves: one for a CPU training job
+(divided among its local ranks), one for the inference worker (or in-process generation); every
+process gets at least one thread. A training job and a generation at once then stay within the cores.
+OMP_NUM_THREADS, when set, wins (a person or a cluster script chose it).
 
 Kept free of torch at import; `apply_thread_policy` imports it.
 """
@@ -20,20 +22,19 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 Role = Literal["trainer", "inference"]
-# CPU-heavy processes that may compute at once besides a trainer's ranks: one inference worker.
-_INFERENCE_SHARE = 2
 
 
 def cpu_threads(role: Role, *, ranks: int = 1, cores: int | None = None) -> int:
-    """Threads for one process of `role`: a trainer rank's share of the cores among `ranks` local ranks
-    (one core kept for the app), or an inference process's share beside one training job."""
+    """Threads for one process of `role`: half of the cores less one, divided among a trainer's `ranks`
+    local ranks, or whole for the inference process; at least one."""
     cores = cores or os.cpu_count() or 1
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
+    half = (cores - 1) // 2
     if role == "trainer":
-        return max(1, cores // max(ranks, 1) - 1)
-    return max(1, (cores - 1) // _INFERENCE_SHARE) if cores > 2 else 1
+        return max(1, half // max(ranks, 1))
+    return max(1, half)
 
 
 def apply_thread_policy(role: Role, *, ranks: int = 1) -> int:
