@@ -9,20 +9,19 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, TrainConfig
-from engine.families import base_weights, get_family
-from engine.lora import peft_state_from_file, save_lora, validate_lora
+from engine.config import TrainConfig
+from engine.families import get_family
+from engine.lora import save_lora
 from engine.models import resolve_model
-from engine import optimizers
 from engine.trainer import cache as cache_mod
 from engine.trainer.distributed import DistInfo, any_rank, barrier, mean_over_ranks
 from engine.trainer.evaluation import Evaluator
 from engine.trainer.sampling import Sampler
-from engine.trainer.objective import FlowMatchingModule, sample_timesteps
-from engine.trainer.order import (Sample, epoch_microbatches, lr_factor, microbatch_for, microbatch_position,
-                                  steps_per_epoch)
+from engine.trainer.model import build_engine, build_model
+from engine.trainer.objective import sample_timesteps
+from engine.trainer.order import Sample, epoch_microbatches, microbatch_for, microbatch_position, steps_per_epoch
 from engine.rundir import EXPERT_LORA_FILES, LORA_FILE, ResumeError, RunDir
-from engine.trainer.experts import (HIGH_NOISE, LOW_NOISE, ExpertPairModule, ExpertPlacement, ExpertSchedule)
+from engine.trainer.experts import HIGH_NOISE, LOW_NOISE, ExpertSchedule
 from engine.trainer.runfiles import MetricsWriter
 from engine.trainer.samples import CacheContext, StopRequested, prepare_samples
 
@@ -79,119 +78,16 @@ class Trainer:
             self.events.emit("warning", message=message)
 
     def build_model(self, model_dir: Path) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        cfg = self.cfg
-        self.experts = self._expert_schedule(model_dir)
-        if self.experts is not None:
-            return self._build_expert_pair(model_dir)
-        source = cfg.model.transformer_path or cfg.model.transformer_subfolder  # Wan2.2: one expert's folder or file
-        transformer, params = self._transformer_with_lora(model_dir, source, cfg.model.transformer_subfolder,
-                                                          cfg.adapter.init_from_existing, cfg.seed)
-        self.transformer = transformer
-        self.saved_transformers = {None: transformer}
-        self.lora_params = params
-        return FlowMatchingModule(transformer, self.family, self.model_dtype), params
-
-    def _expert_schedule(self, model_dir: Path) -> ExpertSchedule | None:
-        """None unless model.experts = 'both' (then the model must have two experts)."""
-        m = self.cfg.model
-        if m.experts != "both":
-            return None
-        info = self.family.describe(model_dir)
-        if len(getattr(info, "transformers", ())) != 2:
-            raise ConfigError("model.experts", f"'both' needs a model with two experts (transformer and "
-                                               f"transformer_2); {model_dir} has {len(info.transformers)}")
-        boundary = m.boundary_ratio if m.boundary_ratio is not None else info.boundary_ratio
-        if boundary is None:
-            raise ConfigError("model.boundary_ratio", f"{model_dir}/model_index.json has no boundary_ratio; set one")
-        if not m.min_t < boundary < m.max_t:
-            raise ConfigError("model.boundary_ratio", f"{boundary} must lie strictly between min_t and max_t")
-        schedule = ExpertSchedule.from_config(self.cfg, boundary)
-        logger.info("two experts: boundary %.3f, high-noise expert trained on %.1f%% of steps",
-                    boundary, 100 * schedule.p_high)
-        return schedule
-
-    def _build_expert_pair(self, model_dir: Path) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        cfg = self.cfg
-        init = _expert_init_files(cfg.adapter.init_from_existing)
-        high, high_params = self._transformer_with_lora(model_dir, "transformer", "transformer", init[HIGH_NOISE],
-                                                        cfg.seed)
-        low, low_params = self._transformer_with_lora(model_dir, "transformer_2", "transformer_2", init[LOW_NOISE],
-                                                      cfg.seed + 1)
-        self.transformer = high  # what the sampler and the performance options see first
-        self.saved_transformers = {HIGH_NOISE: high, LOW_NOISE: low}
-        self.lora_params = high_params + low_params
-        self.placement = ExpertPlacement(self.saved_transformers, self.dist.device,
-                                         offload=cfg.model.idle_expert != "resident")
-        module = ExpertPairModule(high, low, self.family, self.model_dtype, self.experts.boundary)
-        return module, self.lora_params
-
-    def _transformer_with_lora(self, model_dir: Path, source: str, config_subfolder: str, init_from: str | None,
-                               seed: int) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-        from peft import LoraConfig, set_peft_model_state_dict
-
-        cfg = self.cfg
-        transformer = self.family.load_transformer(model_dir, source, base_weights.load_device(cfg, self.dist.device),
-                                                   self.model_dtype, config_subfolder)
-        targets = self.family.lora_target_modules(transformer, cfg.adapter.target_modules)
-        torch.manual_seed(seed)  # identical LoRA init on every rank and every resume
-        transformer.add_adapter(LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.lora_alpha,
-                                           lora_dropout=cfg.adapter.dropout, target_modules=targets,
-                                           init_lora_weights=True))
-        if init_from:
-            info = self.family.describe(model_dir)
-            validate_lora(init_from, self.family.name, num_blocks=info.num_blocks)
-            state = peft_state_from_file(init_from, rank=cfg.adapter.rank, alpha=cfg.lora_alpha)
-            result = set_peft_model_state_dict(transformer, state)
-            missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if missing:
-                raise ValueError(f"adapter.init_from_existing: {len(missing)} LoRA weights do not match this "
-                                 f"model/targets (e.g. {missing[0]})")
-        params = []
-        for name, param in transformer.named_parameters():
-            if "lora_" in name:
-                param.data = param.data.to(self.adapter_dtype)
-                param.requires_grad_(True)
-                params.append(param)
-        base_weights.place(transformer, cfg, self.dist.device, self._warn)  # fp8 / block swap ([model], blocks_to_swap)
-        if cfg.activation_checkpointing:
-            self.family.enable_activation_checkpointing(transformer)
-        if self.family.name == "wan":  # speed options ([performance]); defaults change nothing
-            from engine.families.wan_perf import PerfOptions, apply as apply_performance
-
-            apply_performance(transformer, PerfOptions.from_config(cfg.performance),
-                              activation_checkpointing=cfg.activation_checkpointing)
-        self.targets = targets
-        return transformer, params
+        """The LoRA-injected transformer(s) (engine.trainer.model); the trainer keeps what it saves."""
+        built = build_model(self.cfg, self.family, model_dir, self.dist.device, self.model_dtype, self.adapter_dtype,
+                            self._warn)
+        self.experts, self.placement = built.experts, built.placement
+        self.transformer, self.saved_transformers = built.transformer, built.saved_transformers
+        self.lora_params = built.params
+        return built.module, built.params
 
     def build_engine(self, module: torch.nn.Module, params: list[torch.nn.Parameter], total_steps: int):
-        import deepspeed
-
-        cfg = self.cfg
-        o = cfg.optimizer
-        optimizer = optimizers.build(o, params, on_cpu=self.dist.device.type == "cpu")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
-                                   schedule=cfg.lr_scheduler),
-        )
-        ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size_per_gpu,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            # Without ZeRO the trainer clips the LoRA gradients itself (`_clip_lora_grads`): one
-            # fused pass that also yields the norm it reports, instead of DeepSpeed's per-tensor one.
-            "gradient_clipping": cfg.gradient_clipping if cfg.zero_stage > 0 else 0.0,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-            # The frozen base keeps its own dtype; the LoRA weights and optimizer stay in adapter dtype.
-            "bf16": {"enabled": False},
-            "fp16": {"enabled": False},
-        }
-        if cfg.zero_stage > 0:
-            ds_config["zero_allow_untested_optimizer"] = True
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
-        return engine, scheduler
+        return build_engine(self.cfg, module, params, total_steps, on_cpu=self.dist.device.type == "cpu")
 
     # -- saving -----------------------------------------------------------------------------------
     def save_lora(self, name: str, step: int, epoch: int) -> None:
@@ -430,20 +326,6 @@ class Trainer:
         if self.experts is None:
             return (self.transformer,)
         return (self.saved_transformers[HIGH_NOISE], self.saved_transformers[LOW_NOISE], self.experts.boundary)
-
-
-def _expert_init_files(path: str | None) -> dict[str, str | None]:
-    """init_from_existing for two experts: a save folder or a high-noise file gives both of a pair;
-    a single file (e.g. a Wan2.1 LoRA) starts both experts."""
-    from engine.lora import expert_partner
-
-    if not path:
-        return {HIGH_NOISE: None, LOW_NOISE: None}
-    high = Path(path)
-    if high.is_dir() and (high / EXPERT_LORA_FILES[HIGH_NOISE]).is_file():
-        high = high / EXPERT_LORA_FILES[HIGH_NOISE]
-    low = expert_partner(high) if high.is_file() else None
-    return {HIGH_NOISE: str(high), LOW_NOISE: str(low or high)}
 
 
 def _process_start_time() -> float:
