@@ -7,16 +7,13 @@ errors are rewritten as `ConfigError`s); `validate()` checks values and raises o
 naming every bad key path. Parsing and checking are two steps on purpose: the form builds a config
 value by value (`with_value`) and shows every bad value at once when it is submitted.
 
-The UI binds widgets through `config_fields()` and `TrainConfig.get(path)` / `with_value(path, v)`.
+The UI binds widgets through `engine.config_fields` and `TrainConfig.get(path)` / `with_value(path, v)`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import tomllib
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,11 +24,10 @@ from engine import config_compat, optimizers
 from engine.config_dataset import (DatasetConfig, DirectoryConfig, EvalDatasetConfig, dataset_errors,
                                    load_dataset_table, resolve_directories)
 from engine.config_sample import SampleConfig, sample_errors
-from engine.config_types import (Bool, ConfigError, ConfigTable, Float, Int, Str, is_table, strip_annotated, suggest,
-                                 unwrap_optional)
+from engine.config_types import Bool, ConfigError, ConfigTable, Float, Int, Str, suggest
 
 __all__ = ["ConfigError", "DirectoryConfig", "DatasetConfig", "EvalDatasetConfig", "ModelConfig", "AdapterConfig",
-           "OptimizerConfig", "PerformanceConfig", "SampleConfig", "TrainConfig", "FieldSpec", "config_fields", "DEFAULT_LORA_TARGETS"]
+           "OptimizerConfig", "PerformanceConfig", "SampleConfig", "TrainConfig", "DEFAULT_LORA_TARGETS"]
 
 
 MAX_BATCH = 4096  # micro batch and accumulation: far above any real run, refuses typos like 10**20
@@ -372,52 +368,6 @@ def _two_expert_errors(cfg: "TrainConfig") -> list[tuple[str, str]]:
 
 
 # ---- field registry for forms ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    path: str
-    type: str  # "int" | "float" | "bool" | "str" | "list[int]" | "list[float]" | "list[str]"
-    default: Any
-    choices: tuple | None
-    help: str
-    optional: bool = False
-
-
-def config_fields() -> list[FieldSpec]:
-    """Every scalar/list field of TrainConfig by key path (nested tables flattened, directories excluded)."""
-    specs: list[FieldSpec] = []
-    _collect_fields(TrainConfig, "", specs)
-    return specs
-
-
-def _collect_fields(cls: type[BaseModel], prefix: str, out: list[FieldSpec]) -> None:
-    for name, info in cls.model_fields.items():
-        path = f"{prefix}{name}"
-        inner, optional = unwrap_optional(info.annotation)
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if extra.get("form") is False:
-            continue  # set in TOML only (diffusion-pipe's dataset and eval options, [sample])
-        if is_table(inner):
-            _collect_fields(inner, path + ".", out)
-            continue
-        if typing.get_origin(inner) is list and is_table(strip_annotated(typing.get_args(inner)[0])):
-            continue  # [[directory]] tables are edited as a list, not as form fields
-        # A fresh copy: the form may mutate a list default.
-        default = None if info.is_required() else copy.deepcopy(info.get_default(call_default_factory=True))
-        choices = extra.get("choices")
-        if choices is None and typing.get_origin(inner) is Literal:
-            choices = typing.get_args(inner)
-        out.append(FieldSpec(path, _type_name(inner), default, choices, info.description or "", optional))
-
-
-def _type_name(tp: Any) -> str:
-    tp = strip_annotated(tp)
-    if typing.get_origin(tp) is Literal:
-        return "str"
-    if typing.get_origin(tp) is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    return getattr(tp, "__name__", str(tp))
 
 
 def _replace_path(obj: ConfigTable, parts: list[str], value: Any, prefix: str) -> Any:

@@ -7,7 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from engine.config import ConfigError, FieldSpec, TrainConfig, config_fields
+from engine.config import ConfigError, TrainConfig
+from engine.config_fields import FieldSpec, config_fields
 from engine.inference.request import LIMITS
 
 # Form sections: (title, key-path prefix or exact paths). Fields not listed land in "Training".

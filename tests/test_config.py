@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, TrainConfig, config_fields
+from engine.config import ConfigError, TrainConfig
+from engine.config_fields import config_fields
 from engine.models import ModelNotFoundError, resolve_model
 
 MAIN = """

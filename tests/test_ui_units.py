@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import TrainConfig, config_fields
+from engine.config import TrainConfig
+from engine.config_fields import config_fields
 from engine.config import DatasetConfig, DirectoryConfig
 from studio.datasets import DatasetError, check, confine, import_uploads, safe_extract_zip, save_caption
 from studio.plots import ema_smooth, loss_figure
