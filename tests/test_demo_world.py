@@ -1,11 +1,11 @@
-"""The shapes world: deterministic clips, a held-out split, and an evaluator that reads ground truth."""
+"""The shapes world: deterministic clips, a held-out split, captions, dataset files (the evaluator: test_demo_evaluate.py)."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.demo.evaluate import accuracy, evaluate_clip, read_clip
+from engine.demo.evaluate import evaluate_clip
 from engine.demo.world import (
     HELD_OUT_COLOR,
     HELD_OUT_SHAPE,
@@ -35,21 +35,8 @@ def test_base_split_never_shows_the_held_out_concept():
     assert len({s.caption for s in held_out}) == 12  # every direction x background once
 
 
-def test_evaluator_reads_ground_truth_at_least_95_percent():
-    specs = sample_specs(96, seed=3) + sample_specs(24, seed=4, held_out=True)
-    scores = [evaluate_clip(render_clip(s), s.caption.text()) for s in specs]
-    result = accuracy(scores)
-    assert result["color"] >= 0.95 and result["shape"] >= 0.95 and result["motion"] >= 0.95, result
-
-
-def test_evaluator_rejects_wrong_prompts_and_blank_clips():
-    spec = sample_specs(1, seed=5)[0]
-    frames = render_clip(spec)
-    wrong_direction = {"left": "right", "right": "left", "up": "down", "down": "up"}[spec.direction]
-    prompt = spec.caption.text().replace(f"moving {spec.direction}", f"moving {wrong_direction}")
-    assert not evaluate_clip(frames, prompt).motion_ok
-    blank = np.repeat(frames[:, :1, :1], 64, axis=1).repeat(64, axis=2)
-    assert read_clip(blank).color is None
+def test_captions_outside_the_template_or_vocabulary_are_refused():
+    assert parse_caption("A red circle moving left on a black background.").color == "red"
     with pytest.raises(CaptionError, match="unknown color 'pink'"):
         parse_caption("a pink circle moving left on a black background")
     with pytest.raises(CaptionError, match="does not follow"):
