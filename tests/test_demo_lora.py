@@ -18,13 +18,13 @@ SHORT_RUN_STEPS = 60  # a fifth of the demo preset; enough to pull colors toward
 
 
 def _readings(pipe, prompts: list[str]) -> tuple[float, int]:
-    """(median RGB distance of the foreground to purple, clips whose foreground reads as purple)."""
-    distances, purple = [], 0
+    """(median RGB distance of the drawn object to purple, frames whose object reads as purple)."""
+    distances, purple_frames = [], 0
     for seed, prompt in enumerate(prompts):
         frames = generate_clip(pipe, prompt, seed, SampleSettings())
         distances.append(color_distance(frames, HELD_OUT_COLOR))
-        purple += evaluate_clip(frames, prompt).observed.color == HELD_OUT_COLOR
-    return float(np.median(distances)), purple
+        purple_frames += sum(f.color == HELD_OUT_COLOR for f in evaluate_clip(frames, prompt).frames)
+    return float(np.median(distances)), purple_frames
 
 
 @pytest.mark.slow
@@ -44,8 +44,9 @@ def test_short_demo_lora_moves_generations_towards_the_held_out_color(tmp_path: 
     prompts = evaluation_prompts(4, held_out=True)
     before, purple_before = _readings(load_demo_pipeline("demo"), prompts)
     after, purple_after = _readings(load_demo_pipeline("demo", lora=loras[-1]), prompts)
-    # The base model has never seen "purple": its shapes come out in other colors. The LoRA must pull
-    # the generated foreground clearly towards purple (RGB distances, 0..441; the median ignores a clip
-    # whose shape a half-trained LoRA washed out) and make more clips read as purple.
+    # The base model has never seen "purple": it draws other colors or nothing. A fifth of the demo run
+    # must pull the color of what it draws clearly towards purple (RGB distances, 0..441) and make more
+    # frames read as purple. Color only: at this point the object still vanishes after a few frames
+    # (presence is what the full run and bench/demo_quality.py measure).
     assert after < before - 20, f"median distance to purple before {before:.0f}, after {after:.0f}"
-    assert purple_after > purple_before, f"clips read as purple: before {purple_before}, after {purple_after}"
+    assert purple_after > purple_before, f"frames read as purple: before {purple_before}, after {purple_after}"

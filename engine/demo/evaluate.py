@@ -43,6 +43,7 @@ class FrameReading:
     """One frame: is an object there, its color, its shape and where it is (None where not read)."""
 
     present: bool
+    rgb: tuple[float, float, float] | None = None  # the object's core color
     color: str | None = None
     color_error: float = float("inf")  # RGB distance of the core to the nearest palette color
     shape: str | None = None
@@ -113,17 +114,13 @@ def read_frames(frames: np.ndarray) -> tuple[np.ndarray, list[FrameReading]]:
 
 
 def color_distance(frames: np.ndarray, color: str) -> float:
-    """RGB distance between the clip's object color (median over frames) and a palette color; a
-    continuous score, lower is closer. Frames without an object count as the farthest distance."""
-    video = _as_float_rgb(frames)
-    background = np.median(_border_pixels(video), axis=0)
+    """RGB distance between the object's color (median over the frames that show one) and a palette
+    color: a continuous color score, lower is closer, blind to presence (`presence` measures that).
+    The farthest distance when no frame shows an object."""
+    _, per_frame = read_frames(frames)
     target = np.array(COLORS[color], dtype=np.float32)
-    far = float(np.linalg.norm([255.0, 255.0, 255.0]))
-    distances = []
-    for frame in video:
-        core = _object_core(frame, background)
-        distances.append(far if core is None else float(np.linalg.norm(core - target)))
-    return float(np.median(distances))
+    distances = [float(np.linalg.norm(np.array(f.rgb) - target)) for f in per_frame if f.rgb is not None]
+    return float(np.median(distances)) if distances else float(np.linalg.norm([255.0, 255.0, 255.0]))
 
 
 def accuracy(scores: list[ClipScore]) -> dict[str, float]:
@@ -150,6 +147,7 @@ def _read_frame(frame: np.ndarray, background: np.ndarray) -> FrameReading:
     shape, fit = _match_shape(alpha)
     return FrameReading(
         present=True,
+        rgb=(float(core[0]), float(core[1]), float(core[2])),
         color=name if error <= _COLOR_TOLERANCE else None,
         color_error=error,
         shape=shape if fit >= _SHAPE_FIT else None,
