@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-gpu browser clean-venv flash3
+.PHONY: run test test-heavy test-gpu browser clean-venv flash3
 
 run: $(STAMP)
 	$(PY) app.py $(ARGS)
@@ -18,6 +18,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $(STAMP)
+
+# Cases that take minutes on 2 cores (the short demo LoRA run), outside the default suite.
+test-heavy: $(STAMP)
+	$(PY) -m pytest -m heavy $(PYTEST_ARGS)
 
 # The GPU acceptance suite (tests/gpu): real studio jobs on this machine's GPUs (2 needed; about
 # 15 minutes on two H100s). Results and frames of the generated videos land in test-artifacts/gpu/.

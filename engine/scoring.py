@@ -23,7 +23,8 @@ class Scorer(Protocol):
 
 
 class DemoWorldScorer:
-    """The demo world's pixel evaluator: each attribute 1 when the clip shows what the prompt says."""
+    """The demo world's pixel evaluator: each attribute 1 when the clip shows what the prompt says in
+    (nearly) every frame; `present`: an object in every frame (a clip that fades away fails "all")."""
 
     name = "demo-world"
 
@@ -31,8 +32,8 @@ class DemoWorldScorer:
         from engine.demo.evaluate import evaluate_clip
 
         clip = evaluate_clip(frames, prompt)
-        flags = {"color": clip.color_ok, "shape": clip.shape_ok, "motion": clip.motion_ok}
-        return {**{k: float(v) for k, v in flags.items()}, "all": float(all(flags.values()))}
+        flags = {"color": clip.color_ok, "shape": clip.shape_ok, "motion": clip.motion_ok, "present": clip.present_ok}
+        return {**{k: float(v) for k, v in flags.items()}, "all": float(clip.all_ok)}
 
 
 def scorer_for(model: str) -> Scorer | None:

@@ -27,7 +27,7 @@ def _readings(pipe, prompts: list[str]) -> tuple[float, int]:
     return float(np.median(distances)), purple_frames
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 4-6 minutes on 2 cores: `make test-heavy`
 def test_short_demo_lora_moves_generations_towards_the_held_out_color(tmp_path: Path):
     ensure_demo_assets(tmp_path)
     config = tmp_path / "demo_lora.toml"

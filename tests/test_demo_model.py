@@ -95,7 +95,7 @@ def test_demo_build_refuses_a_wrong_init_folder_or_clip_length(tmp_path: Path, c
     """A typo in --init must not silently train from scratch; a VAE crop must be a Wan length (4k+1)."""
     import pytest
 
-    from engine.demo.build_model import main
+    from engine.demo.build_cli import main
 
     for argv, expected in [(["--init", str(tmp_path / "nope")], "no vae or transformer folder"),
                            (["--vae-clip-frames", "8"], "must be 4k+1")]:

@@ -75,6 +75,9 @@ def test_the_demo_world_scorer_passes_a_true_clip_and_fails_a_wrong_prompt() -> 
     caption = world.parse_caption("a purple star moving right on a white background")
     frames = world.render_clip(world.make_spec(caption, np.random.default_rng(0)))
     frames = frames if frames.dtype == np.uint8 else (np.clip(frames, 0, 1) * 255).astype(np.uint8)
-    assert scorer.score(frames, caption.text()) == {"color": 1.0, "shape": 1.0, "motion": 1.0, "all": 1.0}
+    assert scorer.score(frames, caption.text()) == {"color": 1.0, "shape": 1.0, "motion": 1.0, "present": 1.0,
+                                                    "all": 1.0}
+    faded = scorer.score(np.concatenate([frames[:3], np.full_like(frames[3:], 255)]), caption.text())
+    assert faded["present"] == 0.0 and faded["all"] == 0.0  # a clip that fades to white after 3 frames
     wrong = scorer.score(frames, "a red star moving right on a white background")
     assert wrong["color"] == 0.0 and wrong["all"] == 0.0

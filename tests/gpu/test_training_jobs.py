@@ -135,7 +135,7 @@ def test_samples_during_a_two_gpu_job(home: Path) -> None:
     samples = of_kind(found, "sample")
     assert [s["label"] for s in samples] == ["start", "step5", "step10"], [e for e in found if e["event"] == "warning"]
     for sample in samples:
-        assert set(sample["scores"]) == {"color", "shape", "motion", "all"}
+        assert set(sample["scores"]) == {"color", "shape", "motion", "present", "all"}
         assert all(Path(v["file"]).is_file() for v in sample["videos"])
     from tests.gpu.support import save_frames
 
