@@ -230,6 +230,11 @@ class StudioApi(MediaApi):
             return {"step": [], "loss": [], "lr": [], "epoch_steps": []}
         return loss_series(job.run_dir, max_points=max_points, cache=self.ctx.loss_cache)
 
+    def job_samples(self, user: User, job_id: int | str) -> dict[str, Any]:
+        """The run's `sample` events (videos as run-relative files, scores) and its best save."""
+        series = self.job_metrics(user, job_id, max_points=2)
+        return {"samples": series.get("samples", []), "best": series.get("best")}
+
     def job_lora_files(self, user: User, job_id: int | str) -> list[tuple[str, Path]]:
         return run_loras(self.own_job(user, job_id).run_dir)
 

@@ -61,6 +61,10 @@ def register_api(api: StudioApi) -> None:
         """Loss series of a job: lists step, loss, lr and epoch_steps."""
         return _wrap(api, api.job_metrics)(job_id, max_points, request=request)
 
+    def job_samples(job_id: int, request: gr.Request = None) -> dict:
+        """Sample videos drawn at each save ([sample]): label, step, seconds, videos with scores; the best save."""
+        return _wrap(api, api.job_samples)(job_id, request=request)
+
     def job_log(job_id: int, request: gr.Request = None) -> str:
         """The last lines of a job's log."""
         return _wrap(api, api.job_log)(job_id, request=request)
@@ -133,6 +137,7 @@ def register_api(api: StudioApi) -> None:
     call("list_jobs", list_jobs)
     call("job_status", job_status)
     call("job_metrics", job_metrics)
+    call("job_samples", job_samples)
     call("job_log", job_log)
     for action in ("stop", "cancel", "resume", "save"):
         call(f"{action}_job", control(action))

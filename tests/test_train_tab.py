@@ -96,6 +96,16 @@ def test_start_list_panel_and_control_a_run(api: StudioApi, form: train.TrainFor
     assert caption == "epoch1 · seed 0 · a purple star · all 1.00 color 1.00"
     with pytest.raises(FileNotFoundError):
         api.job_sample_file(ALICE, job["id"], "../run.toml")
+    # The same through /job_samples and `python -m studio jobs samples`.
+    from studio.cli.jobs import format_samples
+
+    listed = api.job_samples(ALICE, job["id"])
+    assert listed["best"]["label"] == "epoch1" and listed["samples"][0]["videos"][0]["file"] == "samples/epoch1/0.mp4"
+    with pytest.raises(Exception, match="not found"):
+        api.job_samples(BOB, job["id"])
+    text = format_samples({"samples": listed["samples"], "best": listed["best"]}, run_dir)
+    assert text.splitlines()[0].startswith("epoch1 (step 4") and str(run_dir / "samples/epoch1/0.mp4") in text
+    assert "best save: epoch1" in text and "no samples yet" in format_samples({}, run_dir)
     with pytest.raises(ValueError, match="select a run"):
         runs.control_job(api, ALICE, None, "stop")
     with pytest.raises(Exception, match="not found"):

@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=cmd_list)
     for name, func, text in (("show", cmd_show, "details, history and failure of one job"),
                              ("logs", cmd_logs, "the job's train.log"),
+                             ("samples", cmd_samples, "sample videos per save, their scores, the best save"),
                              ("stop", cmd_stop, "stop a running job (stop file, then signals)"),
                              ("save", cmd_save, "save the running job's LoRA now (it keeps training)"),
                              ("resume", cmd_resume, "queue a stopped/failed/lost job again"),
@@ -128,6 +129,34 @@ def cmd_show(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
 
 
 @_with_scheduler
+@_with_scheduler
+def cmd_samples(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
+    from engine.metrics import loss_series
+
+    job = sched.get(args.id)
+    series = loss_series(job.run_dir, max_points=2) if job.run_dir else {}
+    out.write(format_samples(series, Path(job.run_dir or ".")))
+    return 0
+
+
+def format_samples(series: dict, run_dir: Path) -> str:
+    """One block per sampled save: step, time, mean scores, then each video's file, prompt and scores."""
+    samples = series.get("samples") or []
+    if not samples:
+        return "no samples yet (add a [sample] table to the config)\n"
+    lines = []
+    for event in samples:
+        scores = " ".join(f"{k} {v:.2f}" for k, v in (event.get("scores") or {}).items())
+        lines.append(f"{event['label']} (step {event['step']}, {event.get('seconds', 0):.1f} s) {scores}".rstrip())
+        for video in event.get("videos", []):
+            mark = " ".join(f"{k} {v:.0f}" for k, v in (video.get("scores") or {}).items())
+            lines.append(f"  {run_dir / video['file']}  seed {video['seed']}  {video['prompt']}  {mark}".rstrip())
+    best = series.get("best")
+    if best:
+        lines.append(f"best save: {best['label']} ({best['why']})")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_logs(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
     job = sched.get(args.id)
     if not job.log_path or not Path(job.log_path).exists():
