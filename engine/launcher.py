@@ -374,7 +374,7 @@ def build_deepspeed_command(spec: LaunchSpec, module: str = TRAINER_MODULE) -> l
     if spec.resume:
         argv.append("--resume")
     if spec.control_since is not None:
-        argv += ["--control-since", f"{spec.control_since:.3f}"]
+        argv += ["--control-since", repr(spec.control_since)]  # exact: rounding up would drop a fresh stop
     return argv
 
 

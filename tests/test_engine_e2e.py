@@ -115,7 +115,7 @@ def test_a_stop_asked_before_the_trainer_started_is_obeyed(training_config: Path
     RunDir(run_dir).request_stop()
     time.sleep(1.5)  # the launcher's start-up: the trainer process begins after the request
     done = subprocess.run([sys.executable, "-m", "engine.trainer", "--config", str(training_config),
-                           "--run-dir", str(run_dir), "--control-since", f"{launched_at:.3f}"],
+                           "--run-dir", str(run_dir), "--control-since", repr(launched_at)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     kinds = [e["event"] for e in metrics(run_dir)]

@@ -129,7 +129,6 @@ def cmd_show(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
 
 
 @_with_scheduler
-@_with_scheduler
 def cmd_samples(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
     from engine.metrics import loss_series
 
@@ -157,6 +156,7 @@ def format_samples(series: dict, run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+@_with_scheduler
 def cmd_logs(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
     job = sched.get(args.id)
     if not job.log_path or not Path(job.log_path).exists():
