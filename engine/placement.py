@@ -110,14 +110,7 @@ def explain_queue(queued: Sequence[Job], pool: Sequence[int], active: Iterable[J
             continue
         first_blocked = job.id
         wanted = job.requested_indices if job.gpus_explicit else list(pool)
-        blockers = []
-        for device in wanted:
-            if device in by_job:
-                other = by_job[device]
-                blockers.append(Blocker(device, other.id, other.name, other.owner, str(other.status)))
-            elif device in by_hold:
-                holder, pid = by_hold[device]
-                blockers.append(Blocker(device, worker=holder, worker_pid=pid))
+        blockers = [b for b in (_holder(device, by_job, by_hold) for device in wanted) if b is not None]
         waits.append(QueueWait(job.id, position, len(queued), needs, blockers=tuple(blockers)))
     return waits
 
@@ -130,13 +123,21 @@ def occupants(pool: Sequence[int], active: Iterable[Job], holds: Iterable[tuple[
     by_hold = {device: (holder, pid) for device, holder, pid in holds}
     found: list[Blocker] = []
     for device in pool:
-        if device in by_job:
-            job = by_job[device]
-            found.append(Blocker(device, job.id, job.name, job.owner, str(job.status)))
-        elif device in by_hold:
-            holder, pid = by_hold[device]
-            found.append(Blocker(device, worker=holder, worker_pid=pid))
+        held = _holder(device, by_job, by_hold)
+        if held is not None:
+            found.append(held)
         elif device in reserved and queued:
             head = queued[0]
             found.append(Blocker(device, head.id, head.name, head.owner, "queued"))
     return found
+
+
+def _holder(device: int, by_job: dict[int, Job], by_hold: dict[int, tuple[str, int]]) -> Blocker | None:
+    """The job or inference worker holding `device`, or None when it is free."""
+    if device in by_job:
+        job = by_job[device]
+        return Blocker(device, job.id, job.name, job.owner, str(job.status))
+    if device in by_hold:
+        holder, pid = by_hold[device]
+        return Blocker(device, worker=holder, worker_pid=pid)
+    return None
