@@ -46,10 +46,6 @@ class Sampler:
     def enabled(self) -> bool:
         return self.settings is not None and not self.failed
 
-    @property
-    def configured(self) -> bool:
-        """The same on every rank (a failure is known to rank 0 only): decides who waits at the barrier."""
-        return self.settings is not None
 
     # ---- set-up (rank 0) -------------------------------------------------------------------------
     def encode_prompts(self) -> None:
@@ -88,7 +84,9 @@ class Sampler:
 
     # ---- when --------------------------------------------------------------------------------------
     def due(self, step: int, epoch: int, at_epoch_end: bool) -> bool:
-        """Does the save just made at `step` get samples? Every save, unless a schedule narrows it."""
+        """Does the save just made at `step` get samples? Every save, unless a schedule narrows it. Read
+        from the settings only, the same on every rank (a failure is known to rank 0 alone): it decides
+        who waits at the barrier."""
         s = self.settings
         if s is None:
             return False
