@@ -119,6 +119,7 @@ class LossSeries:
     steps: array = field(default_factory=lambda: array("q"))
     losses: array = field(default_factory=lambda: array("d"))
     lrs: array = field(default_factory=lambda: array("d"))
+    elapsed: array = field(default_factory=lambda: array("d"))  # training seconds at each step (wall-clock axis)
     epoch_steps: list[int] = field(default_factory=list)
     epoch_mean_loss: list[float] = field(default_factory=list)
     eval_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # eval set -> (step, loss)
@@ -167,6 +168,7 @@ class LossSeries:
             self.steps.append(step)
             self.losses.append(loss)
             self.lrs.append(lr)
+            self.elapsed.append(float(event["elapsed_s"]) if event.get("elapsed_s") is not None else float("nan"))
             self._bucket(step, loss, lr)
 
     def _bucket(self, step: int, loss: float, lr: float) -> None:
@@ -192,7 +194,7 @@ class LossSeries:
 
     def _truncate(self, step: int) -> None:
         keep = bisect.bisect_left(self.steps, step)
-        del self.steps[keep:], self.losses[keep:], self.lrs[keep:]
+        del self.steps[keep:], self.losses[keep:], self.lrs[keep:], self.elapsed[keep:]
         cut = bisect.bisect_left(self.epoch_steps, step)
         del self.epoch_steps[cut:], self.epoch_mean_loss[cut:]
         self.width, self.buckets = 1, OrderedDict()
@@ -214,6 +216,8 @@ class LossSeries:
             "step": [p[0] for p in points],
             "loss": [p[1] for p in points],
             "lr": [None if p[2] is None or p[2] != p[2] else p[2] for p in points],
+            "elapsed": [self._elapsed_at(p[0]) for p in points],
+            "saves": [{"label": e.get("label"), "step": e["step"]} for e in self.saves],
             "epoch_steps": list(self.epoch_steps),
             "epoch_mean_loss": list(self.epoch_mean_loss),
             "eval": {name: {"step": [s for s, _ in points], "loss": [v for _, v in points]}
@@ -225,6 +229,10 @@ class LossSeries:
             "total_steps": self.total_steps,
             "points_total": len(self.steps),
         }
+
+    def _elapsed_at(self, step: int) -> float | None:
+        value = self.elapsed[bisect.bisect_left(self.steps, step)]
+        return None if value != value else value  # NaN: a trainer that did not say
 
 
 class LossSeriesCache:

@@ -1,23 +1,57 @@
-"""Plotly figures from plain data: the training loss chart and the GPU history chart."""
+"""Plotly figures from plain data: the training loss chart, the sample-score chart and the GPU history chart."""
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import plotly.graph_objects as go
 
 LOSS_COLOR = "rgba(99, 110, 250, 0.35)"
-SMOOTH_COLOR = "#3b4cca"
+SMOOTH_COLOR = "#4f5bd5"
 LR_COLOR = "#e4572e"
 EVAL_COLOR = "#17a589"
+SAVE_COLOR = "#d97706"
 GPU_COLORS = ("#4f46e5", "#0891b2", "#16a34a", "#ca8a04", "#dc2626", "#9333ea", "#db2777", "#475569")
+OVERLAY_COLORS = ("#db2777", "#0891b2", "#65a30d")  # the other runs of an overlay (up to 3 beside this one)
+SCORE_COLORS = {"all": "#111827", "color": "#9333ea", "shape": "#0891b2", "motion": "#16a34a", "present": "#ca8a04"}
+MAX_OVERLAY = 4  # runs on one loss chart, the selected one included
+# Theme-neutral: transparent backgrounds, mid-grey text and grid read on the light and the dark theme
+# (a white plot block glared in the dark one).
+INK = "#8a8f98"
+GRID = "rgba(138, 143, 152, 0.25)"
+_AXIS = dict(gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID, color=INK)
 _LAYOUT = dict(
-    template="plotly_white",
+    template="none",
+    paper_bgcolor="rgba(0,0,0,0)",
+    plot_bgcolor="rgba(0,0,0,0)",
+    font=dict(color=INK),
     margin=dict(l=50, r=50, t=36, b=40),
     height=320,
     legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
     hovermode="x unified",
 )
+
+
+@dataclass(frozen=True)
+class ChartOptions:
+    """What the loss chart's controls choose. smoothing: None = by the number of points, 0 = off,
+    else the EMA weight (0..0.99); x_axis: "step" or "time" (training time, excluding sampling)."""
+
+    smoothing: float | None = None
+    log_y: bool = False
+    x_axis: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.smoothing is not None and not 0 <= self.smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
+        if self.x_axis not in ("step", "time"):
+            raise ValueError(f"x axis must be 'step' or 'time', got {self.x_axis!r}")
+
+    def weight(self, points: int) -> float:
+        return smoothing_weight(points) if self.smoothing is None else self.smoothing
 
 
 def ema_smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -41,36 +75,131 @@ def smoothing_weight(points: int) -> float:
     return min(0.98, max(0.6, 1 - 20 / points))
 
 
-def loss_figure(series: Mapping[str, Sequence] | None, title: str = "") -> go.Figure:
-    """Loss (raw + smoothed) against step, lr on a second axis, dotted lines at epoch ends."""
+def _empty(fig: go.Figure, text: str) -> go.Figure:
+    """A note and no axes: an empty chart must not show a made-up range."""
+    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                       font=dict(size=14, color=INK))
+    fig.update_layout(**{**_LAYOUT, "height": 160}, xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return fig
+
+
+class _XAxis:
+    """Step -> x position: the step itself, or minutes of training read off the series' `elapsed`."""
+
+    def __init__(self, series: Mapping[str, Any], x_axis: str) -> None:
+        self.steps = list(series.get("step", []))
+        elapsed = list(series.get("elapsed") or [])
+        self.by_time = x_axis == "time" and len(elapsed) == len(self.steps) and any(e is not None for e in elapsed)
+        self.minutes = [None if e is None else e / 60 for e in elapsed] if self.by_time else []
+        self.title = "training time (min)" if self.by_time else "step"
+
+    def points(self) -> list[float | None]:
+        return self.minutes if self.by_time else self.steps
+
+    def at(self, step: int) -> float | None:
+        """x of any step (a save, an epoch end): the nearest recorded point at or after it."""
+        if not self.by_time:
+            return step
+        if not self.steps:
+            return None
+        index = min(bisect.bisect_left(self.steps, step), len(self.steps) - 1)
+        return self.minutes[index]
+
+
+def loss_figure(series: Mapping[str, Any] | None, title: str = "", options: ChartOptions = ChartOptions(),
+                others: Mapping[str, Mapping[str, Any]] | None = None) -> go.Figure:
+    """Loss (raw + smoothed) against step or training time, lr on a second axis, labelled epoch lines,
+    save markers (the best save starred), eval losses; `others` ({name: series}) overlays the smoothed
+    loss of up to 3 more runs."""
     series = series or {}
-    steps = list(series.get("step", []))
-    losses = list(series.get("loss", []))
-    lrs = list(series.get("lr", []))
     fig = go.Figure()
-    if steps:
-        fig.add_trace(go.Scatter(x=steps, y=losses, name="loss", mode="lines+markers" if len(steps) < 60 else "lines",
-                                 line=dict(color=LOSS_COLOR, width=1), marker=dict(size=4)))
-        fig.add_trace(go.Scatter(x=steps, y=ema_smooth(losses, smoothing_weight(len(losses))),
-                                 name="smoothed", mode="lines", line=dict(color=SMOOTH_COLOR, width=2.5)))
-        if lrs and any(v is not None for v in lrs):
-            fig.add_trace(go.Scatter(x=steps, y=lrs, name="lr", yaxis="y2", mode="lines",
-                                     line=dict(color=LR_COLOR, width=1.5, dash="dot")))
-        for name, points in (series.get("eval") or {}).items():  # held-out loss: the curve that tells overfitting
-            fig.add_trace(go.Scatter(x=points["step"], y=points["loss"], name=f"eval loss ({name})",
-                                     mode="lines+markers", line=dict(color=EVAL_COLOR, width=2), marker=dict(size=6)))
-        for epoch_step in series.get("epoch_steps", []) or []:
-            fig.add_vline(x=epoch_step, line=dict(color="rgba(0,0,0,0.25)", width=1, dash="dash"))
-    else:
-        fig.add_annotation(text="no steps yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                           font=dict(size=14, color="#888"))
+    if not series.get("step"):
+        return _empty(fig, "no steps yet: the loss appears here once the run trains")
+    x = _XAxis(series, options.x_axis)
+    xs, losses = x.points(), list(series["loss"])
+    fig.add_trace(go.Scatter(x=xs, y=losses, name="loss", mode="lines+markers" if len(xs) < 60 else "lines",
+                             line=dict(color=LOSS_COLOR, width=1), marker=dict(size=4)))
+    weight = options.weight(len(losses))
+    if weight > 0:
+        fig.add_trace(go.Scatter(x=xs, y=ema_smooth(losses, weight), name="smoothed", mode="lines",
+                                 line=dict(color=SMOOTH_COLOR, width=2.5)))
+    lrs = list(series.get("lr") or [])
+    if any(v is not None for v in lrs):
+        fig.add_trace(go.Scatter(x=xs, y=lrs, name="lr", yaxis="y2", mode="lines",
+                                 line=dict(color=LR_COLOR, width=1.5, dash="dot")))
+    for name, points in (series.get("eval") or {}).items():  # held-out loss: the curve that tells overfitting
+        fig.add_trace(go.Scatter(x=[x.at(s) for s in points["step"]], y=points["loss"], name=f"eval loss ({name})",
+                                 mode="lines+markers", line=dict(color=EVAL_COLOR, width=2), marker=dict(size=6)))
+    for n, (name, other) in enumerate(list((others or {}).items())[:MAX_OVERLAY - 1]):
+        if other.get("step"):
+            ox = _XAxis(other, options.x_axis)
+            fig.add_trace(go.Scatter(x=ox.points(), y=ema_smooth(other["loss"], options.weight(len(other["loss"]))),
+                                     name=name, mode="lines", line=dict(color=OVERLAY_COLORS[n], width=2)))
+    _epoch_lines(fig, series, x)
+    _save_markers(fig, series, x, losses)
     fig.update_layout(
         **_LAYOUT,
         title=dict(text=title, font=dict(size=14)),
-        xaxis=dict(title="step", rangemode="tozero"),
-        yaxis=dict(title="loss"),
-        yaxis2=dict(title="lr", overlaying="y", side="right", showgrid=False, exponentformat="e", rangemode="tozero"),
+        xaxis=dict(title=x.title, rangemode="tozero", **_AXIS),
+        yaxis=dict(title="loss (log)" if options.log_y else "loss", type="log" if options.log_y else "linear", **_AXIS),
+        yaxis2=dict(title="lr", overlaying="y", side="right", showgrid=False, exponentformat="e", rangemode="tozero",
+                    color=INK),
     )
+    return fig
+
+
+def _epoch_lines(fig: go.Figure, series: Mapping[str, Any], x: _XAxis) -> None:
+    """A dashed line at each epoch end, labelled "epoch N" (thinned to about 12 labels on long runs)."""
+    ends = list(series.get("epoch_steps") or [])
+    every = max(1, math.ceil(len(ends) / 12))
+    for n, step in enumerate(ends, 1):
+        where = x.at(step)
+        if where is None:
+            continue
+        label = f"epoch {n}" if n % every == 0 or n == len(ends) else None
+        fig.add_vline(x=where, line=dict(color=GRID, width=1, dash="dash"), annotation_text=label,
+                      annotation_position="top left", annotation_font=dict(size=10, color=INK))
+
+
+def _save_markers(fig: go.Figure, series: Mapping[str, Any], x: _XAxis, losses: list[float]) -> None:
+    """A diamond on the loss curve at each save, named; the best save a star."""
+    saves = list(series.get("saves") or [])
+    if not saves:
+        return
+    steps = list(series["step"])
+    best = (series.get("best") or {}).get("label")
+    at_save = [losses[min(bisect.bisect_left(steps, s["step"]), len(steps) - 1)] for s in saves]
+    fig.add_trace(go.Scatter(
+        x=[x.at(s["step"]) for s in saves], y=at_save, name="saves", mode="markers",
+        marker=dict(symbol=["star" if s["label"] == best else "diamond" for s in saves],
+                    size=[14 if s["label"] == best else 9 for s in saves], color=SAVE_COLOR,
+                    line=dict(color="white", width=1)),
+        text=[f"{s['label']}" + (" (best)" if s["label"] == best else "") for s in saves],
+        hovertemplate="%{text}<extra></extra>"))
+
+
+def quality_figure(series: Mapping[str, Any] | None, options: ChartOptions = ChartOptions()) -> go.Figure:
+    """The samples' scores per sampled save (engine.scoring: "all" and each attribute), on the loss
+    chart's x axis; the best save starred."""
+    samples = [e for e in (series or {}).get("samples") or [] if e.get("scores")]
+    fig = go.Figure()
+    if not samples:
+        return _empty(fig, "no sample scores yet: saves with [sample] videos of a scored model (the demo) draw here")
+    x = _XAxis(series, options.x_axis)
+    xs = [x.at(e.get("step") or 0) for e in samples]
+    names = sorted({k for e in samples for k in e["scores"]}, key=lambda k: (k != "all", k))
+    for name in names:
+        fig.add_trace(go.Scatter(x=xs, y=[e["scores"].get(name) for e in samples], name=name, mode="lines+markers",
+                                 line=dict(color=SCORE_COLORS.get(name, INK), width=3 if name == "all" else 1.5),
+                                 text=[e["label"] for e in samples], hovertemplate="%{text}: %{y:.2f}"))
+    best = (series.get("best") or {}).get("label")
+    for e, where in zip(samples, xs):
+        if e["label"] == best:
+            fig.add_trace(go.Scatter(x=[where], y=[e["scores"].get("all", max(e["scores"].values()))], name="best save",
+                                     mode="markers", marker=dict(symbol="star", size=16, color=SAVE_COLOR)))
+    fig.update_layout(**{**_LAYOUT, "height": 220}, title=dict(text="sample scores per save", font=dict(size=13)),
+                      xaxis=dict(title=x.title, rangemode="tozero", **_AXIS),
+                      yaxis=dict(title="score", range=[-0.05, 1.05], **_AXIS))
     return fig
 
 
@@ -94,8 +223,7 @@ def gpu_history_figure(history: Mapping[int, Sequence[Mapping[str, float]]]) -> 
                                  legendgroup=str(index), showlegend=False, line=dict(color=color, dash="dash"),
                                  hovertemplate="memory %{y:.0f}%"))
     if not fig.data:
-        fig.add_annotation(text="no GPU samples", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                           font=dict(size=14, color="#888"))
-    fig.update_layout(**_LAYOUT, xaxis=dict(title="seconds ago (0 = now)"),
-                      yaxis=dict(title="% (solid: utilization, dashed: memory)", range=[0, 100]))
+        return _empty(fig, "no GPU samples")
+    fig.update_layout(**_LAYOUT, xaxis=dict(title="seconds ago (0 = now)", **_AXIS),
+                      yaxis=dict(title="% (solid: utilization, dashed: memory)", range=[0, 100], **_AXIS))
     return fig

@@ -1,12 +1,11 @@
-"""The Train tab's run view: the runs table, the selected run's status, loss chart, samples, best save,
-LoRA downloads and log, and its controls. Handlers (api, user, inputs) -> outputs, unit-tested in
-tests/test_train_tab.py; tabs/train.py wires them."""
+"""The Train tab's run view: the runs table, the selected run's status, best save, LoRA downloads and
+log, and its controls (the charts and the samples grid: tabs/run_charts.py). Handlers (api, user,
+inputs) -> outputs, unit-tested in tests/test_train_tab.py; tabs/train.py wires them."""
 from __future__ import annotations
 
 import html
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from studio.api import StudioApi
@@ -34,16 +33,13 @@ def job_list(api: StudioApi, user: User, current: int | None) -> tuple[list[list
 class JobPanel:
     header: str
     bar: str
-    series: dict[str, Any] | None  # the loss series, None when unchanged since `last_plot`
     log: str
     files: list[str] | None  # LoRA downloads, None when unchanged since `last_files`
-    plot_sig: str
     files_sig: str
-    samples: list[tuple[str, str]] | None = None  # the latest save's sample posters + captions (None: unchanged)
     actions: tuple[str, ...] = ()  # the controls that apply now; the others are greyed out
 
 
-def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_files: str) -> JobPanel:
+def job_panel(api: StudioApi, user: User, job_id: int, last_files: str) -> JobPanel:
     job = api.job_status(user, job_id)
     header = (f"{status_badge(job['status'])} <b>#{job['id']} {job['name']}</b>"
               f" <span class='muted'>{job['owner']} · {job['phase'] or ''}</span>")
@@ -55,15 +51,11 @@ def job_panel(api: StudioApi, user: User, job_id: int, last_plot: str, last_file
     bar = progress_bar(fraction, job["progress"] or job["status"])
     series = api.job_metrics(user, job_id)
     header += best_save_line(series.get("best"))
-    sig = f"{job_id}:{len(series['step'])}:{series['step'][-1] if series['step'] else ''}:{job['status']}"
     saves = api.job_lora_files(user, job_id)
-    latest = (series.get("samples") or [None])[-1]
-    fsig = f"{job_id}:" + ",".join(label for label, _ in saves) + f"|{latest['label'] if latest else ''}"
+    fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
     changed = fsig != last_files
     files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in saves] if changed else None
-    samples = sample_posters(api, user, job_id, latest) if changed else None
-    return JobPanel(header, bar, series if sig != last_plot else None, api.job_log(user, job_id)[-6000:],
-                    files, sig, fsig, samples, tuple(job.get("actions") or ()))
+    return JobPanel(header, bar, api.job_log(user, job_id)[-6000:], files, fsig, tuple(job.get("actions") or ()))
 
 
 def best_save_line(best: dict[str, Any] | None) -> str:
@@ -71,19 +63,6 @@ def best_save_line(best: dict[str, Any] | None) -> str:
         return ""
     return (f"<div class='best-save'>best save: <b>{html.escape(str(best['label']))}</b> "
             f"<span class='muted'>{html.escape(best['why'])}</span></div>")
-
-
-def sample_posters(api: StudioApi, user: User, job_id: int, event: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """(poster link, caption) for each video of one `sample` event: prompt, seed and its scores."""
-    if not event:
-        return []
-    shown = []
-    for video in event.get("videos", []):
-        poster = api.job_sample_file(user, job_id, str(Path(video["file"]).with_suffix(".png")))
-        scores = " ".join(f"{k} {v:.2f}" for k, v in (video.get("scores") or {}).items())
-        shown.append((api.file_link(poster), f"{event['label']} · seed {video['seed']} · {video['prompt']}"
-                                              + (f" · {scores}" if scores else "")))
-    return shown
 
 
 CONTROLS = ("stop", "save", "resume", "cancel")  # the run view's buttons, in order

@@ -16,9 +16,9 @@ from studio.api import StudioApi
 from studio.auth import User
 from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
-from studio.plots import loss_figure
 from studio.presets import DEMO_PRESET, PRESET_NAMES, load_preset
 from studio.widgets import ConfigForm, message, progress_bar
+from tabs import run_charts
 from tabs.runs import CONTROLS, JOB_COLUMNS, control_job, job_list, job_panel
 
 FILE_COLUMNS = ["file", "kind", "frames", "size", "bucket", "caption"]
@@ -217,21 +217,19 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
             job_pick = gr.Dropdown([], label="Selected run", elem_id="train-job-pick")
             job_header = gr.HTML(elem_id="train-job-status")
             job_progress = gr.HTML(progress_bar(None, ""), elem_id="train-job-progress")
-            loss_plot = gr.Plot(loss_figure(None), label="Loss", elem_id="train-loss")
+            charts = run_charts.build_chart()
             with gr.Row():
                 stop_btn = gr.Button("Stop", size="sm", min_width=80, elem_id="job-stop")
                 save_btn = gr.Button("Save now", size="sm", min_width=80, elem_id="job-save")
                 resume_btn = gr.Button("Resume", size="sm", min_width=80, elem_id="job-resume")
                 cancel_btn = gr.Button("Cancel", size="sm", min_width=80, variant="stop", elem_id="job-cancel")
             job_msg = gr.HTML()
-            sample_view = gr.Gallery(label="Samples of the latest save ([sample] in the config)", columns=4,
-                                     height=170, allow_preview=True, elem_id="train-samples")
+            run_charts.build_samples(charts)
             lora_files = gr.File(label="Saved LoRAs", file_count="multiple", interactive=False, height=120)
             with gr.Accordion("Log", open=False):
                 log_view = gr.Code(language=None, lines=14, max_lines=14, interactive=False, elem_id="train-log")
     timer = gr.Timer(ctx.settings.poll_interval_s)
     slow_timer = gr.Timer(max(3.0, ctx.settings.poll_interval_s * 3))
-    plot_sig = gr.State("")
     files_sig = gr.State("")
     gpu_sig = gr.State("")
 
@@ -333,29 +331,26 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     timer.tick(on_jobs_tick, job_pick, [jobs_table, job_pick], queue=False, show_progress="hidden",
                api_visibility="private")
 
-    def on_job_tick(job_id: int | None, last_plot: str, last_files: str, request: gr.Request):
+    def on_job_tick(job_id: int | None, last_files: str, request: gr.Request):
         user = request_user(api, request)
         no_controls = [gr.update(interactive=False)] * len(CONTROLS)
         if job_id is None:
-            return ("", progress_bar(None, "no run selected"), gr.skip(), "", gr.skip(), gr.skip(), last_plot,
-                    last_files, *no_controls)
+            return ("", progress_bar(None, "no run selected"), "", gr.skip(), last_files, *no_controls)
         try:
-            panel = job_panel(api, user, job_id, last_plot, last_files)
+            panel = job_panel(api, user, job_id, last_files)
         except Exception:  # deleted or not visible: clear the panel
-            return ("", progress_bar(None, ""), loss_figure(None), "", None, None, "", "", *no_controls)
-        plot = gr.skip() if panel.series is None else loss_figure(panel.series)
+            return ("", progress_bar(None, ""), "", None, "", *no_controls)
         files_update = gr.skip() if panel.files is None else panel.files
-        samples_update = gr.skip() if panel.samples is None else panel.samples
         controls = [gr.update(interactive=action in panel.actions) for action in CONTROLS]
-        return (panel.header, panel.bar, plot, panel.log, files_update, samples_update, panel.plot_sig,
-                panel.files_sig, *controls)
+        return (panel.header, panel.bar, panel.log, files_update, panel.files_sig, *controls)
 
     control_buttons = {"stop": stop_btn, "save": save_btn, "resume": resume_btn, "cancel": cancel_btn}
-    timer.tick(on_job_tick, [job_pick, plot_sig, files_sig],
-               [job_header, job_progress, loss_plot, log_view, lora_files, sample_view, plot_sig, files_sig,
+    timer.tick(on_job_tick, [job_pick, files_sig],
+               [job_header, job_progress, log_view, lora_files, files_sig,
                 *(control_buttons[action] for action in CONTROLS)],
                queue=False, show_progress="hidden", api_visibility="private")
-    job_pick.change(lambda: ("", ""), None, [plot_sig, files_sig], queue=False, api_visibility="private")
+    job_pick.change(lambda: "", None, files_sig, queue=False, api_visibility="private")
+    run_charts.wire(api, charts, timer, job_pick)
 
     def on_row_select(evt: gr.SelectData):
         row = getattr(evt, "row_value", None)
