@@ -126,6 +126,8 @@ class LossSeries:
     samples: list[dict[str, Any]] = field(default_factory=list)  # `sample` events: videos and scores per save
     saves: list[dict[str, Any]] = field(default_factory=list)
     total_steps: int | None = None
+    epochs: int | None = None
+    pace: dict[str, Any] = field(default_factory=dict)  # the latest step's epoch, speed, elapsed and ETA
     width: int = 1
     buckets: "OrderedDict[int, _Bucket]" = field(default_factory=OrderedDict)
     _result: dict[str, Any] | None = None
@@ -147,6 +149,7 @@ class LossSeries:
         kind = event.get("event")
         if kind == "start" and event.get("total_steps") is not None:
             self.total_steps = int(event["total_steps"])
+            self.epochs = event.get("epochs")
         elif kind == "epoch" and event.get("step") is not None:
             self.epoch_steps.append(int(event["step"]))
             self.epoch_mean_loss.append(float(event.get("mean_loss") or 0.0))
@@ -162,6 +165,7 @@ class LossSeries:
             points.append((int(event["step"]), float(event["loss"])))
         elif kind == "step" and event.get("loss") is not None and event.get("step") is not None:
             step, loss = int(event["step"]), float(event["loss"])
+            self.pace = {k: event[k] for k in ("step", "epoch", "samples_per_s", "elapsed_s", "eta_s") if k in event}
             lr = float(event["lr"]) if event.get("lr") is not None else float("nan")
             if self.steps and step <= self.steps[-1]:
                 self._truncate(step)
@@ -227,6 +231,8 @@ class LossSeries:
                                *({"event": "eval", "step": s, "loss": v} for pts in self.eval_losses.values()
                                  for s, v in pts)]),
             "total_steps": self.total_steps,
+            "epochs": self.epochs,
+            "pace": dict(self.pace),
             "points_total": len(self.steps),
         }
 

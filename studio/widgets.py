@@ -175,6 +175,36 @@ def message(text: str, kind: str = "info") -> str:
     return f'<div class="studio-msg {kind}">{html.escape(text)}</div>'
 
 
+def scroll_into_sight(selector: str) -> str:
+    """JS for an event's `js=`: bring an element into sight when it is off-screen or low on it (the
+    result of a button far down a long form); an element already in the upper half stays put."""
+    return (f"() => {{ const el = document.querySelector({selector!r}); if (!el) return;"
+            " const top = el.getBoundingClientRect().top;"
+            " if (top < 0 || top > window.innerHeight / 2) el.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
+
+
+def scroll_to_end(selector: str) -> str:
+    """JS: scroll a text box to its last line once Gradio has drawn the new text (a log reads from its end)."""
+    return (f"() => {{ setTimeout(() => {{ const box = document.querySelector({selector!r});"
+            " if (box) box.scrollTop = box.scrollHeight; }, 60); }")
+
+
+def timing_parts(timings: dict[str, Any] | None) -> list[tuple[str, float]]:
+    """(stage, seconds) of a generation's timings ('load_s' -> 'load'), in the order they were taken."""
+    return [(key.removesuffix("_s").replace("_", " "), float(value)) for key, value in (timings or {}).items()
+            if key.endswith("_s") and isinstance(value, (int, float))]
+
+
+def timings_table(timings: dict[str, Any] | None) -> str:
+    """A generation's timings as a small table: seconds per stage, then the total."""
+    parts = timing_parts(timings)
+    if not parts:
+        return ""
+    rows = [*parts, ("total", sum(seconds for _, seconds in parts))]
+    body = "".join(f"<tr><th>{html.escape(stage)}</th><td>{seconds:.2f} s</td></tr>" for stage, seconds in rows)
+    return f"<table class='details timings'>{body}</table>"
+
+
 # ---- LoRA stack editor -----------------------------------------------------------------------------
 MAX_LORA_ROWS = 8
 
@@ -195,10 +225,11 @@ class LoraStack:
         visible = gr.State(0)
         for i in range(MAX_LORA_ROWS):
             with gr.Row(visible=False, equal_height=True, elem_classes=["lora-row"]) as row:
-                ref = gr.Dropdown(choices=[], label=f"LoRA {i + 1}", allow_custom_value=True, scale=4,
-                                  elem_id=f"lora-ref-{i}")
-                weight = gr.Slider(*LIMITS["lora_weight"], value=1.0, step=0.05, label="weight", scale=3,
-                                   elem_id=f"lora-weight-{i}")
+                # The picker gets the room: its labels end with the save (epochN/stepN).
+                ref = gr.Dropdown(choices=[], label=f"LoRA {i + 1}", allow_custom_value=True, scale=3,
+                                  min_width=260, elem_id=f"lora-ref-{i}")
+                weight = gr.Slider(*LIMITS["lora_weight"], value=1.0, step=0.05, label="weight", scale=1,
+                                   min_width=150, elem_id=f"lora-weight-{i}")
                 remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"lora-remove-{i}")
             rows.append(row), refs.append(ref), weights.append(weight), removes.append(remove)
         add = gr.Button("+ Add LoRA", size="sm", elem_id="lora-add")

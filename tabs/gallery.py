@@ -13,16 +13,18 @@ from studio.api import StudioApi
 from studio.auth import User
 from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
-from studio.widgets import LoraStack, message
+from studio.widgets import LoraStack, message, timing_parts
 from tabs.infer import InferHandles
 
 PAGE_SIZE = 24
+TAB_LABEL = "Gallery"  # the tab's label in studio.shell
 
 
 def _caption(item: dict[str, Any]) -> str:
+    """The LoRA mix first: a cut caption still tells a weight-1 video from a weight-0 one."""
     star = "★ " if item.get("favorite") else ""
     loras = " + ".join(f"{l.get('name', '?')}@{l.get('weight', 1):g}" for l in item.get("loras") or [])
-    return f"{star}{item['prompt'][:80]}" + (f" [{loras}]" if loras else "")
+    return f"{star}" + (f"[{loras}] " if loras else "") + item["prompt"][:80]
 
 
 HIDDEN_PARAMS = {"prompt", "negative_prompt", "loras", "lora_files", "model_path"}
@@ -42,8 +44,7 @@ def _details(item: dict[str, Any]) -> str:
             rows.append((key.replace("_", " "), value))
     timings = item.get("timings") or {}
     if timings:
-        rows.append(("timings (s)", ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in timings.items()
-                                              if isinstance(v, (int, float)))))
+        rows.append(("timings (s)", ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in timing_parts(timings))))
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table class='details'>{body}</table>"
 
@@ -158,6 +159,15 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
                     refresh.click):
         trigger(lambda: 1, None, page, queue=False, api_visibility="private").then(load, **listing)
     timer.tick(load, queue=False, show_progress="hidden", **listing)
+
+    def on_tab(q: str, m: str, l: str, fav: bool, only_mine: bool, pg: int, last_sig: str, evt: gr.SelectData,
+               request: gr.Request):
+        # The grid at once when the tab opens, not at the timer's next tick.
+        if evt.value != TAB_LABEL:
+            return gr.skip(), gr.skip(), gr.skip(), last_sig
+        return load(q, m, l, fav, only_mine, pg, last_sig, request)
+
+    tabs.select(on_tab, queue=False, show_progress="hidden", **listing)
 
     def turn(delta: int):
         return lambda pg: max(1, pg + delta)

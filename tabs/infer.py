@@ -12,7 +12,7 @@ from studio.api import StudioApi
 from studio.auth import AccessDenied, User
 from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
-from studio.widgets import LoraStack, message, progress_bar
+from studio.widgets import LoraStack, message, progress_bar, scroll_into_sight, timings_table
 
 TERMINAL = TERMINAL_STATES  # "lost" included: a request the studio lost ends the polling too
 DEMO = request_defaults("demo")  # the form starts on the demo model
@@ -66,6 +66,16 @@ def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationVi
                           timings=status.get("timings"), item_id=item_id)
 
 
+def check_lora_picks(api: StudioApi, user: User, loras: list[dict[str, Any]]) -> None:
+    """Refuse, in the form's words, a LoRA typed into a picker that is none of the user's saves or uploads
+    (the API's own message names its reference syntax, which this form never shows)."""
+    known = {reference for _, reference in api.lora_choices(user)}
+    for number, lora in enumerate(loras, 1):
+        if lora["lora"] not in known:
+            raise ValueError(f"LoRA {number}: {lora['lora']!r} is not one of your saved or uploaded LoRAs; "
+                             "pick one from its list, or upload a .safetensors file")
+
+
 def cancel_generation(api: StudioApi, user: User, request_id: str | None) -> str:
     if not request_id:
         return message("nothing to cancel", "info")
@@ -93,6 +103,11 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         low, high = LIMITS[name]
         return {"minimum": low, "maximum": high}
 
+    def bounds(name: str) -> dict[str, str]:
+        # Shown, not enforced here: Gradio's own refusal would not name the field; the request's does.
+        low, high = LIMITS[name]
+        return {"info": f"{low:g}–{high:g}"}
+
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes=["panel"]):
             gr.Markdown("### Generate")
@@ -106,11 +121,11 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
             upload = gr.UploadButton("Upload a LoRA (.safetensors)", file_types=[".safetensors"], size="sm")
             with gr.Accordion("Parameters", open=True, elem_classes=["form-section"]):
                 with gr.Row(elem_classes=["form-grid"]):
-                    width = gr.Number(DEMO["width"], precision=0, step=16, label="width", elem_id="infer-width", **limits("width"), min_width=120)
-                    height = gr.Number(DEMO["height"], precision=0, step=16, label="height", elem_id="infer-height", **limits("height"), min_width=120)
-                    frames = gr.Number(DEMO["num_frames"], precision=0, step=4, label="frames (4k+1)", elem_id="infer-frames", **limits("num_frames"),
+                    width = gr.Number(DEMO["width"], precision=0, step=16, label="width", elem_id="infer-width", **bounds("width"), min_width=120)
+                    height = gr.Number(DEMO["height"], precision=0, step=16, label="height", elem_id="infer-height", **bounds("height"), min_width=120)
+                    frames = gr.Number(DEMO["num_frames"], precision=0, step=4, label="frames (4k+1)", elem_id="infer-frames", **bounds("num_frames"),
                                        min_width=120)
-                    fps = gr.Number(DEMO["fps"], precision=0, label="fps", **limits("fps"), min_width=120)
+                    fps = gr.Number(DEMO["fps"], precision=0, label="fps", **bounds("fps"), min_width=120)
                 with gr.Row(elem_classes=["form-grid"]):
                     steps = gr.Slider(value=DEMO["steps"], step=1, label="steps", elem_id="infer-steps", **limits("steps"))
                     guidance = gr.Slider(value=DEMO["guidance_scale"], step=0.5, label="guidance scale", **limits("guidance_scale"))
@@ -118,13 +133,13 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
                                       minimum=0, maximum=LIMITS["flow_shift"][1], min_width=120)
                 with gr.Row(elem_classes=["form-grid"]):
                     seed = gr.Number(-1, precision=0, label="seed (-1 = random)", elem_id="infer-seed", min_width=140)
-                    count = gr.Number(1, precision=0, label="videos", **limits("num_videos"), min_width=120)
-                    fuse = gr.Checkbox(False, label="fuse LoRAs (faster, fixed weights)", min_width=160)
+                    count = gr.Number(1, precision=0, label="videos", **bounds("num_videos"), min_width=120)
+                fuse = gr.Checkbox(False, label="fuse LoRAs (faster, fixed weights)")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="infer-generate", scale=3)
                 cancel = gr.Button("Cancel", variant="stop", elem_id="infer-cancel", scale=1)
             request_msg = gr.HTML()
-        with gr.Column(scale=4, elem_classes=["panel"]):
+        with gr.Column(scale=4, elem_classes=["panel"], elem_id="infer-result"):
             gr.Markdown("### Result")
             progress = gr.HTML(progress_bar(None, "idle"), elem_id="infer-progress")
             video = gr.Video(label="Video", interactive=False, autoplay=True, loop=True, elem_id="infer-video")
@@ -132,7 +147,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
                 gallery_link = gr.HTML(elem_id="infer-gallery-link")
                 open_in_gallery = gr.Button("Open in Gallery", size="sm", visible=False, scale=0, min_width=140,
                                             elem_id="infer-open-gallery")
-            timings = gr.JSON(label="Timings", visible=False)
+            timings = gr.HTML(elem_id="infer-timings")
     request_id = gr.State(None)
     shown = gr.State(None)
     last_item = gr.State(None)
@@ -171,11 +186,16 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         req = form_request({name: values[c] for c, name in by_component.items()})
         req["loras"] = LoraStack.read(values[stack.visible], lora_values)
         with user_errors(api):
+            check_lora_picks(api, user, req["loras"])
             rid = api.generate(user, req)["request_id"]
-        return rid, progress_bar(0.0, "queued"), "", message(f"request {rid} queued", "ok"), gr.update(visible=False)
+        # The previous result goes: what shows belongs to this request.
+        return (rid, progress_bar(0.0, "queued"), "", message(f"request {rid} queued", "ok"), gr.update(visible=False),
+                None, "")
 
+    # Queued: bring the progress and the coming video into sight.
     generate.click(submit, {*params.values(), stack.visible, *stack.refs, *stack.weights},
-                   [request_id, progress, gallery_link, request_msg, open_in_gallery], api_visibility="private")
+                   [request_id, progress, gallery_link, request_msg, open_in_gallery, video, timings],
+                   api_visibility="private").success(None, js=scroll_into_sight("#infer-result"))
 
     def stop(rid: str | None, request: gr.Request):
         user = request_user(api, request)
@@ -193,7 +213,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
             return view.bar, gr.skip(), gr.skip(), gr.skip(), last_shown, gr.skip(), gr.skip()
         if view.item_id is None:  # failed, cancelled or gone
             return view.bar, gr.skip(), view.error or gr.skip(), gr.skip(), rid, gr.skip(), gr.skip()
-        return (view.bar, view.video, view.link, gr.update(value=view.timings, visible=True), rid, view.item_id,
+        return (view.bar, view.video, view.link, timings_table(view.timings), rid, view.item_id,
                 gr.update(visible=True))
 
     timer.tick(poll, [request_id, shown],

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from engine.jobs import format_duration
 from studio.api import StudioApi
 from studio.auth import User
 from studio.widgets import message, progress_bar, status_badge
@@ -48,14 +49,35 @@ def job_panel(api: StudioApi, user: User, job_id: int, last_files: str) -> JobPa
     if job.get("waiting_for"):  # never "queued" without a reason
         header += message(job["waiting_for"], "info")
     fraction = (job["step"] or 0) / job["total_steps"] if job["total_steps"] else None
-    bar = progress_bar(fraction, job["progress"] or job["status"])
     series = api.job_metrics(user, job_id)
+    bar = progress_bar(fraction, pace_text(job, series))
     header += best_save_line(series.get("best"))
     saves = api.job_lora_files(user, job_id)
     fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
     changed = fsig != last_files
-    files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in saves] if changed else None
+    # Newest first: the box shows the first few rows.
+    files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in reversed(saves)] if changed else None
     return JobPanel(header, bar, api.job_log(user, job_id)[-6000:], files, fsig, tuple(job.get("actions") or ()))
+
+
+def pace_text(job: dict[str, Any], series: dict[str, Any]) -> str:
+    """The progress bar's words: step, epoch, seconds per step, elapsed, ETA and total, loss."""
+    pace, parts = series.get("pace") or {}, []
+    if job["step"] is not None:
+        parts.append(f"step {job['step']}/{job['total_steps']}" if job["total_steps"] else f"step {job['step']}")
+    if pace.get("epoch"):
+        parts.append(f"epoch {pace['epoch']}" + (f"/{series['epochs']}" if series.get("epochs") else ""))
+    elapsed = pace.get("elapsed_s")
+    if elapsed and pace.get("step"):
+        parts.append(f"{elapsed / pace['step']:.2f} s/step")
+    if elapsed and job["status"] == "running" and job.get("eta_s") is not None:
+        parts.append(f"elapsed {format_duration(elapsed)} · ETA {format_duration(job['eta_s'])} "
+                     f"of ~{format_duration(elapsed + job['eta_s'])}")
+    elif elapsed:
+        parts.append(f"took {format_duration(elapsed)}" if job["terminal"] else f"elapsed {format_duration(elapsed)}")
+    if job.get("last_loss") is not None:
+        parts.append(f"loss {job['last_loss']:.4g}")
+    return " · ".join(parts) or job["phase"] or job["status"]
 
 
 def best_save_line(best: dict[str, Any] | None) -> str:

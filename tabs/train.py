@@ -1,6 +1,7 @@
 """The Train tab: dataset, config form (by key path), presets, TOML, GPU picker, jobs and live charts."""
 from __future__ import annotations
 
+import hashlib
 import html
 import tempfile
 import time
@@ -17,7 +18,7 @@ from studio.auth import User
 from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
 from studio.presets import DEMO_PRESET, PRESET_NAMES, load_preset
-from studio.widgets import ConfigForm, message, progress_bar
+from studio.widgets import ConfigForm, message, progress_bar, scroll_into_sight, scroll_to_end
 from tabs import run_charts
 from tabs.runs import CONTROLS, JOB_COLUMNS, control_job, job_list, job_panel
 
@@ -80,9 +81,14 @@ def preset_config(api: StudioApi, name: str) -> TrainConfig:
 
 
 def export_toml(text: str) -> str:
-    # A temp folder: Gradio hands out files from there, and nothing else lives in it.
-    target = Path(tempfile.mkdtemp(prefix="studio-toml-")) / f"train-{time.strftime('%Y%m%d-%H%M%S')}.toml"
-    target.write_text(text, encoding="utf-8")
+    """The Save TOML button's file for this text. It is renewed with every change of the preview, so
+    one click downloads the config as it is now (a button that made the file on click handed out the
+    previous click's file). One folder per content: the same text is written once."""
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "studio-toml" / digest / "train.toml"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
     return str(target)
 
 
@@ -176,7 +182,8 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
                                      elem_id="train-preset")
                 with gr.Column(scale=1, min_width=130):
                     load_toml = gr.UploadButton("Load TOML", file_types=[".toml"], size="sm")
-                    save_toml = gr.DownloadButton("Save TOML", size="sm")
+                    save_toml = gr.DownloadButton("Save TOML", export_toml(start_cfg.to_toml()), size="sm",
+                                                  elem_id="train-save-toml")
             with gr.Accordion("Dataset", open=True, elem_classes=["form-section"]):
                 with gr.Row(equal_height=True):
                     folder = gr.Dropdown(ds.list_dataset_folders(roots), value=start_dir.path if start_dir else None,
@@ -211,7 +218,8 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
             start_msg = gr.HTML()
 
         # ---------------------------------------------------------------- runs
-        with gr.Column(scale=6, elem_classes=["panel"]):
+        # First on phones (assets/studio.css); Start scrolls to it.
+        with gr.Column(scale=6, elem_classes=["panel"], elem_id="train-runs"):
             gr.Markdown("### Runs")
             jobs_table = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, max_height=260, elem_id="train-jobs")
             job_pick = gr.Dropdown([], label="Selected run", elem_id="train-job-pick")
@@ -225,9 +233,11 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
                 cancel_btn = gr.Button("Cancel", size="sm", min_width=80, variant="stop", elem_id="job-cancel")
             job_msg = gr.HTML()
             run_charts.build_samples(charts)
-            lora_files = gr.File(label="Saved LoRAs", file_count="multiple", interactive=False, height=120)
-            with gr.Accordion("Log", open=False):
-                log_view = gr.Code(language=None, lines=14, max_lines=14, interactive=False, elem_id="train-log")
+            lora_files = gr.File(label="Saved LoRAs (newest first)", file_count="multiple", interactive=False,
+                                 height=150, elem_id="train-loras")
+            with gr.Accordion("Log (the end, following)", open=False) as log_box:
+                log_view = gr.Textbox(lines=14, max_lines=14, interactive=False, show_label=False,
+                                      elem_id="train-log")
     timer = gr.Timer(ctx.settings.poll_interval_s)
     slow_timer = gr.Timer(max(3.0, ctx.settings.poll_interval_s * 3))
     files_sig = gr.State("")
@@ -266,7 +276,7 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
         request_user(api, request)
         return export_toml(text)
 
-    save_toml.click(on_export, toml_view, save_toml, api_visibility="private")
+    toml_view.change(on_export, toml_view, save_toml, queue=False, show_progress="hidden", api_visibility="private")
 
     # ---------------------------------------------------------------- dataset
     def on_check(folder_text: str, buckets_text: str, request: gr.Request):
@@ -313,8 +323,9 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
                 message(f"queued run #{job['id']} ({job['name']})", "ok")
                 + (f"<ul class='problems'>{warned}</ul>" if warned else ""))
 
+    # Queued: bring the run view into sight (it is far above Start, beside or over the long form).
     start.click(on_start, form_inputs | {gpu_pick, num_gpus, run_name}, [job_pick, start_msg],
-                api_visibility="private")
+                api_visibility="private").success(None, js=scroll_into_sight("#train-runs"))
 
     def on_plan(values: dict, request: gr.Request):
         user = request_user(api, request)
@@ -351,6 +362,8 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
                queue=False, show_progress="hidden", api_visibility="private")
     job_pick.change(lambda: "", None, files_sig, queue=False, api_visibility="private")
     run_charts.wire(api, charts, timer, job_pick)
+    for shown in (log_view.change, log_box.expand):  # the log reads from its end
+        shown(None, js=scroll_to_end("#train-log textarea"), queue=False, api_visibility="private")
 
     def on_row_select(evt: gr.SelectData):
         row = getattr(evt, "row_value", None)

@@ -1,5 +1,8 @@
 """A person's path through all four tabs in headless chromium: load a TOML, start training, watch the
-loss chart gain points, stop the run, generate with its LoRA, see the video play, find it in the gallery."""
+loss chart gain points, stop the run, generate with its LoRA, see the video play, find it in the gallery.
+Along the way: the run view in sight after Start, each control enabled only in the states it applies to,
+one-click Save TOML, the log's end, readable timings; then the same studio on a phone in the dark theme.
+Screenshots of every step land in test-artifacts/ (kept by CI)."""
 from __future__ import annotations
 
 import re
@@ -19,6 +22,9 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
                "--disable-sync", "--no-first-run"]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 LONG = 240_000  # ms: a loaded 2-core machine trains and renders slowly
+DESKTOP = {"width": 1440, "height": 900}
+PHONE = {"width": 390, "height": 844}
+CONTROLS = ("job-stop", "job-save", "job-resume", "job-cancel")
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,9 @@ def page():
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page = browser.new_page(viewport=DESKTOP, accept_downloads=True)
         page.set_default_timeout(60_000)
+        page.on("dialog", lambda dialog: dialog.accept())  # Cancel's confirm: yes
         yield page
         browser.close()
 
@@ -76,9 +83,40 @@ def loss_points(page) -> int:
     }""")
 
 
+def in_view(page, selector: str) -> bool:
+    """The element's top is inside the viewport (what a user sees without scrolling)."""
+    return page.evaluate("""(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
+        return r.top >= 0 && r.top < window.innerHeight; }""", selector)
+
+
+def enabled_controls(page) -> set[str]:
+    return {c for c in CONTROLS if page.locator(f"#{c}").is_enabled()}
+
+
+def wait_controls(page, expected: set[str], timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while enabled_controls(page) != expected:
+        assert time.time() < deadline, f"controls {enabled_controls(page)} != {expected}"
+        time.sleep(0.3)
+
+
+def page_widths(page) -> dict[str, float]:
+    """The page's width on each tab, and whether any tab scrolls sideways."""
+    widths = {}
+    for tab in ("Train", "Infer", "Gallery", "GPUs"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(400)
+        width, scroll, client = page.evaluate("""() => [document.querySelector('.gradio-container')
+            .getBoundingClientRect().width, document.documentElement.scrollWidth, document.documentElement.clientWidth]""")
+        assert scroll <= client, f"{tab}: the page scrolls sideways ({scroll} > {client} px)"
+        widths[tab] = round(width)
+    return widths
+
+
 def test_train_watch_generate_and_find(server, page, tmp_path: Path) -> None:
     try:
         walk_through(server, page, tmp_path)
+        on_a_phone_in_the_dark(server, page)
     except Exception:
         shot(page, "failure")
         raise
@@ -91,16 +129,29 @@ def walk_through(server, page, tmp_path: Path) -> None:
     toml_file = tmp_path / "browser_run.toml"
     # Long enough to outlast watching + Stop on a fast idle machine; no periodic saves, so the run's
     # only LoRA is the one Stop writes (a long list of saves made the LoRA picker flaky).
-    toml_file.write_text(train_toml(server.model, server.dataset, epochs=600)
-                         .replace("save_every_n_epochs = 1\n", "save_every_n_epochs = 600\n"))
+    toml_file.write_text(train_toml(server.model, server.dataset, epochs=5000)
+                         .replace("save_every_n_epochs = 1\n", "save_every_n_epochs = 5000\n"))
     page.locator("input[type=file][accept*='.toml']").set_input_files(str(toml_file))
     page.wait_for_function("(p) => document.querySelector('#train-folder input')?.value === p",
                            arg=str(server.dataset))
     page.locator("#train-check").click()
     page.wait_for_selector("text=4 files in shapes")
     page.get_by_label("Run name").fill("browser-run")
+    # Save TOML: one click downloads the form as it is now (a field changed just before included).
+    page.locator("#cfg-seed input").fill("4242")
+    page.locator("#cfg-seed input").press("Tab")
+    page.wait_for_timeout(2_000)  # the preview's change event; no second click
+    with page.expect_download() as download:
+        page.locator("#train-save-toml").click()
+    saved_toml = Path(download.value.path()).read_text()
+    assert "seed = 4242" in saved_toml and "epochs = 5000" in saved_toml, saved_toml
+    page.locator("#train-start").scroll_into_view_if_needed()
     page.locator("#train-start").click()
     page.wait_for_selector("text=queued run #")
+    # The run view is in sight after Start: its status and progress, without scrolling.
+    page.wait_for_selector("#train-job-status >> text=browser-run")
+    page.wait_for_timeout(800)  # a smooth scroll, if any, has ended
+    assert in_view(page, "#train-job-status") and in_view(page, "#train-job-progress")
     page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot')?.data?.[0]?.x?.length >= 1",
                            timeout=LONG)
     first = loss_points(page)
@@ -108,8 +159,30 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_function(f"""() => {{ const n = document.querySelector('#train-loss .js-plotly-plot').data[0].x.length;
         return n > {first} && n >= 6; }}""", timeout=LONG)
     assert loss_points(page) > first
+    progress = page.locator("#train-job-progress").inner_text()
+    assert all(word in progress for word in ("epoch", "s/step", "elapsed", "ETA")), progress
+    wait_controls(page, {"job-stop", "job-save"})  # running: no resume, nothing to cancel
+    shot(page, "1-train-running")
+    # A second run waits for the one CPU slot: queued, it can be stopped or cancelled (with a confirm).
+    page.get_by_label("Run name").fill("browser-queued")
+    page.locator("#train-start").click()
+    page.wait_for_selector("#train-job-status >> text=browser-queued")
+    wait_controls(page, {"job-stop", "job-cancel"})
+    page.locator("#job-cancel").click()
+    page.wait_for_selector("#train-job-status >> text=Cancelled before it started", timeout=60_000)
+    wait_controls(page, {"job-resume"})
+    pick_option(page, "#train-job-pick input", re.compile(r"browser-run"))
+    page.wait_for_selector("#train-job-status >> text=browser-run")
     page.locator("#job-stop").click()
     page.wait_for_selector("#train-job-status .status-badge:text('stopped')", timeout=LONG)
+    wait_controls(page, {"job-resume"})
+    # The saved LoRA downloads; nothing in its list looks like a delete.
+    page.wait_for_selector("#train-loras >> text=safetensors", timeout=60_000)
+    assert page.locator("#train-loras .label-clear-button:visible").count() == 0
+    # The log shows its end: the last line is in sight, scrolled to the bottom.
+    page.get_by_text("Log (the end, following)").click()
+    page.wait_for_function("""() => { const t = document.querySelector('#train-log textarea');
+        return t && t.value.length > 0 && t.scrollTop + t.clientHeight >= t.scrollHeight - 4; }""", timeout=30_000)
     shot(page, "1-train")
 
     # ---- Infer: the trained LoRA, small size, Generate, the video plays
@@ -126,7 +199,15 @@ def walk_through(server, page, tmp_path: Path) -> None:
         page.locator(f"{field} input").fill(value)
     page.locator("#infer-steps input[type=number]").fill("3")
     page.locator("#infer-steps input[type=number]").press("Enter")
+    # An out-of-range size is refused by name.
+    page.locator("#infer-width input").fill("5000")
     page.locator("#infer-generate").click()
+    page.wait_for_selector("text=width: must be in", timeout=30_000)
+    page.locator("#infer-width input").fill("64")
+    page.locator("#infer-generate").scroll_into_view_if_needed()
+    page.locator("#infer-generate").click()
+    page.wait_for_timeout(800)
+    assert in_view(page, "#infer-progress")  # the progress (and the coming video) in sight
     page.wait_for_selector("#infer-video video", timeout=LONG)
     page.wait_for_function("""() => { const v = document.querySelector('#infer-video video');
         // 64x48 generated; shown enlarged with nearest-neighbour (display.mp4), same aspect
@@ -135,6 +216,8 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.evaluate("() => { const v = document.querySelector('#infer-video video'); v.muted = true; return v.play(); }")
     page.wait_for_function("() => document.querySelector('#infer-video video').currentTime > 0", timeout=30_000)
     assert "seed 5" in page.locator("#infer-gallery-link").inner_text()
+    timings = page.locator("#infer-timings").inner_text()
+    assert "total" in timings and "denoise" in timings and not re.search(r"\d\.\d{4}", timings), timings
     shot(page, "2-infer")
 
     # ---- Gallery: "Open in Gallery" shows the entry; search finds it in the grid
@@ -144,6 +227,9 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.locator("#gallery-search input, #gallery-search textarea").first.fill("purple star")
     page.locator("#gallery-search input, #gallery-search textarea").first.press("Enter")
     page.wait_for_selector("#gallery-grid .gallery-item button", timeout=60_000)
+    # Thumbnails are the poster (the middle frame); the caption starts with the LoRA and its weight.
+    assert "poster" in page.locator("#gallery-grid .gallery-item img").first.get_attribute("src")
+    assert page.locator("#gallery-grid .gallery-item").first.inner_text().strip().startswith("[1-browser-run")
     page.locator("#gallery-grid .gallery-item button").first.click()
     page.wait_for_selector("#gallery-details >> text=seed", timeout=60_000)
     assert saved in page.locator("#gallery-details").inner_text()
@@ -164,3 +250,35 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_selector("#gpus-host >> text=Host RAM", timeout=60_000)
     assert page.locator("#gpus-none").is_visible()
     shot(page, "4-gpus")
+    widths = page_widths(page)
+    assert len(set(widths.values())) == 1, f"the page width changes between tabs: {widths}"
+
+
+def on_a_phone_in_the_dark(server, page) -> None:
+    """390x844, dark theme: no tab scrolls sideways, the run comes first on Train, the gallery shows
+    at once, and a second Generate clears the first video while it runs and shows the result."""
+    page.set_viewport_size(PHONE)
+    page.goto(server.url + "?__theme=dark")
+    page.wait_for_selector("#train-start")
+    assert page.evaluate("() => document.body.classList.contains('dark')")
+    page_widths(page)
+    page.get_by_role("tab", name="Train").click()
+    assert page.locator("#train-runs").bounding_box()["y"] < page.locator("#train-start").bounding_box()["y"]
+    page.wait_for_selector("#train-job-status >> text=browser")
+    shot(page, "5-phone-dark-train")
+    page.get_by_role("tab", name="Gallery").click()
+    page.wait_for_selector("#gallery-grid .gallery-item img", timeout=2_500)  # before the 3 s timer
+    shot(page, "6-phone-dark-gallery")
+    page.locator("#gallery-grid .gallery-item button").first.click()
+    page.wait_for_selector("#gallery-details >> text=seed")
+    page.locator("#gallery-reuse").click()
+    page.wait_for_function("() => document.querySelector('#infer-seed input')?.value === '5'", timeout=60_000)
+    shot(page, "7-phone-dark-infer-form")
+    page.locator("#infer-generate").scroll_into_view_if_needed()
+    page.locator("#infer-generate").click()
+    # The earlier video goes with the new request.
+    page.wait_for_function("() => !document.querySelector('#infer-video video')", timeout=10_000)
+    page.wait_for_timeout(800)
+    assert in_view(page, "#infer-progress")
+    page.wait_for_selector("#infer-video video", timeout=LONG)
+    shot(page, "8-phone-dark-infer")

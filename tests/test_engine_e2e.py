@@ -89,10 +89,14 @@ def test_cli_train_stop_resume_with_the_real_trainer(studio_home: Path, training
     assert events[-1]["event"] == "done"
     final_save = [e for e in events if e["event"] == "save"][-1]
     assert final_save["step"] == MAX_STEPS and list(Path(final_save["path"]).glob("*.safetensors"))
+    # The end of a followed run says where its LoRAs are; so does `jobs show`.
+    saved_file = str(next(Path(final_save["path"]).glob("*.safetensors")))
+    assert "LoRAs (" in resumed.stdout and saved_file in resumed.stdout, resumed.stdout
 
     listing = studio(studio_home, "jobs", "list")
     assert "succeeded" in listing.stdout and f"{MAX_STEPS}/{MAX_STEPS}" in listing.stdout
     shown = studio(studio_home, "jobs", "show", "1")
+    assert saved_file in shown.stdout.split("history:")[0]
     history = [line.split()[2:] for line in shown.stdout.split("history:")[1].strip().splitlines()]
     kinds = [entry[0] for entry in history]
     assert kinds == ["created", "starting", "running", "reattached", "stopping", "stopped", "queued",

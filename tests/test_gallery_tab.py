@@ -42,3 +42,9 @@ def test_view_reuse_and_delete_one_item(api: StudioApi) -> None:
         tab.delete_item(api, ALICE, None)
     assert f"deleted {item.id}" in tab.delete_item(api, ALICE, item.id)
     assert tab.gallery_page(api, ALICE, "", "", "", False, True, 1).ids == []
+
+
+def test_captions_lead_with_the_lora_mix() -> None:
+    item = {"prompt": "a purple star " * 10, "favorite": True, "loras": [{"name": "demo", "weight": 0.0}]}
+    assert tab._caption(item).startswith("★ [demo@0] a purple star")
+    assert tab._caption({"prompt": "plain", "loras": []}) == "plain"

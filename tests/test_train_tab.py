@@ -192,3 +192,35 @@ def write_sample_event(run_dir: Path, label: str, step: int, scores: dict[str, f
         out.write(json.dumps({"event": "save", "step": step, "epoch": 1, "label": label}) + "\n")
         out.write(json.dumps({"event": "sample", "step": step, "label": label, "scores": scores,
                               "videos": [video]}) + "\n")
+
+
+def test_progress_words_name_epoch_speed_elapsed_and_total() -> None:
+    running = {"step": 40, "total_steps": 100, "status": "running", "terminal": False, "eta_s": 90.0,
+               "last_loss": 0.123456, "phase": "training"}
+    series = {"epochs": 10, "pace": {"step": 40, "epoch": 4, "elapsed_s": 60.0}}
+    assert runs.pace_text(running, series) == \
+        "step 40/100 · epoch 4/10 · 1.50 s/step · elapsed 1m00s · ETA 1m30s of ~2m30s · loss 0.1235"
+    ended = {**running, "status": "stopped", "terminal": True, "last_loss": None}
+    assert runs.pace_text(ended, series).endswith("took 1m00s")
+    queued = {"step": None, "total_steps": None, "status": "queued", "terminal": False, "phase": None}
+    assert runs.pace_text(queued, {}) == "queued"
+
+
+def test_save_toml_file_follows_the_text() -> None:
+    first, again = Path(train.export_toml("epochs = 1\n")), Path(train.export_toml("epochs = 1\n"))
+    changed = Path(train.export_toml("epochs = 2\n"))
+    assert first == again and changed != first and changed.read_text() == "epochs = 2\n"
+    assert first.read_text() == "epochs = 1\n"  # an earlier download link still serves its own text
+
+
+def test_infer_timings_table_and_lora_picks(api: StudioApi) -> None:
+    from studio.widgets import timings_table
+    from tabs import infer
+
+    table = timings_table({"load_s": 0.33872378899832256, "denoise_s": 1.5, "videos": [{"load_s": 0.3}], "note": 1})
+    assert "<th>load</th><td>0.34 s</td>" in table and "<th>total</th><td>1.84 s</td>" in table
+    assert "videos" not in table and "note" not in table and timings_table(None) == ""
+    with pytest.raises(ValueError, match=r"LoRA 1: 'job:9/epoch1' is not one of your saved or uploaded LoRAs") as err:
+        infer.check_lora_picks(api, ALICE, [{"lora": "job:9/epoch1", "weight": 1.0}])
+    assert "epochN" not in str(err.value)
+    infer.check_lora_picks(api, ALICE, [])  # no LoRA: nothing to check

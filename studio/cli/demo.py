@@ -1,7 +1,7 @@
-"""`python -m studio demo [--prepare | --generate PROMPT [--out FILE]]`: the embedded shapes-world demo.
+"""`studio demo [--prepare | --generate PROMPT [--out FILE]]`: the embedded shapes-world demo.
 
 --prepare   create the demo LoRA dataset in the data directory and write demo_lora.toml filled in
-            for it (then: python -m studio train <that file>)
+            for it (then: studio train <that file>, with the same --home)
 --generate  generate one clip with the demo model, save it as mp4 and print what the evaluator sees
 no option   --prepare, then show where everything is
 """
@@ -24,9 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="e.g. 'a red circle moving left on a black background'")
     parser.add_argument("--out", type=Path, default=Path("demo.mp4"), help="mp4 written by --generate")
     parser.add_argument("--lora", type=Path, help="LoRA .safetensors applied by --generate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of --generate")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of --generate")
+    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of --generate")
     parser.set_defaults(func=run)
 
 
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
         from engine.models import resolve_model
 
         print(f"demo model:  {resolve_model('demo')}")
-        print("try:        python -m studio demo --generate 'a red circle moving left on a black background'")
-    print(f"then train: python -m studio train {config_path}")
+        print(f"try:        {args.hint} demo --generate 'a red circle moving left on a black background'")
+    print(f"then train: {args.hint} train {config_path}")  # the same --home: the job lands beside its dataset
     return 0
 
 

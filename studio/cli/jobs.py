@@ -1,4 +1,4 @@
-"""`python -m studio jobs list|show|logs|stop|resume|cancel ID`: the job queue from a terminal.
+"""`studio jobs list|show|logs|samples|stop|save|resume|cancel ID`: the job queue from a terminal.
 
 Works with or without a running studio: when none runs, this process briefly leads the queue
 (records the outcome of trainers that ended meanwhile, escalates a stop, launches a resume).
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = sub.add_parser("list", help="newest jobs first")
     listing.add_argument("--owner", help="only this user's jobs")
     listing.add_argument("--status", help="comma-separated statuses, e.g. queued,running")
-    listing.add_argument("--limit", type=int, default=30)
+    listing.add_argument("--limit", type=int, default=30, help="at most this many jobs")
     listing.set_defaults(func=cmd_list)
     for name, func, text in (("show", cmd_show, "details, history and failure of one job"),
                              ("logs", cmd_logs, "the job's train.log"),
@@ -43,10 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              ("resume", cmd_resume, "queue a stopped/failed/lost job again"),
                              ("cancel", cmd_cancel, "remove a queued job from the queue")):
         command = sub.add_parser(name, help=text)
-        command.add_argument("id", type=int)
+        command.add_argument("id", type=int, help="the job's number (jobs list shows them)")
         command.set_defaults(func=func)
         if name == "logs":
-            command.add_argument("-n", "--lines", type=int, default=50)
+            command.add_argument("-n", "--lines", type=int, default=50, help="how many lines from the end")
             command.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         if name == "stop":
             command.add_argument("--force", action="store_true", help="skip the grace period")
@@ -120,12 +120,29 @@ def cmd_show(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
         out.write(f"{'failure':>12}: {job.failure_reason}\n{'hint':>12}: {job.failure_hint}\n")
     if job.status == JobStatus.QUEUED and job.id in (waits := sched.queue_waits()):
         out.write(f"{'waiting':>12}: {waits[job.id].describe()}\n")
+    out.write(saved_outputs(job))
     out.write("\nhistory:\n")
     for event in sched.events(job.id):
         out.write(f"  {_when(event.time)}  {event.kind:<10} {event.message}\n")
     if job.log_tail:
         out.write("\nlog tail:\n" + job.log_tail + "\n")
     return 0
+
+
+def saved_outputs(job: Job) -> str:
+    """Where a run's LoRAs (newest last) and samples are: the end of `train --follow` and `jobs show`."""
+    if not job.run_dir:
+        return ""
+    from engine.metrics import loss_series
+    from engine.rundir import RunDir
+
+    saves = RunDir(job.run_dir).loras()
+    lines = ["", f"LoRAs ({len(saves)}):" if saves else "LoRAs: none saved yet"]
+    lines += [f"  {save.label:<10} {save.file}" for save in saves]
+    series = loss_series(job.run_dir, max_points=2)
+    if series.get("samples"):
+        lines += ["samples:", *("  " + line for line in format_samples(series, Path(job.run_dir)).splitlines())]
+    return "\n".join(lines) + "\n"
 
 
 @_with_scheduler
@@ -212,17 +229,17 @@ def cmd_resume(args: argparse.Namespace, sched: Scheduler, out: TextIO) -> int:
     sched.refresh()
     job = sched.resume(args.id)
     out.write(f"job {job.id}: queued again in {job.run_dir}\n")
-    return launch_and_report(sched, job, args.follow, out)
+    return launch_and_report(sched, job, args.follow, out, args.hint)
 
 
-def launch_and_report(sched: Scheduler, job: Job, follow: bool, out: TextIO) -> int:
-    """Run the scheduler until the job starts (or, with follow, ends)."""
+def launch_and_report(sched: Scheduler, job: Job, follow: bool, out: TextIO, hint: str = "studio") -> int:
+    """Run the scheduler until the job starts (or, with follow, ends). `hint` starts the command lines
+    it suggests (the program and the settings flags this command was given)."""
     sched.start()
     if follow:
-        return follow_job(sched, job.id, out)
+        return follow_job(sched, job.id, out, hint)
     if not sched.is_leader:
-        out.write("a running studio launches it; watch with `python -m studio jobs show "
-                  f"{job.id}`\n")
+        out.write(f"a running studio launches it; watch with `{hint} jobs show {job.id}`\n")
         return 0
     try:
         job = wait_until(sched, job.id, lambda j: j.status != JobStatus.QUEUED, None,
@@ -232,8 +249,7 @@ def launch_and_report(sched: Scheduler, job: Job, follow: bool, out: TextIO) -> 
         return 0
     out.write(f"job {job.id}: {job.status.value}" + (f" (pid {job.pid})" if job.pid else "") + "\n")
     if job.status.is_active:
-        out.write("the trainer keeps running after this command; `python -m studio jobs show "
-                  f"{job.id}` records its outcome\n")
+        out.write(f"the trainer keeps running after this command; `{hint} jobs show {job.id}` records its outcome\n")
     return 0 if job.status != JobStatus.FAILED else 1
 
 
@@ -271,7 +287,7 @@ def progress_line(job: Job) -> str:
     return " ".join(parts)
 
 
-def follow_job(sched: Scheduler, job_id: int, out: TextIO) -> int:
+def follow_job(sched: Scheduler, job_id: int, out: TextIO, hint: str = "studio") -> int:
     """Print a progress line until the job ends; return its exit status (0 = succeeded)."""
     interactive = out.isatty()
     last = ""
@@ -288,7 +304,7 @@ def follow_job(sched: Scheduler, job_id: int, out: TextIO) -> int:
             time.sleep(FOLLOW_POLL_S)
     except KeyboardInterrupt:
         out.write(f"\nstopped following; job {job_id} keeps running "
-                  f"(`python -m studio jobs stop {job_id}` stops it)\n")
+                  f"(`{hint} jobs stop {job_id}` stops it)\n")
         return 130
     if interactive:
         out.write("\n")
@@ -296,6 +312,7 @@ def follow_job(sched: Scheduler, job_id: int, out: TextIO) -> int:
         out.write(f"{job.status.value}: {job.failure_reason}\n{job.failure_hint}\n")
         if job.log_tail:
             out.write("--- log tail ---\n" + "\n".join(job.log_tail.splitlines()[-15:]) + "\n")
+    out.write(saved_outputs(job))
     return exit_status(job)
 
 

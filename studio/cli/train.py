@@ -1,4 +1,4 @@
-"""`python -m studio train CONFIG.toml [--gpus 0,1 | --num-gpus N] [--run-dir DIR] [--follow] [--owner NAME]`.
+"""`studio train CONFIG.toml [--gpus 0,1 | --num-gpus N] [--run-dir DIR] [--follow] [--owner NAME]`.
 
 Queues a training job in the studio's database. When no studio runs, this process launches it
 (the trainer then runs on in its own session); otherwise the running studio does.
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
                                     num_gpus=args.num_gpus, name=args.name, priority=args.priority,
                                     run_dir=args.run_dir)
         print(f"job {job.id} queued: {job.name} -> {job.run_dir}")
-        return launch_and_report(sched, job, args.follow, sys.stdout)
+        return launch_and_report(sched, job, args.follow, sys.stdout, args.hint)
     except (JobError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,12 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("users", help="manage the accounts of the users file (--auth-file)")
     actions = parser.add_subparsers(dest="users_action", required=True)
     add = actions.add_parser("add", help="add a user (asks for the password)")
-    add.add_argument("name")
+    add.add_argument("name", help="the login name")
     add.add_argument("--admin", action="store_true", help="may see and control every user's jobs")
     add.add_argument("--replace", action="store_true", help="set a new password for an existing user")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
     remove = actions.add_parser("remove", help="remove a user")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the login name")
     actions.add_parser("list", help="list users")
     for sub in (add, remove, actions.choices["list"]):
         # Own dest: the global --auth-file must exist already, this one may be created.
