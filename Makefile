@@ -13,10 +13,11 @@ run: $(STAMP)
 test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Cases that take minutes on 2 cores (the short demo LoRA run), outside the default suite.

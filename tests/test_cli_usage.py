@@ -57,3 +57,12 @@ def test_a_fresh_process_prints_no_info_lines(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "no jobs" in done.stdout
     assert "INFO" not in done.stderr, done.stderr  # no schema migration or queue leadership lines
+
+
+def test_the_installed_command_is_the_cli() -> None:
+    import importlib
+    import tomllib
+
+    target = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]["studio"]
+    module, _, name = target.partition(":")
+    assert getattr(importlib.import_module(module), name) is main
