@@ -38,7 +38,7 @@ TimestepMethod = Literal["logit_normal", "uniform"]
 DType = Literal["bfloat16", "float16", "float32"]
 TransformerDType = Literal["bfloat16", "float16", "float32", "float8"]
 AttentionBackend = Literal["default", "cudnn", "flash", "efficient", "flash3"]
-CheckpointPolicyName = Literal["full", "save_attention"]
+CheckpointPolicyName = Literal["full", "save_attention", "offload"]
 LoraComputeDtype = Literal["adapter", "activation"]
 Experts = Literal["one", "both"]
 IdleExpert = Literal["offload", "resident"]
@@ -123,8 +123,9 @@ class PerformanceConfig(ConfigTable):
     compile_blocks: Bool = Field(False, description="torch.compile each transformer block (GPU; first step ~30 s slower).")
     checkpointing: CheckpointPolicyName = Field(
         "full",
-        description="With activation checkpointing: recompute whole blocks, or keep self-attention outputs "
-                    "(faster, a little more memory).")
+        description="With activation checkpointing: recompute whole blocks, keep self-attention outputs "
+                    "(faster, a little more memory), or recompute whole blocks and keep their inputs in pinned "
+                    "host memory ('offload': least GPU memory, host copies each step; diffusion-pipe's 'unsloth').")
     lora_compute_dtype: LoraComputeDtype = Field(
         "adapter", description="LoRA matmuls in adapter.dtype, or in the model dtype (bf16) with fp32 weights kept.")
 

@@ -71,7 +71,7 @@ def translate_main(data: dict[str, Any]) -> Warnings:
     """The main table; data["dataset"] and each eval dataset are tables by now."""
     warnings: Warnings = []
     _drop(data, IGNORED_MAIN, "", warnings)
-    _activation_checkpointing(data, warnings)
+    _activation_checkpointing(data)
     _micro_batch(data, warnings)
     _move_clip_mode(data)
     if "compile" in data:  # torch.compile of the model: the studio compiles each block
@@ -109,11 +109,11 @@ def translate_dataset(table: dict[str, Any], prefix: str) -> Warnings:
     return warnings
 
 
-def _activation_checkpointing(data: dict[str, Any], warnings: Warnings) -> None:
+def _activation_checkpointing(data: dict[str, Any]) -> None:
+    """diffusion-pipe's 'unsloth' keeps the checkpointed blocks' inputs in host memory: our 'offload' mode."""
     if data.get("activation_checkpointing") == "unsloth":
         data["activation_checkpointing"] = True
-        warnings.append(("activation_checkpointing", "'unsloth' (activations offloaded to host memory) is not "
-                                                     "implemented: uses full activation checkpointing"))
+        data.setdefault("performance", {}).setdefault("checkpointing", "offload")
 
 
 def _micro_batch(data: dict[str, Any], warnings: Warnings) -> None:

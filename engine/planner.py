@@ -4,8 +4,8 @@
 total time (engine.planner_estimate) from the model's shape (config files only), the largest clip
 of the dataset, the batch and the options, with the per-card rates of `engine.planner_rates`
 (fitted on our own benches). When the config does not fit it proposes the cheapest change that
-does: lossless changes first (checkpointing mode, block swap; the one with the fastest estimated
-step wins), then fp8 base weights, then fewer frames. No weights are loaded and nothing here needs
+does: lossless changes first (checkpointing mode, activation offload, block swap; the one with the
+fastest estimated step wins), then fp8 base weights, then fewer frames. No weights are loaded and nothing here needs
 a GPU.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.config import TrainConfig
-from engine.planner_estimate import GIB, DeviceSet, Estimate, Workload, estimate, workload_for
+from engine.planner_estimate import GIB, DeviceSet, Estimate, Workload, estimate, memory_cap_gib, workload_for
 from engine.planner_rates import MEMORY
 from engine.planner_shapes import Clip, ModelShape
 
@@ -87,20 +87,22 @@ def _candidates(cfg: TrainConfig, shape: ModelShape, frames: list[int]) -> list[
     """(changes, lossless, frame cap) in the order tried; the fastest fitting lossless one wins."""
     saved_attention = {"activation_checkpointing": True, "performance.checkpointing": "save_attention"}
     full = {"activation_checkpointing": True, "performance.checkpointing": "full"}
+    offload = {"activation_checkpointing": True, "performance.checkpointing": "offload"}
     out: list[tuple[dict[str, Any], bool, int | None]] = []
+
+    def with_swaps(changes: dict[str, Any], lossless: bool, cap: int | None = None) -> None:
+        out.extend([(changes, lossless, cap)] + [({**changes, "blocks_to_swap": n}, lossless, cap)
+                                                 for n in range(1, shape.layers + 1)])
+
     if not cfg.activation_checkpointing:
         out.append((saved_attention, True, None))
-    out.append((full, True, None))
-    for n in range(1, shape.layers + 1):
-        out.append(({**full, "blocks_to_swap": n}, True, None))
-    fp8 = {**full, "model.transformer_dtype": "float8"}
-    out.append((fp8, False, None))
-    for n in range(1, shape.layers + 1):
-        out.append(({**fp8, "blocks_to_swap": n}, False, None))
+    with_swaps(full, True)
+    with_swaps(offload, True)
+    with_swaps({**full, "model.transformer_dtype": "float8"}, False)
+    with_swaps({**offload, "model.transformer_dtype": "float8"}, False)
     for cap in frames:
-        out.append((full, False, cap))
-        for n in range(1, shape.layers + 1):
-            out.append(({**full, "blocks_to_swap": n}, False, cap))
+        with_swaps(full, False, cap)
+        with_swaps(offload, False, cap)
     return out
 
 
@@ -177,7 +179,7 @@ def advice_after_oom(cfg: TrainConfig, error: BaseException, world: int) -> str:
         return ""
     try:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        devices = DeviceSet.gpus(props.name, props.total_memory / GIB, world)
+        devices = DeviceSet.gpus(props.name, memory_cap_gib() or props.total_memory / GIB, world)
         plan = plan_training(cfg, devices)
         if plan.fits:
             tighter = replace(devices, memory_gib=0.85 * plan.estimate.gpu_peak_gib + MEMORY.reserve_gib)

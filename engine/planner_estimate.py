@@ -3,14 +3,13 @@
 `plan_training(cfg, devices)` estimates peak GPU memory, host RAM, cache size on disk, s/step and
 total time from the model's shape (config files only), the largest clip of the dataset, the batch
 and the options, with the per-card rates of `engine.planner_rates` (fitted on our own benches).
-When the config does not fit it proposes the cheapest change that does: lossless changes first
-(checkpointing mode, block swap; the one with the fastest estimated step wins), then fp8 base
-weights, then fewer frames. No weights are loaded and nothing here needs a GPU.
+When the config does not fit, engine.planner proposes the cheapest change that does. No weights are loaded and nothing here needs a GPU.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +19,7 @@ from engine.planner_shapes import Clip, ModelShape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceSet", "Workload", "Estimate", "estimate", "workload_for", "GIB"]
+__all__ = ["DeviceSet", "Workload", "Estimate", "estimate", "workload_for", "memory_cap_gib", "GIB"]
 
 GIB = 2**30
 TEXT_TOKENS = 512  # Wan's cross-attention length
@@ -28,6 +27,13 @@ CAPTION_TOKENS = 100  # cached text per caption (unpadded), an assumption for th
 DATA_PARALLEL_EFFICIENCY = 0.98  # 2-GPU scaling through a studio job (bench/RESULTS.md, GPU acceptance)
 FP8_LINEAR_OVERHEAD = 0.05  # dequantising fp8 weights before each matmul: assumed, not measured
 WEIGHT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
+MEMORY_CAP_ENV = "STUDIO_GPU_MEMORY_CAP_GIB"  # the trainer's stand-in for a smaller card
+
+
+def memory_cap_gib() -> float | None:
+    """STUDIO_GPU_MEMORY_CAP_GIB: the trainer caps its GPU there (set_per_process_memory_fraction)."""
+    cap = os.environ.get(MEMORY_CAP_ENV, "").strip()
+    return float(cap) if cap else None
 
 
 @dataclass(frozen=True)
@@ -250,25 +256,43 @@ def _activation_bytes(cfg: TrainConfig, shape: ModelShape, clip: Clip, dtype_byt
     tokens = shape.tokens(clip) * cfg.micro_batch_size_per_gpu
     d, layers = shape.width, shape.layers
     scale = dtype_bytes / 2  # fitted in bf16
-    mode = cfg.performance.checkpointing if cfg.activation_checkpointing else "off"
-    factor = m.working_factor[mode + ("+compiled" if compiled else "")]
+    mode = _checkpointing(cfg)
+    factor = m.working_factor[("full" if mode == "offload" else mode) + ("+compiled" if compiled else "")]
     working = tokens * (m.working_per_width * d + m.working_per_ffn * shape.ffn) * scale * factor
     if not cfg.activation_checkpointing:
         return layers * m.kept_fraction_no_checkpointing * working + working
-    kept = layers * tokens * d * dtype_bytes  # each block's input
+    # each block's input; offloaded, only the one brought back for its block's recompute
+    kept = (1 if mode == "offload" else layers) * tokens * d * dtype_bytes
     if cfg.performance.checkpointing == "save_attention":
         kept += layers * tokens * d * m.save_attention_bytes_per_token_width * scale
     return kept + working
 
 
+def _checkpointing(cfg: TrainConfig) -> str:
+    return cfg.performance.checkpointing if cfg.activation_checkpointing else "off"
+
+
+def _offloaded_bytes(cfg: TrainConfig, shape: ModelShape, clip: Clip, dtype_bytes: int) -> float:
+    """What checkpointing = "offload" copies to host memory in a micro-batch's forward (and back for the
+    recompute): each block's inputs, the hidden states and, block after block, the shared text states
+    and RoPE tables (torch's save_on_cpu copies every saved tensor)."""
+    if _checkpointing(cfg) != "offload":
+        return 0.0
+    tokens = shape.tokens(clip) * cfg.micro_batch_size_per_gpu
+    per_block = (tokens * (shape.width + 2 * shape.head_dim)
+                 + cfg.micro_batch_size_per_gpu * TEXT_TOKENS * shape.width) * dtype_bytes
+    return shape.layers * per_block
+
+
 def _host_memory(cfg: TrainConfig, shape: ModelShape, clip: Clip, devices: DeviceSet) -> dict[str, float]:
     """Per run: every rank loads the text encoder (caching) and then the transformer, one after the
-    other, in the model dtype; block swap keeps the swapped blocks in pinned host memory."""
+    other, in the model dtype; block swap keeps the swapped blocks in pinned host memory, activation
+    offload the checkpointed blocks' inputs."""
     ranks = devices.count
     if devices.kind == "cpu":  # the model runs here, in float32
         loaded = shape.params * 4
         lora = shape.lora_params(cfg.adapter.rank, cfg.adapter.target_modules) * 16
-        activations = _activation_bytes(cfg, shape, clip, 4, False)
+        activations = _activation_bytes(cfg, shape, clip, 4, False) + _offloaded_bytes(cfg, shape, clip, 4)
         text = shape.text_encoder_params * 4
         return {"processes": ranks * MEMORY.process_host_gib_cpu,
                 "model, LoRA and activations": ranks * (max(loaded, text) + lora + activations) / GIB}
@@ -277,9 +301,11 @@ def _host_memory(cfg: TrainConfig, shape: ModelShape, clip: Clip, devices: Devic
     text = shape.text_encoder_params * model_bytes
     swapped = min(_swap(cfg), shape.layers)
     pinned = swapped * shape.block_params * WEIGHT_BYTES[_weight_dtype(cfg)]
+    offloaded = _offloaded_bytes(cfg, shape, clip, model_bytes)
     return {"processes": ranks * MEMORY.process_host_gib,
             "loading (text encoder, then transformer)": ranks * max(transformer, text) / GIB,
-            "pinned swapped blocks": ranks * pinned / GIB}
+            "pinned swapped blocks": ranks * pinned / GIB,
+            "pinned offloaded activations": ranks * offloaded / GIB}
 
 
 def _cache_gib(shape: ModelShape, work: Workload) -> float | None:
@@ -307,7 +333,7 @@ def _micro_seconds(cfg: TrainConfig, shape: ModelShape, clip: Clip, rates: CardR
     f_lin = 12 * tokens * d * d + 4 * tokens * d * f + 4 * TEXT_TOKENS * d * d
     f_att = 4 * tokens * tokens * d + 4 * tokens * TEXT_TOKENS * d
     ckpt = cfg.activation_checkpointing
-    recompute_attention = 1 if ckpt and cfg.performance.checkpointing == "full" else 0
+    recompute_attention = 1 if _checkpointing(cfg) in ("full", "offload") else 0
     kernel = _attention_kernel(cfg, rates)
     attention = layers * batch * f_att * (3 + recompute_attention) / (rates.attention_tflops[kernel] * 1e12)
     linears = layers * batch * f_lin * (3 if ckpt else 2) / (rates.gemm_tflops * 1e12)
@@ -323,7 +349,18 @@ def _micro_seconds(cfg: TrainConfig, shape: ModelShape, clip: Clip, rates: CardR
     if notes is not None and stall > 0:
         notes.append(f"block swap: about {stall:.2f} s a micro-batch waiting for host-to-device copies "
                      f"(at an assumed {rates.h2d_gb_s:g} GB/s)")
-    return compute + stall
+    offload = _offload_seconds(cfg, shape, clip, rates) if on_gpu else 0.0
+    if notes is not None and offload > 0:
+        notes.append(f"activation offload: about {offload:.2f} s a micro-batch copying block inputs to host "
+                     f"memory and back (at {rates.h2d_gb_s:g} GB/s each way)")
+    return compute + stall + offload
+
+
+def _offload_seconds(cfg: TrainConfig, shape: ModelShape, clip: Clip, rates: CardRates) -> float:
+    """save_on_cpu's copies run on the compute stream: device-to-host in forward, back before each
+    recompute, not hidden behind compute."""
+    compute_bytes = WEIGHT_BYTES[cfg.model.dtype]
+    return 2 * _offloaded_bytes(cfg, shape, clip, compute_bytes) / (rates.h2d_gb_s * 1e9)
 
 
 def _swap_stall(cfg: TrainConfig, shape: ModelShape, rates: CardRates, compute: float) -> float:

@@ -28,6 +28,7 @@ class ModelShape:
     vae_spatial: int = 8
     vae_temporal: int = 4
     text_encoder_params: int = 0  # 0 = unknown (no text encoder weights found)
+    head_dim: int = 128  # RoPE tables: cos and sin, head_dim wide, per token
 
     @classmethod
     def from_transformer_config(cls, config: dict, *, vae_spatial: int = 8, vae_temporal: int = 4,
@@ -37,7 +38,8 @@ class ModelShape:
                    freq_dim=int(config.get("freq_dim", 256)), in_channels=int(config.get("in_channels", 16)),
                    out_channels=int(config.get("out_channels") or config.get("in_channels", 16)),
                    patch=tuple(int(p) for p in config.get("patch_size", (1, 2, 2))),  # type: ignore[arg-type]
-                   vae_spatial=vae_spatial, vae_temporal=vae_temporal, text_encoder_params=text_encoder_params)
+                   vae_spatial=vae_spatial, vae_temporal=vae_temporal, text_encoder_params=text_encoder_params,
+                   head_dim=int(config["attention_head_dim"]))
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, transformer: str = "transformer") -> "ModelShape":

@@ -104,3 +104,39 @@ def test_fp8_base_weights_stay_close_to_full_precision_and_train_only_lora() -> 
     BlockSwapper(list(model.blocks), [1], "cpu")
     loss_swapped, grads_swapped = _step(model)
     assert torch.equal(loss_swapped, loss) and torch.equal(grads_swapped, grads)
+
+
+def _block_inputs_kept(model: torch.nn.Module) -> tuple[tuple[torch.Tensor, torch.Tensor], list[bool]]:
+    """One step, and for each block after the first: is its input still alive once the forward is done?"""
+    import weakref
+
+    inputs: list[weakref.ref] = []
+    hooks = [block.register_forward_pre_hook(
+        lambda module, args: None if torch._C._current_graph_task_id() != -1 else inputs.append(weakref.ref(args[0])))
+        for block in model.blocks]
+    generator = torch.Generator().manual_seed(3)
+    latents, text = torch.randn(1, 16, 3, 8, 8, generator=generator), torch.randn(1, 12, 32, generator=generator)
+    model.zero_grad(set_to_none=True)
+    loss = WanFamily().forward(model, latents, torch.tensor([0.4]), text).float().pow(2).mean()
+    kept = [ref() is not None for ref in inputs[1:]]
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return (loss.detach(), torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])), kept
+
+
+def test_activation_offload_gives_the_same_loss_and_gradients_and_keeps_no_block_input() -> None:
+    """checkpointing = "offload": the checkpointed blocks' inputs go to (pinned) host memory through torch's
+    save_on_cpu; the recompute gets them back. Same numbers as full checkpointing, step after step."""
+    from engine.families.wan_perf import PerfOptions, apply
+
+    full, offloaded = _lora_model(), _lora_model()
+    apply(full, PerfOptions(checkpointing="full"), activation_checkpointing=True)
+    applied = apply(offloaded, PerfOptions(checkpointing="offload"), activation_checkpointing=True)
+    assert applied.checkpointing == "offload"
+    for _ in range(2):
+        (loss_ref, grads_ref), kept_ref = _block_inputs_kept(full)
+        (loss, grads), kept = _block_inputs_kept(offloaded)
+        assert torch.equal(loss, loss_ref) and torch.equal(grads, grads_ref)
+        # full checkpointing keeps each block's input on the device until backward; offload keeps a copy
+        assert kept_ref == [True] * (len(full.blocks) - 1) and kept == [False] * (len(full.blocks) - 1)

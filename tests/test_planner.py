@@ -104,9 +104,30 @@ def test_the_cheapest_fitting_change_is_lossless_when_one_exists() -> None:
     n = found.changes["blocks_to_swap"]
     assert found.lossless and found.estimate.fits and 0 < n < shape.layers
     assert not estimate(cfg.with_value("blocks_to_swap", n - 1), shape, card, clip).fits
-    # 14B at 81 frames does not fit 24 GB whatever the weights do: fewer frames
+    # 14B at 81 frames: the kept block inputs alone are ~13 GiB; only offloading them (and swapping) fits 24 GB
     found = suggest(cfg, shape, card, work())
-    assert not found.lossless and found.changes["dataset.frame_buckets"][-1] < 81 and found.estimate.fits
+    assert found.lossless and found.estimate.fits and found.changes["performance.checkpointing"] == "offload"
+    assert not estimate(cfg.with_value("blocks_to_swap", shape.layers), shape, card, work()).fits
+    # 1.3B at 81 frames on 8 GB: nothing lossless fits; fp8 comes before fewer frames
+    found = suggest(cfg, shape_of("1.3B"), DeviceSet.gpus("RTX 4060", 8), work())
+    assert not found.lossless and found.estimate.fits and found.changes["model.transformer_dtype"] == "float8"
+    assert "dataset.frame_buckets" not in found.changes
+    # at 6 GB not even that: the most frames that fit
+    found = suggest(cfg, shape_of("1.3B"), DeviceSet.gpus("RTX 4060", 6), work())
+    assert not found.lossless and found.estimate.fits and found.changes["dataset.frame_buckets"][-1] < 81
+
+
+def test_activation_offload_trades_gpu_memory_for_host_memory_and_copy_time() -> None:
+    shape, gpu = shape_of("14B"), DeviceSet.gpus("H100")
+    full = estimate(config(activation_checkpointing=True), shape, gpu, work())
+    offload = estimate(config(activation_checkpointing=True, performance__checkpointing="offload"), shape, gpu, work())
+    kept = shape.layers * shape.tokens(CLIP_81) * shape.width * 2 / 2**30  # every block's input, bf16
+    saved = full.gpu_parts["activations"] - offload.gpu_parts["activations"]
+    assert 0.9 * kept < saved < kept
+    assert kept < offload.host_parts["pinned offloaded activations"] < 1.2 * kept
+    copy_s = 2 * offload.host_parts["pinned offloaded activations"] * 2**30 / (gpu.rates.h2d_gb_s * 1e9)
+    assert offload.s_per_step == pytest.approx(full.s_per_step + copy_s)
+    assert any("activation offload" in note for note in offload.notes)
 
 
 def _config_only_model(folder: Path, preset: str) -> Path:

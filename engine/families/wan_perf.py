@@ -12,7 +12,9 @@ Why these options (numbers in bench/RESULTS.md):
   separately built package, engine/families/flash3.py).
 - Full activation checkpointing recomputes the whole block, attention included, in backward.
   `checkpointing = "save_attention"` keeps the self-attention outputs (about T x dim bf16 per block)
-  and recomputes only the cheap linears, norms and RoPE.
+  and recomputes only the cheap linears, norms and RoPE. `checkpointing = "offload"` recomputes
+  whole blocks and keeps their inputs in pinned host memory (torch's `save_on_cpu`): for cards
+  where even the kept block inputs do not fit (issue 18).
 - `compile_blocks` compiles each block (or the checkpointed block), fusing Wan's many fp32
   elementwise steps (norm + modulation + gated residual) into few kernels.
 - With fp32 LoRA weights, peft casts every LoRA input (up to tokens x 8960) to fp32 and runs the
@@ -205,6 +207,15 @@ def _checkpoint_fn(policy: str) -> Callable[..., Any]:
             return checkpoint(block.__call__, *args, use_reentrant=False)
 
         return full
+    if policy == "offload":
+        # Only what the checkpoint itself keeps (the block's inputs) meets these hooks: inside the block
+        # the checkpoint's own hooks take over. So the block inputs wait in pinned host memory (copied
+        # back for the recompute) and the GPU holds one block's working set.
+        def offload(block: torch.nn.Module, *args: Any) -> Any:
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return checkpoint(block.__call__, *args, use_reentrant=False)
+
+        return offload
 
     context_fn = functools.partial(create_selective_checkpoint_contexts, save_attention_policy)
 

@@ -88,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 def _cap_gpu_memory(device) -> None:  # noqa: ANN001 - a torch.device
     """STUDIO_GPU_MEMORY_CAP_GIB=N: this process may allocate at most N GiB of its GPU, a stand-in for a
     smaller card when measuring what fits (torch.cuda.set_per_process_memory_fraction)."""
-    cap = os.environ.get("STUDIO_GPU_MEMORY_CAP_GIB")
-    if not cap or device.type != "cuda":
+    from engine.planner_estimate import memory_cap_gib
+
+    cap = memory_cap_gib()
+    if cap is None or device.type != "cuda":
         return
     import torch
 
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), device)
     logger.info("GPU memory capped at %s GiB of %.1f", cap, total / 2**30)
 
 

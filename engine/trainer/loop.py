@@ -181,7 +181,7 @@ class Trainer:
         if dist.is_main:
             self.events.emit("start", total_steps=total_steps, epochs=cfg.epochs, world_size=world,
                              steps_per_epoch=spe, resumed_from_step=start_step, num_samples=len(samples),
-                             run_dir=str(self.run_dir))
+                             run_dir=str(self.run_dir), **_memory_cap_fields())
         if cfg.eval_before_first_step and start_step == 0:
             self.evaluator.run(engine, 0, 0)
         if cfg.sample is not None and cfg.sample.at_start and start_step == 0:
@@ -332,6 +332,14 @@ def _process_start_time() -> float:
     import psutil
 
     return psutil.Process().create_time()
+
+
+def _memory_cap_fields() -> dict[str, float]:
+    """The start event names the cap a run was measured under, so its peak is read against it."""
+    from engine.planner_estimate import memory_cap_gib
+
+    cap = memory_cap_gib()
+    return {"gpu_memory_cap_gib": cap} if cap is not None and torch.cuda.is_available() else {}
 
 
 def _memory_fields(device: torch.device) -> dict[str, float]:
