@@ -18,6 +18,7 @@ from engine.numbers import named_whole_number, whole_number
 from engine.rundir import SAMPLES_DIR, RunDir, read_log_tail
 from studio.api_media import MediaApi, run_loras, without_paths
 from studio.auth import AccessDenied, User
+from studio.compare import CompareApi
 from studio.datasets import DatasetError, confine, safe_name
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def control_refusal(job: Job, action: str) -> str | None:
     return f"job {job.id} is {job.status.value}{hints.get(action, '')}"
 
 
-class StudioApi(MediaApi):
+class StudioApi(MediaApi, CompareApi):
     """Authorised actions over the context's engine services."""
 
     def __init__(self, ctx: "StudioContext") -> None:

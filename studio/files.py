@@ -13,6 +13,7 @@ import logging
 import secrets
 import shutil
 import time
+import urllib.parse
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ class FileLinks:
             except OSError:  # swept by another process meanwhile
                 continue
         return gone
+
+
+def served_url(link: str | Path) -> str:
+    """The URL Gradio serves a link under, for HTML a handler writes (a `<video src>`); relative, so it
+    works under a proxy's root path too."""
+    return "gradio_api/file=" + urllib.parse.quote(str(link))
 
 
 def redact_home(text: str | None, home: Path) -> str | None:

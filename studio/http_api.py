@@ -104,6 +104,29 @@ def register_api(api: StudioApi) -> None:
         """Cancel a generation at its next denoising step."""
         return _wrap(api, api.cancel_generation)(request_id, request=request)
 
+    def compare(prompt: str, compare_loras: list[str] | None = None, weights: list[float] | None = None,
+                seeds: list[int] | None = None, model: str = "demo", loras: list[dict] | None = None,
+                negative_prompt: str = "", width: int | None = None, height: int | None = None,
+                num_frames: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
+                flow_shift: float | None = None, seed: int = -1, fps: int | None = None,
+                request: gr.Request = None) -> dict:
+        """Queue a comparison: one prompt and seed over LoRAs (rows: 'job:ID/epochN', 'job:ID/*' = every save
+        of a run, 'upload:NAME', 'none' = without), weights of the compared LoRA and seeds (columns), at most
+        16 videos, queued whole or not at all. loras: the rest of the stack, as /generate takes it. Returns
+        {compare_id, state, rows, columns, cells: [{row, column, request_id, state, gallery_ids}]}."""
+        values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt, width=width,
+                      height=height, num_frames=num_frames, steps=steps, guidance_scale=guidance_scale,
+                      flow_shift=flow_shift, seed=seed, fps=fps)
+        return _wrap(api, api.compare)(values, compare_loras or [], weights or [], seeds or [], request=request)
+
+    def compare_status(compare_id: str, request: gr.Request = None) -> dict:
+        """A comparison's state, progress and cells (each with its gallery_ids once done)."""
+        return _wrap(api, api.compare_status)(compare_id, request=request)
+
+    def cancel_compare(compare_id: str, request: gr.Request = None) -> dict:
+        """Cancel every cell of a comparison that has not finished."""
+        return _wrap(api, api.cancel_compare)(compare_id, request=request)
+
     def gallery_list(query: str = "", model: str = "", lora: str = "", favorite: bool = False, page: int = 1,
                      page_size: int = 24, request: gr.Request = None) -> dict:
         """Gallery items visible to the caller (newest first) with every parameter; {items, total, page}."""
@@ -145,6 +168,9 @@ def register_api(api: StudioApi) -> None:
     call("generation_status", generation_status)
     call("cancel_generation", cancel_generation)
     call("list_generations", list_generations)
+    call("compare", compare)
+    call("compare_status", compare_status)
+    call("cancel_compare", cancel_compare)
     call("gallery_list", gallery_list)
     call("gallery_item", gallery_item)
     call("gallery_favorite", gallery_favorite)

@@ -108,6 +108,20 @@ def build_server(api: StudioApi, user: User) -> MCPServer:
         return api.generation_status(user, request_id)
 
     @tool
+    def compare(prompt: str, compare_loras: list[str] | None = None, weights: list[float] | None = None,
+                seeds: list[int] | None = None, model: str = "demo", seed: int | None = None,
+                loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Queue a comparison of one prompt and seed over LoRAs ('job:ID/epochN', 'job:ID/*' = every save
+        of a run, 'none' = without), weights and seeds: at most 16 videos, shown as rows x columns."""
+        request = {"prompt": prompt, "model": model, "seed": seed, "loras": loras or []}
+        return api.compare(user, request, compare_loras or [], weights or [], seeds or [])
+
+    @tool
+    def compare_status(compare_id: str) -> dict[str, Any]:
+        """A comparison's state and cells (row, column, state, gallery item ids)."""
+        return api.compare_status(user, compare_id)
+
+    @tool
     def gallery_list(query: str = "", page: int = 1) -> dict[str, Any]:
         """Generated videos visible to this user, newest first (prompt, model, LoRAs, seed, timings)."""
         return api.gallery_list(user, query=query, page=page)

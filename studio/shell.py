@@ -9,7 +9,7 @@ from engine.paths import REPO_ROOT
 from studio.api import StudioApi
 from studio.http_api import register_api, request_user
 from studio.context import StudioContext
-from tabs import gallery, gpus, infer, train
+from tabs import compare, gallery, gpus, infer, train
 
 TITLE = "Video LoRA Studio"
 CSS_FILE = REPO_ROOT / "assets" / "studio.css"
@@ -28,6 +28,7 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
                 train.build(ctx, api)
             with gr.Tab("Infer", id="infer", elem_id="tab-infer"):
                 infer_handles = infer.build(ctx, api)
+                compare.build(api, infer_handles, gr.Timer(ctx.settings.poll_interval_s))
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
                 gallery.build(ctx, api, infer_handles, tabs)
             with gr.Tab("GPUs", id="gpus", elem_id="tab-gpus"):

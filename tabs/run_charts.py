@@ -8,7 +8,6 @@ Handlers (api, user, inputs) -> outputs are unit-tested in tests/test_run_charts
 from __future__ import annotations
 
 import html
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import gradio as gr
 
 from studio.api import StudioApi
 from studio.auth import User
+from studio.files import served_url
 from studio.http_api import request_user
 from studio.plots import MAX_OVERLAY, ChartOptions, loss_figure, quality_figure
 
@@ -112,11 +112,6 @@ def _video_cell(api: StudioApi, user: User, job_id: int, video: dict[str, Any] |
     return (f"<td><video src='{served_url(api.file_link(clip))}' poster='{served_url(api.file_link(poster))}' "
             "controls loop muted playsinline preload='metadata'></video>"
             f"<div class='muted'>{html.escape(scores)}</div></td>")
-
-
-def served_url(link: str) -> str:
-    """The URL Gradio serves an allowed file under (relative: works under a proxy's root path too)."""
-    return "gradio_api/file=" + urllib.parse.quote(str(link))
 
 
 def _scores_text(scores: dict[str, float] | None) -> str:

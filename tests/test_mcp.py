@@ -19,7 +19,8 @@ from engine.paths import REPO_ROOT
 from tests.ui_support import base_model, train_toml, write_dataset
 
 EXPECTED_TOOLS = {"whoami", "check_config", "check_dataset", "start_training", "list_jobs", "job_status", "job_log",
-                  "control_job", "generate", "generation_status", "gallery_list", "gpu_status"}
+                  "control_job", "generate", "generation_status", "compare", "compare_status", "gallery_list",
+                  "gpu_status"}
 
 
 def answer(result: Any) -> Any:

@@ -155,6 +155,7 @@ class InferRequest(ConfigTable):
     fps: _whole("fps") = 16
     num_videos: _whole("num_videos") = 1
     fuse_loras: Annotated[bool, PlainValidator(_flag)] = False
+    compare_id: _text() | None = None  # the comparison (studio.compare) this video is a cell of; kept in the gallery
 
     @field_validator("loras", mode="before")
     @classmethod
