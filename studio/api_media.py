@@ -189,4 +189,6 @@ class MediaApi:
                 gpu["job"] = shown(gpu["job"], gpu["job_owner"])
             gpu.pop("job_owner", None)
         status["cpu_jobs"] = [f"{h['slot']}: {shown(h['job'], h['owner'])}" for h in status["cpu_jobs"]]
+        for slot in status["cpu_slots"]:
+            slot["job"] = shown(slot["job"], slot.pop("owner")) if slot["job"] else ""
         return status

@@ -21,7 +21,7 @@ from engine.inference.speed import flash_attention_3_installed
 from engine.metrics import LossSeriesCache
 from engine.paths import DataLayout
 from engine.store import Database
-from engine.gpus import Device
+from engine.gpus import Device, cpu_pool
 from studio.auth import Accounts, UsersFile
 from studio.files import FileLinks, redact_home
 from studio.settings import StudioSettings
@@ -32,16 +32,18 @@ GPU_HISTORY_SAMPLES = 300  # ~5 minutes at one sample per second
 
 
 class GpuHistory:
-    """Recent utilization/memory samples per GPU for the GPUs tab (in memory: a view, not a record)."""
+    """Recent samples per GPU (utilization, memory, power) and of the host (CPU load, RAM) for the GPUs
+    tab (in memory: a view, not a record)."""
 
     def __init__(self, max_samples: int = GPU_HISTORY_SAMPLES, min_interval_s: float = 1.0) -> None:
         self._samples: dict[int, deque[dict[str, float]]] = {}
+        self._host: deque[dict[str, float]] = deque(maxlen=max_samples)
         self._max = max_samples
         self._min_interval = min_interval_s
         self._last = 0.0
         self._lock = threading.Lock()
 
-    def record(self, gpus: list[Any], now: float | None = None) -> None:
+    def record(self, gpus: list[Any], now: float | None = None, host: dict[str, float] | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
             if now - self._last < self._min_interval:
@@ -51,11 +53,18 @@ class GpuHistory:
                 total = gpu.memory_total_mib or 0
                 mem = 100.0 * (gpu.memory_used_mib or 0) / total if total else 0.0
                 series = self._samples.setdefault(gpu.index, deque(maxlen=self._max))
-                series.append({"time": now, "util": gpu.utilization_pct or 0.0, "mem": mem})
+                series.append({"time": now, "util": gpu.utilization_pct or 0.0, "mem": mem,
+                               "power": gpu.power_w or 0.0})
+            if host is not None:
+                self._host.append({"time": now, **host})
 
     def snapshot(self) -> dict[int, list[dict[str, float]]]:
         with self._lock:
             return {index: list(samples) for index, samples in self._samples.items()}
+
+    def host_snapshot(self) -> list[dict[str, float]]:
+        with self._lock:
+            return list(self._host)
 
 
 @dataclass
@@ -108,14 +117,15 @@ class StudioContext:
     def machine_status(self) -> dict[str, Any]:
         """GPUs with the job on each, host RAM and free disk of the data directory."""
         gpus = self.gpus.list()
-        self.gpu_history.record(gpus)
+        memory = psutil.virtual_memory()
+        cpu_load = psutil.cpu_percent(interval=None)  # since the previous call: no waiting here
+        self.gpu_history.record(gpus, host={"cpu": cpu_load, "ram": memory.percent})
         holders: dict[int, dict[str, Any]] = {}
         for job in self.scheduler.list_jobs(statuses=["starting", "running", "stopping"], limit=200):
             for index in job.gpus_assigned:
                 holders[index] = {"job": f"#{job.id} {job.name} ({job.owner})", "owner": job.owner}
         for hold in self.scheduler.store.holds():  # inference workers: the service's own account
             holders.setdefault(hold.device, {"job": f"inference worker (pid {hold.pid})", "owner": None})
-        memory = psutil.virtual_memory()
         disk = shutil.disk_usage(self.layout.home)
         return {
             "gpus": [{
@@ -126,6 +136,12 @@ class StudioContext:
             } for g in gpus],
             "cpu_jobs": [{**holder, "slot": Device(index).label} for index, holder in sorted(holders.items())
                          if Device(index).is_cpu],
+            # Every CPU slot of a machine without GPUs, held or free (a job or an inference worker).
+            "cpu_slots": [{"slot": Device(index).label, "job": holders.get(index, {}).get("job", ""),
+                           "owner": holders.get(index, {}).get("owner")}
+                          for index in (cpu_pool(self.settings.cpu_slots) if not gpus else [])],
+            "cpu_load_pct": cpu_load,
+            "cpu_count": psutil.cpu_count(),
             "host_ram_total_gib": memory.total / 2**30,
             "host_ram_used_gib": (memory.total - memory.available) / 2**30,
             "disk_free_gib": disk.free / 2**30,

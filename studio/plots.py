@@ -1,4 +1,5 @@
-"""Plotly figures from plain data: the training loss chart, the sample-score chart and the GPU history chart."""
+"""Plotly figures from plain data: the training loss chart, the sample-score chart and the GPUs tab's
+history charts (per GPU, or the host's CPU and RAM)."""
 from __future__ import annotations
 
 import bisect
@@ -203,27 +204,45 @@ def quality_figure(series: Mapping[str, Any] | None, options: ChartOptions = Cha
     return fig
 
 
-def gpu_history_figure(history: Mapping[int, Sequence[Mapping[str, float]]]) -> go.Figure:
-    """Utilization (solid) and memory use (dashed) in percent per GPU over time.
+# The GPUs tab's panels: (sample key, axis title, fixed range or None).
+GPU_PANELS = (("util", "utilization %", [0, 100]), ("mem", "memory %", [0, 100]), ("power", "power W", None))
+HOST_PANELS = (("cpu", "CPU load %", [0, 100]), ("ram", "RAM used %", [0, 100]))
 
-    `history` maps a GPU index to samples `{"time": unix_s, "util": pct, "mem": pct}`.
+
+def gpu_history_figure(history: Mapping[int, Sequence[Mapping[str, float]]]) -> go.Figure:
+    """Utilization, memory and power per GPU over the last minutes: one panel each, one line per GPU.
+
+    `history` maps a GPU index to samples `{"time": unix_s, "util": pct, "mem": pct, "power": W}`.
     """
-    fig = go.Figure()
-    for n, (index, samples) in enumerate(sorted(history.items())):
-        if not samples:
-            continue
-        t0 = samples[-1]["time"]
+    series = {f"GPU {index}": samples for index, samples in sorted(history.items()) if samples}
+    return _history_figure(series, GPU_PANELS, "no GPU samples")
+
+
+def host_history_figure(samples: Sequence[Mapping[str, float]]) -> go.Figure:
+    """CPU load and RAM use of this machine over the last minutes (what CPU-slot jobs run on)."""
+    return _history_figure({"host": samples} if samples else {}, HOST_PANELS, "no samples yet")
+
+
+def _history_figure(series: Mapping[str, Sequence[Mapping[str, float]]], panels: Sequence[tuple],
+                    empty: str) -> go.Figure:
+    from plotly.subplots import make_subplots
+
+    if not series:
+        return _empty(go.Figure(), empty)
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=[title for _, title, _ in panels])
+    t0 = max(samples[-1]["time"] for samples in series.values())
+    for n, (name, samples) in enumerate(series.items()):
         xs = [round(s["time"] - t0, 1) for s in samples]
         color = GPU_COLORS[n % len(GPU_COLORS)]
-        # One legend entry per GPU; its memory line (dashed, same color) toggles with it.
-        fig.add_trace(go.Scatter(x=xs, y=[s["util"] for s in samples], name=f"GPU {index}", mode="lines",
-                                 legendgroup=str(index), line=dict(color=color),
-                                 hovertemplate="util %{y:.0f}%"))
-        fig.add_trace(go.Scatter(x=xs, y=[s["mem"] for s in samples], name=f"GPU {index} memory", mode="lines",
-                                 legendgroup=str(index), showlegend=False, line=dict(color=color, dash="dash"),
-                                 hovertemplate="memory %{y:.0f}%"))
-    if not fig.data:
-        return _empty(fig, "no GPU samples")
-    fig.update_layout(**_LAYOUT, xaxis=dict(title="seconds ago (0 = now)", **_AXIS),
-                      yaxis=dict(title="% (solid: utilization, dashed: memory)", range=[0, 100], **_AXIS))
+        for row, (key, title, _) in enumerate(panels, 1):
+            fig.add_trace(go.Scatter(x=xs, y=[s.get(key) for s in samples], name=name, mode="lines",
+                                     legendgroup=name, showlegend=row == 1 and len(series) > 1,
+                                     line=dict(color=color), hovertemplate=f"{title} %{{y:.0f}}"), row=row, col=1)
+    fig.update_layout(**{**_LAYOUT, "height": 140 + 130 * len(panels), "margin": dict(l=50, r=20, t=40, b=40)})
+    fig.update_annotations(font=dict(size=12, color=INK))
+    for row, (_, _, y_range) in enumerate(panels, 1):
+        fig.update_yaxes(range=y_range, row=row, col=1, **_AXIS)
+        fig.update_xaxes(row=row, col=1, **_AXIS)
+    fig.update_xaxes(title="seconds ago (0 = now)", row=len(panels), col=1)
     return fig

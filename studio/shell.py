@@ -32,7 +32,7 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
                 gallery.build(ctx, api, infer_handles, tabs)
             with gr.Tab("GPUs", id="gpus", elem_id="tab-gpus"):
-                gpus.build(ctx, api)
+                gpus.build(ctx, api, tabs)
         register_api(api)
 
         def whoami(request: gr.Request) -> str:

@@ -1,4 +1,5 @@
-"""The GPUs tab: per-GPU table, utilization/memory history, host RAM and free disk."""
+"""The GPUs tab: per-GPU table with what holds each GPU, and utilization/memory/power history per GPU;
+on a machine without GPUs, who holds each CPU slot and the host's CPU load and RAM history."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,9 +9,11 @@ import gradio as gr
 from studio.api import StudioApi
 from studio.http_api import request_user
 from studio.context import StudioContext
-from studio.plots import gpu_history_figure
+from studio.plots import gpu_history_figure, host_history_figure
 
-GPU_COLUMNS = ["GPU", "Name", "Memory (GiB)", "Utilization %", "Temp °C", "Power W", "Job"]
+GPU_COLUMNS = ["GPU", "Name", "Memory (GiB)", "Utilization %", "Temp °C", "Power W", "Job or worker"]
+SLOT_COLUMNS = ["CPU slot", "Job or worker"]
+TAB_LABEL = "GPUs"  # the tab's label in studio.shell
 
 
 def _num(value: float | None, fmt: str = "{:.0f}") -> str:
@@ -24,32 +27,48 @@ def _gpu_row(g: dict[str, Any]) -> list[Any]:
             _num(g["power_w"]), g["job"] or "free"]
 
 
+def _slot_rows(status: dict[str, Any]) -> list[list[str]]:
+    return [[slot["slot"], slot["job"] or "free"] for slot in status.get("cpu_slots", [])]
+
+
 def _host_line(status: dict[str, Any]) -> str:
     line = (f"**Host RAM** {status['host_ram_used_gib']:.1f} / {status['host_ram_total_gib']:.1f} GiB used · "
             f"**Free disk (data dir)** {status['disk_free_gib']:.1f} of {status['disk_total_gib']:.0f} GiB")
-    if status["cpu_jobs"]:
-        line += " · **CPU jobs** " + ", ".join(status["cpu_jobs"])
+    if status.get("cpu_load_pct") is not None:
+        line += f" · **CPU load** {status['cpu_load_pct']:.0f}% of {status.get('cpu_count') or '?'} cores"
     if status["gpus"]:
         line += (" · **FlashAttention-3** installed" if status["flash_attention_3"] else
                  " · **FlashAttention-3** not installed (`make flash3`: faster training and generation on H100/H200)")
     return line
 
 
-def build(ctx: StudioContext, api: StudioApi) -> None:
+def machine_view(ctx: StudioContext, status: dict[str, Any]) -> tuple[str, list[list[Any]], list[list[str]], Any]:
+    """(host line, GPU rows, CPU slot rows, history figure): per GPU with GPUs, the host's CPU without."""
+    history = (gpu_history_figure(ctx.gpu_history.snapshot()) if status["gpus"]
+               else host_history_figure(ctx.gpu_history.host_snapshot()))
+    return _host_line(status), [_gpu_row(g) for g in status["gpus"]], _slot_rows(status), history
+
+
+def build(ctx: StudioContext, api: StudioApi, tabs: gr.Tabs | None = None) -> None:
     host = gr.Markdown(elem_id="gpus-host")
     no_gpu = gr.Markdown("No GPU found on this machine (no `nvidia-smi`): training and generation run on "
                          "CPU slots, one job per slot.", visible=False, elem_id="gpus-none")
     table = gr.Dataframe(headers=GPU_COLUMNS, interactive=False, elem_id="gpus-table")
-    history = gr.Plot(label="Utilization and memory, last minutes", elem_id="gpus-history")
+    slots = gr.Dataframe(headers=SLOT_COLUMNS, interactive=False, visible=False, elem_id="gpus-slots")
+    history = gr.Plot(label="Last minutes", elem_id="gpus-history")
     timer = gr.Timer(max(2.0, ctx.settings.poll_interval_s * 2))
 
     def refresh(request: gr.Request):
-        user = request_user(api, request)
-        status = api.gpu_status(user)
+        status = api.gpu_status(request_user(api, request))
         has_gpus = bool(status["gpus"])
-        return (_host_line(status), gr.update(visible=not has_gpus),
-                gr.update(value=[_gpu_row(g) for g in status["gpus"]], visible=has_gpus),
-                gr.update(value=gpu_history_figure(ctx.gpu_history.snapshot()), visible=has_gpus))
+        line, gpu_rows, slot_rows, figure = machine_view(ctx, status)
+        return (line, gr.update(visible=not has_gpus), gr.update(value=gpu_rows, visible=has_gpus),
+                gr.update(value=slot_rows, visible=not has_gpus), figure)
 
-    timer.tick(refresh, None, [host, no_gpu, table, history], queue=False, show_progress="hidden",
-               api_visibility="private")
+    outputs = [host, no_gpu, table, slots, history]
+    timer.tick(refresh, None, outputs, queue=False, show_progress="hidden", api_visibility="private")
+    if tabs is not None:  # at once when the tab opens, not at the timer's next tick
+        def on_tab(evt: gr.SelectData, request: gr.Request):
+            return refresh(request) if evt.value == TAB_LABEL else tuple(gr.skip() for _ in outputs)
+
+        tabs.select(on_tab, None, outputs, queue=False, show_progress="hidden", api_visibility="private")

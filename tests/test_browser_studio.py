@@ -50,8 +50,8 @@ def page():
         browser.close()
 
 
-def shot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+def shot(page, name: str, full_page: bool = True) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=full_page)
 
 
 def pick_option(page, selector: str, text: str | re.Pattern, timeout_s: float = 90, query: str = "") -> None:
@@ -152,6 +152,7 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_selector("#train-job-status >> text=browser-run")
     page.wait_for_timeout(800)  # a smooth scroll, if any, has ended
     assert in_view(page, "#train-job-status") and in_view(page, "#train-job-progress")
+    shot(page, "1-train-after-start", full_page=False)  # what the screen shows
     page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot')?.data?.[0]?.x?.length >= 1",
                            timeout=LONG)
     first = loss_points(page)
@@ -249,6 +250,9 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.get_by_role("tab", name="GPUs").click()
     page.wait_for_selector("#gpus-host >> text=Host RAM", timeout=60_000)
     assert page.locator("#gpus-none").is_visible()
+    # Who holds each CPU slot, and the host's CPU load and RAM over time.
+    page.wait_for_selector("#gpus-slots >> text=CPU slot 1 >> visible=true")
+    page.wait_for_function("() => document.querySelector('#gpus-history .js-plotly-plot')?.data?.length >= 2")
     shot(page, "4-gpus")
     widths = page_widths(page)
     assert len(set(widths.values())) == 1, f"the page width changes between tabs: {widths}"

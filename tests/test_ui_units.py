@@ -144,3 +144,32 @@ def test_gpu_status_lists_gpus_and_hides_other_users_jobs(tmp_path: Path, monkey
         assert len(ctx.gpu_history.snapshot()) == 8
     finally:
         ctx.close()
+
+
+def test_gpus_tab_on_a_cpu_machine_names_each_slot_holder_and_charts_the_host(tmp_path: Path) -> None:
+    from engine.jobs import JobStatus
+    from engine.store.jobs import JobStore
+    from studio.api import StudioApi
+    from studio.auth import User
+    from studio.context import StudioContext
+    from studio.plots import gpu_history_figure
+    from studio.settings import StudioSettings
+    from tabs.gpus import machine_view
+
+    ctx = StudioContext.create(StudioSettings(home=tmp_path / "home", cpu_slots=2).validate(), start=False)
+    try:
+        ctx.gpus.list = lambda: []  # this test's machine: no GPU, whatever the host has
+        JobStore(ctx.db).insert(kind="train", name="cpu-run", owner="alice", status=JobStatus.RUNNING,
+                                gpus_assigned=[-1])
+        api = StudioApi(ctx)
+        line, gpu_rows, slot_rows, figure = machine_view(ctx, api.gpu_status(User("bob")))
+        assert gpu_rows == [] and slot_rows == [["CPU slot 1", "in use (another user)"], ["CPU slot 2", "free"]]
+        assert "**CPU load**" in line and "cores" in line
+        assert [t.name for t in figure.data] == ["host", "host"]  # CPU load and RAM panels
+        assert machine_view(ctx, api.gpu_status(User("alice")))[2][0] == ["CPU slot 1", "#1 cpu-run (alice)"]
+    finally:
+        ctx.close()
+    samples = [{"time": t, "util": 50.0, "mem": 20.0, "power": 300.0} for t in (1.0, 2.0)]
+    fig = gpu_history_figure({0: samples, 1: samples})
+    assert len(fig.data) == 6 and {t.name for t in fig.data} == {"GPU 0", "GPU 1"}  # 3 panels x 2 GPUs
+    assert [a.text for a in fig.layout.annotations] == ["utilization %", "memory %", "power W"]
