@@ -1,0 +1,92 @@
+"""In headless chromium: a demo-model run with a tiny [sample] table; the samples grid shows a video
+of the first save while the run is still training, the video plays in place, the score curve and the
+loss chart's save markers appear, and the log-scale control redraws the chart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.test_browser_studio import LONG, page, shot  # noqa: F401 - the shared chromium page fixture
+from tests.ui_support import start_server, stop_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.heavy]
+
+
+def sampled_run_toml(dataset: Path) -> str:
+    """The demo model, one step per epoch, a save and one tiny sample (64x64x5, 2 steps) per epoch; long
+    enough that the run is still training when the first sample shows."""
+    return f"""output_dir = "ignored"
+epochs = 400
+micro_batch_size_per_gpu = 4
+save_every_n_epochs = 1
+warmup_steps = 0
+[model]
+ckpt_path = "demo"
+dtype = "float32"
+[adapter]
+rank = 4
+[optimizer]
+lr = 1e-3
+[dataset]
+resolutions = [64]
+frame_buckets = [17]
+[[dataset.directory]]
+path = "{dataset}"
+num_repeats = 1
+[sample]
+prompts = ["a purple star moving right on a white background"]
+seeds = [0]
+width = 64
+height = 64
+num_frames = 5
+steps = 2
+every_n_epochs = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = start_server(tmp_path_factory.mktemp("browser_samples"), free_port(), auth=False)
+    yield srv
+    stop_server(srv)
+
+
+def test_a_sample_appears_and_plays_during_the_run(server, page, tmp_path: Path) -> None:  # noqa: F811
+    try:
+        watch(server, page, tmp_path)
+    except Exception:
+        shot(page, "samples-failure")
+        raise
+
+
+def watch(server, page, tmp_path: Path) -> None:
+    page.goto(server.url)
+    page.wait_for_selector("#train-start")
+    toml_file = tmp_path / "sampled.toml"
+    toml_file.write_text(sampled_run_toml(server.dataset))
+    page.locator("input[type=file][accept*='.toml']").set_input_files(str(toml_file))
+    page.wait_for_function("(p) => document.querySelector('#train-folder input')?.value === p",
+                           arg=str(server.dataset))
+    page.get_by_label("Run name").fill("sampled-run")
+    page.locator("#train-start").click()
+    page.wait_for_selector("text=queued run #")
+    # The grid gains a row for the first sampled save; its video plays where it is.
+    page.wait_for_selector("#train-samples video", timeout=LONG)
+    assert page.locator("#train-job-status .status-badge").inner_text().strip().lower() == "running"
+    assert "epoch2" in page.locator("#train-samples th.sample-save").first.inner_text()
+    page.wait_for_function("() => document.querySelector('#train-samples video').readyState >= 2", timeout=60_000)
+    page.evaluate("() => document.querySelector('#train-samples video').play()")
+    page.wait_for_function("() => document.querySelector('#train-samples video').currentTime > 0", timeout=30_000)
+    # The demo model is scored: the curve under the loss chart has the save's scores; saves are marked.
+    page.wait_for_function("""() => { const q = document.querySelector('#train-quality .js-plotly-plot');
+        return q && q.data && q.data.some(t => t.name === 'all' && t.x.length >= 1); }""", timeout=60_000)
+    assert page.evaluate("""() => document.querySelector('#train-loss .js-plotly-plot').data
+        .some(t => t.name === 'saves' && t.x.length >= 2)""")
+    page.locator("#chart-log input").check()
+    page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot').layout.yaxis.type === 'log'",
+                           timeout=30_000)
+    shot(page, "samples-grid")
+    page.locator("#job-stop").click()
+    page.wait_for_selector("#train-job-status .status-badge:text('stopped')", timeout=LONG)
