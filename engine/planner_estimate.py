@@ -258,7 +258,13 @@ def _activation_bytes(cfg: TrainConfig, shape: ModelShape, clip: Clip, dtype_byt
     scale = dtype_bytes / 2  # fitted in bf16
     mode = _checkpointing(cfg)
     factor = m.working_factor[("full" if mode == "offload" else mode) + ("+compiled" if compiled else "")]
-    working = tokens * (m.working_per_width * d + m.working_per_ffn * shape.ffn) * scale * factor
+    working = tokens * (m.working_per_width * d + m.working_per_ffn * shape.ffn) * scale
+    if dtype_bytes < 4:  # the fp32 copies of LoRA inputs are their own part (fp32 models make none)
+        lora_copies = tokens * (m.lora_fp32_input_per_width * d + m.lora_fp32_input_per_ffn * shape.ffn)
+        kept_copies = cfg.adapter.dtype == "float32" and cfg.performance.lora_compute_dtype == "adapter"
+        working = (working - lora_copies) * factor + (lora_copies if kept_copies else 0.0)
+    else:
+        working *= factor
     if not cfg.activation_checkpointing:
         return layers * m.kept_fraction_no_checkpointing * working + working
     # each block's input; offloaded, only the one brought back for its block's recompute
@@ -272,16 +278,20 @@ def _checkpointing(cfg: TrainConfig) -> str:
     return cfg.performance.checkpointing if cfg.activation_checkpointing else "off"
 
 
-def _offloaded_bytes(cfg: TrainConfig, shape: ModelShape, clip: Clip, dtype_bytes: int) -> float:
+def _offloaded_bytes(cfg: TrainConfig, shape: ModelShape, clip: Clip, dtype_bytes: int, pinned: bool = False) -> float:
     """What checkpointing = "offload" copies to host memory in a micro-batch's forward (and back for the
-    recompute): each block's inputs, the hidden states and, block after block, the shared text states
-    and RoPE tables (torch's save_on_cpu copies every saved tensor)."""
+    recompute): each block's inputs, the hidden states and, block after block, the shared text states and
+    RoPE tables (fp32; torch's save_on_cpu copies every saved tensor). `pinned`: as held by torch's pinned
+    host allocator, which rounds each buffer up to a power of two."""
     if _checkpointing(cfg) != "offload":
         return 0.0
-    tokens = shape.tokens(clip) * cfg.micro_batch_size_per_gpu
-    per_block = (tokens * (shape.width + 2 * shape.head_dim)
-                 + cfg.micro_batch_size_per_gpu * TEXT_TOKENS * shape.width) * dtype_bytes
-    return shape.layers * per_block
+    batch = cfg.micro_batch_size_per_gpu
+    tokens = shape.tokens(clip) * batch
+    buffers = [tokens * shape.width * dtype_bytes, batch * TEXT_TOKENS * shape.width * dtype_bytes]
+    buffers += 2 * [tokens * shape.head_dim * 4]  # cos and sin
+    if pinned:
+        buffers = [2 ** math.ceil(math.log2(b)) for b in buffers]
+    return shape.layers * sum(buffers)
 
 
 def _host_memory(cfg: TrainConfig, shape: ModelShape, clip: Clip, devices: DeviceSet) -> dict[str, float]:
@@ -301,7 +311,7 @@ def _host_memory(cfg: TrainConfig, shape: ModelShape, clip: Clip, devices: Devic
     text = shape.text_encoder_params * model_bytes
     swapped = min(_swap(cfg), shape.layers)
     pinned = swapped * shape.block_params * WEIGHT_BYTES[_weight_dtype(cfg)]
-    offloaded = _offloaded_bytes(cfg, shape, clip, model_bytes)
+    offloaded = _offloaded_bytes(cfg, shape, clip, model_bytes, pinned=True)
     return {"processes": ranks * MEMORY.process_host_gib,
             "loading (text encoder, then transformer)": ranks * max(transformer, text) / GIB,
             "pinned swapped blocks": ranks * pinned / GIB,

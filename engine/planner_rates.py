@@ -56,13 +56,20 @@ class MemoryModel(ConfigTable):
     kept_fraction_no_checkpointing: Float = Field(
         0.55, description="Without checkpointing each block keeps this share of its working set "
                           "(1.3B 480x832x33: 45.4 GiB peak).")
+    lora_fp32_input_per_width: Float = Field(
+        17.5, description="Bytes per token per unit of width of the working set that are fp32 copies of LoRA inputs "
+                          "(adapter.dtype float32 with lora_compute_dtype 'adapter': peft casts each input and keeps "
+                          "it). Measured on CPU: the saved-tensor bytes of one block in the two modes, Wan2.1-1.3B and "
+                          "14B shapes, solved for width and FFN width (bench/RESULTS.md 'Planner').")
+    lora_fp32_input_per_ffn: Float = Field(2.0, description="The same per unit of FFN width.")
     working_factor: dict[Str, Float] = Field(
-        {"full": 1.0, "full+compiled": 0.78, "save_attention": 0.70, "save_attention+compiled": 0.89,
+        {"full": 1.0, "full+compiled": 0.78, "save_attention": 0.93, "save_attention+compiled": 1.18,
          "off": 1.0, "off+compiled": 0.78},
-        description="One block's working set against full checkpointing, eager. full+compiled: the plain loop's "
-                    "10.5 GiB compiled vs 11.7 eager (1.3B 81f, H200); save_attention: the studio job's 13.0 GiB "
-                    "(848x480x81, eager, H200, GPU acceptance); save_attention+compiled: the trainer's 13.88 GiB "
-                    "(1.3B 480x832x81, H100); off+compiled: assumed like full+compiled.")
+        description="One block's working set, less the fp32 LoRA input copies, against full checkpointing, eager. "
+                    "full+compiled: the plain loop's 10.5 GiB compiled vs 11.7 eager (1.3B 81f, H200); "
+                    "save_attention: the studio job's 13.0 GiB (848x480x81, eager, bf16 LoRA matmuls, H200, GPU "
+                    "acceptance); save_attention+compiled: the trainer's 13.88 GiB (1.3B 480x832x81, bf16 LoRA "
+                    "matmuls, H100); off+compiled: assumed like full+compiled. 'offload' uses 'full'.")
     save_attention_bytes_per_token_width: Float = Field(
         2.0, description="save_attention keeps each block's self-attention output (bf16).")
     reserve_gib: Float = Field(

@@ -124,9 +124,10 @@ def test_activation_offload_trades_gpu_memory_for_host_memory_and_copy_time() ->
     kept = shape.layers * shape.tokens(CLIP_81) * shape.width * 2 / 2**30  # every block's input, bf16
     saved = full.gpu_parts["activations"] - offload.gpu_parts["activations"]
     assert 0.9 * kept < saved < kept
-    assert kept < offload.host_parts["pinned offloaded activations"] < 1.2 * kept
-    copy_s = 2 * offload.host_parts["pinned offloaded activations"] * 2**30 / (gpu.rates.h2d_gb_s * 1e9)
-    assert offload.s_per_step == pytest.approx(full.s_per_step + copy_s)
+    # pinned buffers come in powers of two; the copies also carry the text states and RoPE tables
+    assert kept < offload.host_parts["pinned offloaded activations"] < 2 * kept
+    copy_s = 2 * kept * 2**30 / (gpu.rates.h2d_gb_s * 1e9)  # there and back
+    assert copy_s < offload.s_per_step - full.s_per_step < 1.2 * copy_s
     assert any("activation offload" in note for note in offload.notes)
 
 
