@@ -1,13 +1,15 @@
 """Generation requests survive their process (issue 16): `python -m studio infer` killed with
 SIGTERM ends cancelled with nothing left running; killed with SIGKILL, its worker dies with it, the
 next reader frees its CPU slot and the next service marks the request lost (never "not found");
-a queued request of a dead service is adopted and run."""
+a queued request of a dead service is adopted and run; a generation the CLI runs is cancelled from
+another process (the app's service) through the database."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -75,6 +77,29 @@ def test_sigterm_of_the_cli_cancels_and_leaves_nothing(tmp_path: Path) -> None:
     assert scheduler.store.holds() == []  # released by the CLI itself, no reader needed
     wait_for(lambda: not workers_of(home), 10, "no worker left", interval=0.2)
     db.close()
+
+
+def test_a_generation_the_cli_runs_is_cancelled_from_another_process(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    cli = start_cli(home)
+    row = running_row(home)
+    db, scheduler = scheduler_for(home)
+    layout = DataLayout(home)
+    app_side = InferenceService(db, layout, scheduler, Gallery(db, layout), idle_timeout_s=30)
+    try:
+        asked = time.monotonic()
+        app_side.cancel(row["id"])  # not refused: flagged for the CLI's service
+        assert app_side.status(row["id"])["cancel_requested"]
+        cli.wait(30)
+        ended = app_side.status(row["id"])
+        assert ended["state"] == "cancelled" and not ended["cancel_requested"], ended
+        assert time.monotonic() - asked < 15, "the owning process did not act on the cancel within a step or so"
+        assert ended["step"] < ended["total_steps"]
+        assert scheduler.store.holds() == []
+        wait_for(lambda: not workers_of(home), 10, "no worker left", interval=0.2)
+    finally:
+        app_side.shutdown()
+        db.close()
 
 
 def test_sigkill_of_the_cli_kills_its_worker_and_a_restart_reports_lost(tmp_path: Path) -> None:

@@ -11,7 +11,9 @@ succeeded.
 
 Requests are durable (engine.store.requests): each change is written to SQLite, so a status call
 after a restart answers. A new service adopts the queued requests of a service process that is
-gone and marks the ones that process was running as lost.
+gone and marks the ones that process was running as lost. A cancel for a request another live
+process runs (the CLI's, seen from the app, or the reverse) goes through the database: a flag the
+owning service polls from its slots' loops.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class InferenceService:
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
+        self._polled_at = 0.0
         self.requests = RequestStore(store)
         identity = process_identity(os.getpid())
         self._identity = (os.getpid(), identity.start_time if identity else None)
@@ -128,7 +131,8 @@ class InferenceService:
         return self.status(request_id)
 
     def cancel(self, request_id: str) -> None:
-        """A queued request never starts; a running one stops at its next denoising step."""
+        """A queued request never starts; a running one stops at its next denoising step. A request
+        another live studio process runs is flagged in the database; that process cancels it."""
         with self._lock:
             tracked = self._requests.get(request_id)
             if tracked is None:
@@ -189,9 +193,29 @@ class InferenceService:
         if row["state"] in TERMINAL_STATES:
             return
         if is_same_process(row["service_pid"], row["service_start_time"]):
-            raise ValueError(f"generation {request_id} runs in another studio process (pid {row['service_pid']}); "
-                             "cancel it there")
+            # another live studio process (app or CLI) runs it: it reads the flag within a second
+            self.requests.update(str(request_id), unless_states=TERMINAL_STATES, cancel_requested=1)
+            log.info("asked studio process %s to cancel inference %s", row["service_pid"], request_id)
+            return
         self.requests.update(str(request_id), unless_states=TERMINAL_STATES, state="cancelled", ended_at=time.time())
+
+    def _poll_cancels(self, every_s: float = 0.5) -> None:
+        """Cancel the requests of this process that another process asked to cancel (through the
+        database); the slots call this from their loops, so at most every `every_s` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._polled_at < every_s:
+                return
+            self._polled_at = now
+        try:
+            asked = self.requests.cancels_asked(self._identity[0])
+        except Exception:  # a busy database: the next pass reads again
+            log.debug("could not read cancel requests", exc_info=True)
+            return
+        for request_id in asked:
+            if request_id in self._requests:
+                log.info("inference %s: cancelled from another process", request_id)
+                self.cancel(request_id)
 
     def _persist(self, tracked: Tracked, progress: bool = False) -> None:
         """Write the request's durable fields (and its progress when asked) to the database."""

@@ -92,6 +92,7 @@ class Slot(threading.Thread):
         try:
             while True:
                 tracked = svc._next(timeout_s=1.0)
+                svc._poll_cancels()  # cancels asked by another process, while this slot is free
                 if tracked is None:
                     break
                 if tracked is False:
@@ -151,7 +152,11 @@ class Slot(threading.Thread):
         """Relay the worker's events into the request until it ends; returns (state, error, kind)."""
         svc = self.service
         while True:
-            event = worker.events.get()
+            try:
+                event = worker.events.get(timeout=0.5)
+            except queue.Empty:
+                svc._poll_cancels()  # this or another request cancelled by another process
+                continue
             if event is None:
                 message = f"the inference worker exited (code {worker.process.wait()})"
                 tail = worker.log_tail()
@@ -201,6 +206,7 @@ class Slot(threading.Thread):
             try:
                 event = worker.events.get(timeout=1.0)
             except queue.Empty:
+                svc._poll_cancels()
                 continue
             if event is None or event.get("event") == "fatal":
                 reason = (event or {}).get("message") or worker.log_tail()
@@ -230,6 +236,7 @@ class Slot(threading.Thread):
                 return devices
             svc._update(tracked, state="waiting", waiting_for=self._why_waiting(tracked.owner))
             time.sleep(1.0)
+            svc._poll_cancels()
         return None
 
     def _why_waiting(self, owner: str) -> str:

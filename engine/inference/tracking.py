@@ -46,6 +46,7 @@ class Tracked:
     ended_at: float | None = None
     worker: str | None = None
     waiting_for: str | None = None  # while "waiting": what holds the devices
+    cancel_requested: bool = False  # asked from another process; its service stops it within a second
     done: threading.Event = field(default_factory=threading.Event)
     persisted_at: float = 0.0  # monotonic time of the last progress write
 
@@ -61,6 +62,7 @@ class Tracked:
                       model_path=row["model_path"], lora_files=list(row["lora_files"]))
         for name in ("step", "total_steps", "created_at", *DURABLE_FIELDS):
             setattr(tracked, name, row[name])
+        tracked.cancel_requested = bool(row.get("cancel_requested"))
         if tracked.state in TERMINAL_STATES:
             tracked.done.set()
         return tracked
@@ -71,4 +73,5 @@ class Tracked:
                 "error_kind": self.error_kind, "gallery_ids": list(self.gallery_ids), "timings": dict(self.timings),
                 "seed": self.request.seed, "created_at": self.created_at, "started_at": self.started_at,
                 "ended_at": self.ended_at, "worker": self.worker, "request": self.request.to_dict(),
-                "waiting_for": self.waiting_for if self.state == "waiting" else None}
+                "waiting_for": self.waiting_for if self.state == "waiting" else None,
+                "cancel_requested": self.cancel_requested and self.state not in TERMINAL_STATES}

@@ -1,7 +1,8 @@
 """SQL of generation requests: durable like jobs, so a restart answers "lost", never "not found".
 
 Each row records the service process that runs it (pid + start time): a later service adopts the
-queued requests of a service that is gone and marks the ones it was running as lost.
+queued requests of a service that is gone and marks the ones it was running as lost. A cancel from
+another process sets `cancel_requested`; the owning service polls for it and stops the request.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX generation_requests_owner ON generation_requests(owner, created_at DESC);
     CREATE INDEX generation_requests_state ON generation_requests(state);
     """,
+    # v2: a cancel asked by another process (CLI, API of another app); the owning service reads it
+    "ALTER TABLE generation_requests ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;",
 ]
 
 _JSON_COLUMNS = {"request": "request_json", "lora_files": "lora_files_json", "gallery_ids": "gallery_ids_json",
@@ -97,6 +100,14 @@ class RequestStore:
             rows = conn.execute(f"SELECT * FROM generation_requests {where} ORDER BY created_at DESC, id "
                                 "LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
         return [_row(r) for r in rows]
+
+    def cancels_asked(self, service_pid: int) -> list[str]:
+        """Ids of the unfinished requests of that service process that another process asked to cancel."""
+        with self.db.read() as conn:
+            rows = conn.execute("SELECT id FROM generation_requests WHERE cancel_requested = 1 AND service_pid = ? "
+                                "AND state NOT IN ('succeeded', 'failed', 'cancelled', 'lost')",
+                                (service_pid,)).fetchall()
+        return [r["id"] for r in rows]
 
     def unfinished(self, states: Iterable[str]) -> list[dict[str, Any]]:
         wanted = list(states)
