@@ -119,7 +119,7 @@ class LossSeries:
     steps: array = field(default_factory=lambda: array("q"))
     losses: array = field(default_factory=lambda: array("d"))
     lrs: array = field(default_factory=lambda: array("d"))
-    elapsed: array = field(default_factory=lambda: array("d"))  # training seconds at each step (wall-clock axis)
+    elapsed: array = field(default_factory=lambda: array("d"))  # seconds since the run started (wall-clock axis)
     epoch_steps: list[int] = field(default_factory=list)
     epoch_mean_loss: list[float] = field(default_factory=list)
     eval_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # eval set -> (step, loss)

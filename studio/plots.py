@@ -39,7 +39,8 @@ _LAYOUT = dict(
 @dataclass(frozen=True)
 class ChartOptions:
     """What the loss chart's controls choose. smoothing: None = by the number of points, 0 = off,
-    else the EMA weight (0..0.99); x_axis: "step" or "time" (training time, excluding sampling)."""
+    else the EMA weight (0..0.99); x_axis: "step" or "time" (wall-clock time since the run started,
+    as the trainer reports it: sampling and evaluation included)."""
 
     smoothing: float | None = None
     log_y: bool = False
@@ -85,14 +86,14 @@ def _empty(fig: go.Figure, text: str) -> go.Figure:
 
 
 class _XAxis:
-    """Step -> x position: the step itself, or minutes of training read off the series' `elapsed`."""
+    """Step -> x position: the step itself, or the minutes since the run started (the series' `elapsed`)."""
 
     def __init__(self, series: Mapping[str, Any], x_axis: str) -> None:
         self.steps = list(series.get("step", []))
         elapsed = list(series.get("elapsed") or [])
         self.by_time = x_axis == "time" and len(elapsed) == len(self.steps) and any(e is not None for e in elapsed)
         self.minutes = [None if e is None else e / 60 for e in elapsed] if self.by_time else []
-        self.title = "training time (min)" if self.by_time else "step"
+        self.title = "wall-clock time (min)" if self.by_time else "step"
 
     def points(self) -> list[float | None]:
         return self.minutes if self.by_time else self.steps
@@ -109,7 +110,7 @@ class _XAxis:
 
 def loss_figure(series: Mapping[str, Any] | None, title: str = "", options: ChartOptions = ChartOptions(),
                 others: Mapping[str, Mapping[str, Any]] | None = None) -> go.Figure:
-    """Loss (raw + smoothed) against step or training time, lr on a second axis, labelled epoch lines,
+    """Loss (raw + smoothed) against step or wall-clock time, lr on a second axis, labelled epoch lines,
     save markers (the best save starred), eval losses; `others` ({name: series}) overlays the smoothed
     loss of up to 3 more runs."""
     series = series or {}

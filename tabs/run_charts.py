@@ -1,5 +1,5 @@
 """The run view's charts and samples: the loss chart with its controls (smoothing, log scale, step or
-training-time axis, up to 3 other runs overlaid), the sample-score curve under it, and the samples
+wall-clock axis, up to 3 other runs overlaid), the sample-score curve under it, and the samples
 grid (prompt x save, newest save first, videos that play in place).
 
 Handlers (api, user, inputs) -> outputs are unit-tested in tests/test_run_charts.py; `build_*` and
@@ -144,7 +144,7 @@ def build_chart() -> RunCharts:
         smoothing = gr.Dropdown(SMOOTHING_CHOICES, value=-1.0, label="smoothing", min_width=90, scale=1,
                                 elem_id="chart-smoothing")
         log_y = gr.Checkbox(False, label="log scale", min_width=90, scale=1, elem_id="chart-log")
-        wall_clock = gr.Checkbox(False, label="x: training time", min_width=110, scale=1, elem_id="chart-time")
+        wall_clock = gr.Checkbox(False, label="x: wall-clock time", min_width=110, scale=1, elem_id="chart-time")
         overlay = gr.Dropdown([], value=[], multiselect=True, max_choices=MAX_OVERLAY - 1, label="overlay runs",
                               min_width=160, scale=3, elem_id="chart-overlay")
     loss = gr.Plot(loss_figure(None), label="Loss", elem_id="train-loss")

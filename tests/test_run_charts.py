@@ -36,10 +36,10 @@ def test_loss_chart_labels_epochs_marks_saves_and_follows_its_controls() -> None
     assert list(saves.x) == [4, 8] and list(saves.text) == ["epoch1 (best)", "epoch2"]
     assert list(saves.marker.symbol) == ["star", "diamond"] and list(saves.y) == [0.25, 0.125]
     assert fig.layout.paper_bgcolor == "rgba(0,0,0,0)"  # no white block in the dark theme
-    # Log scale, training-time axis (minutes), smoothing off, another run overlaid.
+    # Log scale, wall-clock axis (minutes), smoothing off, another run overlaid.
     other = {**series, "loss": [2 / s for s in series["step"]]}
     fig = loss_figure(series, options=ChartOptions(smoothing=0.0, log_y=True, x_axis="time"), others={"#9 b": other})
-    assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.title.text == "training time (min)"
+    assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.title.text == "wall-clock time (min)"
     names = [t.name for t in fig.data]
     assert "smoothed" not in names and "#9 b" in names
     assert list(fig.data[0].x) == [s / 2 for s in series["step"]]  # 30 s per step
