@@ -6,12 +6,14 @@
 GPU cases are the numbers already recorded, each with its card and source; "fit" cases were used to
 fit the constants of engine/planner_rates.py, "check" cases were not. The CPU run trains the demo
 LoRA through `python -m engine.trainer` for a few steps at two clip sizes and records the trainer's
-own s/step and the peak RSS of its process tree.
+own s/step and the peak RSS of its process tree, with the machine's load average at the end: CPU step
+times swing with other work, and the plan states the band they were seen in (CPU_RATES.time_band).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -150,9 +152,12 @@ def cpu_run(frames: int, batch: int, steps: int) -> dict:
         measured = sum(times) / len(times)
         cache = sum(p.stat().st_size for p in (home / "cache").rglob("*") if p.is_file())
         cache_planned = plan.estimate.cache_gib * 2**30
+        low, high = plan.estimate.time_band or (1.0, 1.0)
         return {"clip": str(plan.clip), "batch": batch, "steps": steps,
                 "s_step_measured": round(measured, 3), "s_step_planned": round(plan.estimate.s_per_step, 3),
                 "s_step_error": error(plan.estimate.s_per_step, measured),
+                "within_band": low * plan.estimate.s_per_step <= measured <= high * plan.estimate.s_per_step,
+                "load_avg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
                 "host_gib_measured": round(peak / 2**30, 2), "host_gib_planned": round(plan.estimate.host_ram_gib, 2),
                 "host_error": error(plan.estimate.host_ram_gib, peak / 2**30),
                 "cache_mib_measured": round(cache / 2**20, 2), "cache_mib_planned": round(cache_planned / 2**20, 2)}

@@ -190,6 +190,7 @@ class Estimate:
     memory_gib: float  # what the device offers (GPU memory less the reserve, or host RAM)
     fits: bool
     notes: list[str] = field(default_factory=list)
+    time_band: list[float] | None = None  # measured/planned factors seen on this device (CPU: machine load)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -215,8 +216,12 @@ def estimate(cfg: TrainConfig, shape: ModelShape, devices: DeviceSet, work: Work
         fits = host_peak <= available
     if not rates.measured:
         notes.append(f"times: {rates.source}")
+    if rates.time_band:
+        low, high = rates.time_band
+        notes.append(f"times: measured steps here ran {low:g}-{high:g}x the estimate as other work loaded the machine "
+                     f"({step * low:.2f}-{step * high:.2f} s/step)")
     return Estimate(gpu_peak, gpu, host_peak, host, _cache_gib(shape, work), step, mean, work.steps, total,
-                    available, fits, notes)
+                    available, fits, notes, rates.time_band)
 
 
 def _compiled(cfg: TrainConfig, on_gpu: bool) -> bool:

@@ -39,6 +39,9 @@ class CardRates(ConfigTable):
     h2d_gb_s: Float = Field(description="Pinned host-to-device copy bandwidth (block swap).")
     hopper: bool = Field(False, description="FlashAttention-3 runs here.")
     measured: bool = Field(False, description="Times fitted on this card (else scaled from the H100 by peak).")
+    time_band: list[Float] | None = Field(
+        None, description="Where measured step times fell against the estimate (low, high factors), when they "
+                          "swing more than the estimate's own error: shown with every time planned on this device.")
     source: Str = Field(description="Where the numbers come from.")
 
 
@@ -125,7 +128,9 @@ CPU_RATES = CardRates(
     name="CPU", match=[], memory_gib=0.0, peak_tflops=0.1,
     attention_tflops={"default": 0.1, "cudnn": 0.1, "flash": 0.1, "efficient": 0.1, "flash3": 0.1},
     gemm_tflops=0.1, elementwise_ns=2.0, elementwise_uncompiled_ns=2.0, fp32_lora_ns=0.0, host_s=0.5,
-    h2d_gb_s=0.0, measured=True, source="demo LoRA on the 2-core x86_64 dev machine (bench/RESULTS.md 'Planner')")
+    h2d_gb_s=0.0, measured=True, time_band=[0.6, 2.0],
+    source="demo LoRA on the 2-core x86_64 dev machine (bench/RESULTS.md 'Planner'); the band: measured/planned "
+           "of the eight CPU runs there, 0.65-1.99, all with other work on the machine (load 3-7 on 2 cores)")
 
 
 def card_for_name(name: str) -> CardRates | None:

@@ -117,6 +117,13 @@ def test_the_cheapest_fitting_change_is_lossless_when_one_exists() -> None:
     assert not found.lossless and found.estimate.fits and found.changes["dataset.frame_buckets"][-1] < 81
 
 
+def test_cpu_times_come_with_the_band_measured_runs_fell_in() -> None:
+    result = estimate(config(), shape_of("tiny"), DeviceSet.cpu(1, memory_gib=8), work(Clip(64, 64, 17)))
+    low, high = result.time_band
+    assert low < 1 < high and any(f"{result.s_per_step * high:.2f} s/step" in note for note in result.notes)
+    assert estimate(config(), shape_of("tiny"), DeviceSet.gpus("H100"), work()).time_band is None
+
+
 def test_activation_offload_trades_gpu_memory_for_host_memory_and_copy_time() -> None:
     shape, gpu = shape_of("14B"), DeviceSet.gpus("H100")
     full = estimate(config(activation_checkpointing=True), shape, gpu, work())
