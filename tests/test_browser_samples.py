@@ -1,6 +1,7 @@
 """In headless chromium: a demo-model run with a tiny [sample] table; the samples grid shows a video
 of the first save while the run is still training, the video plays in place, the score curve and the
-loss chart's save markers appear, and the log-scale control redraws the chart."""
+loss chart's save markers appear, and the log-scale control redraws the chart. Then the Infer tab's
+Compare renders the form's prompt over two seeds as a labelled grid of playing videos."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,3 +91,22 @@ def watch(server, page, tmp_path: Path) -> None:
     shot(page, "samples-grid")
     page.locator("#job-stop").click()
     page.wait_for_selector("#train-job-status .status-badge:text('stopped')", timeout=LONG)
+    compare_two_seeds(page)
+
+
+def compare_two_seeds(page) -> None:
+    page.get_by_role("tab", name="Infer").click()
+    page.locator("#infer-prompt textarea").fill("a purple star moving right on a white background")
+    page.locator("#infer-steps input[type=number]").fill("2")
+    page.locator("#infer-steps input[type=number]").press("Enter")
+    page.get_by_text("Compare: this prompt and seed").click()  # the section opens
+    page.locator("#compare-seeds textarea, #compare-seeds input").first.fill("1, 2")
+    page.locator("#compare-start").click()
+    page.wait_for_selector("#compare-msg >> text=2 videos (1 x 2)", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#compare-grid video').length === 2", timeout=LONG)
+    header = page.locator("#compare-grid thead").inner_text()
+    assert "seed 1" in header and "seed 2" in header
+    page.wait_for_function("() => [...document.querySelectorAll('#compare-grid video')].every(v => v.readyState >= 2)",
+                           timeout=60_000)
+    assert "compare_id" in page.locator("#compare-grid").inner_text()
+    shot(page, "compare-grid")
