@@ -3,7 +3,8 @@
 `plan_training(cfg, devices)` estimates peak GPU memory, host RAM, cache size on disk, s/step and
 total time from the model's shape (config files only), the largest clip of the dataset, the batch
 and the options, with the per-card rates of `engine.planner_rates` (fitted on our own benches).
-When the config does not fit, engine.planner proposes the cheapest change that does. No weights are loaded and nothing here needs a GPU.
+When the config does not fit, engine.planner proposes the cheapest change that does. No weights
+are loaded and nothing here needs a GPU.
 """
 from __future__ import annotations
 
@@ -214,14 +215,24 @@ def estimate(cfg: TrainConfig, shape: ModelShape, devices: DeviceSet, work: Work
     else:
         available = devices.memory_gib
         fits = host_peak <= available
-    if not rates.measured:
-        notes.append(f"times: {rates.source}")
-    if rates.time_band:
-        low, high = rates.time_band
-        notes.append(f"times: measured steps here ran {low:g}-{high:g}x the estimate as other work loaded the machine "
-                     f"({step * low:.2f}-{step * high:.2f} s/step)")
+    notes += _caveats(cfg, shape, rates, step, available if on_gpu else None)
     return Estimate(gpu_peak, gpu, host_peak, host, _cache_gib(shape, work), step, mean, work.steps, total,
                     available, fits, notes, rates.time_band)
+
+
+def _caveats(cfg: TrainConfig, shape: ModelShape, rates: CardRates, step: float, gpu_gib: float | None) -> list[str]:
+    """What the numbers do not cover: unmeasured rates, machine load (CPU), the caching phase."""
+    out = [f"times: {rates.source}"] if not rates.measured else []
+    if rates.time_band:
+        low, high = rates.time_band
+        out.append(f"times: measured steps here ran {low:g}-{high:g}x the estimate as other work loaded the "
+                   f"machine ({step * low:.2f}-{step * high:.2f} s/step)")
+    text_encoder = shape.text_encoder_params * WEIGHT_BYTES[cfg.model.dtype] / GIB
+    if gpu_gib is not None and text_encoder > gpu_gib:
+        out.append(f"caching: the text encoder alone needs ~{text_encoder:.1f} GiB of GPU memory while the dataset "
+                   "is encoded (before training), more than this card: encode the cache on a larger card and "
+                   "point cache_dir at it")
+    return out
 
 
 def _compiled(cfg: TrainConfig, on_gpu: bool) -> bool:

@@ -117,6 +117,16 @@ def test_the_cheapest_fitting_change_is_lossless_when_one_exists() -> None:
     assert not found.lossless and found.estimate.fits and found.changes["dataset.frame_buckets"][-1] < 81
 
 
+def test_a_text_encoder_larger_than_the_card_is_named() -> None:
+    """Training may fit an 8 GB card while encoding the cache cannot: UMT5-XXL is ~5.7B parameters."""
+    from dataclasses import replace
+
+    shape = replace(shape_of("1.3B"), text_encoder_params=5_680_000_000)
+    small = estimate(config(), shape, DeviceSet.gpus("RTX 4060", 8), work(Clip(832, 480, 17)))
+    assert any(note.startswith("caching: the text encoder alone needs ~10.6 GiB") for note in small.notes)
+    assert not any("caching" in note for note in estimate(config(), shape, DeviceSet.gpus("RTX 4090"), work()).notes)
+
+
 def test_cpu_times_come_with_the_band_measured_runs_fell_in() -> None:
     result = estimate(config(), shape_of("tiny"), DeviceSet.cpu(1, memory_gib=8), work(Clip(64, 64, 17)))
     low, high = result.time_band

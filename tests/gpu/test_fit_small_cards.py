@@ -6,8 +6,8 @@ against bf16 on one step.
 The cap: STUDIO_GPU_MEMORY_CAP_GIB in the job's environment; the trainer sets
 torch.cuda.set_per_process_memory_fraction from it and names it in its start event. Models: random
 weights of the real Wan2.1 shapes (engine/families/wan_random.py), built once per preset. Every case
-records one JSON line in $STUDIO_GPU_ARTIFACTS/results.jsonl. Cases (-k): base_weights, cap8 / fast-1.3B
-(1.3B), cap24 / fast-14B (14B 480x832x81).
+records one JSON line in $STUDIO_GPU_ARTIFACTS/results.jsonl. Cases (-k): base_weights, fast-1.3B, cap8
+(1.3B in 8 GiB), fast-14B, cap24 (14B in 24 GiB); all at 848x480x81, the bucket 480x832 clips take.
 """
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ CAP_GIB = {"1.3B": 8, "14B": 24}
 PLAN_TIME_RTOL, PLAN_MEMORY_RTOL = 0.20, 0.10  # the issue's bounds
 STEPS, WARMUP = 5, 1  # s/step: the median time of steps 3 to 5 (gaps between the step events after the first)
 FAST = {"attention_backend": "cudnn", "checkpointing": "save_attention", "lora_compute_dtype": "activation"}
-CASES = [("1.3B", True), ("1.3B", False), ("14B", True), ("14B", False)]
-_capped_s_per_step: dict[str, float] = {}
+# The fast path first: it fills the latent cache the capped run then reads (encoding is not what the planner
+# plans; with -k cap alone the capped run encodes under its cap too).
+CASES = [("1.3B", False), ("1.3B", True), ("14B", False), ("14B", True)]
+_fast_s_per_step: dict[str, float] = {}
 
 
 def test_base_weights_swap_offload_and_fp8_on_cuda_against_bf16() -> None:
@@ -103,7 +105,7 @@ def _planned_config(home: Path, name: str, model: Path, dataset: Path, cache: Pa
                   "change_text": first.suggestion.text if first.suggestion else ""}
 
 
-@pytest.mark.parametrize("preset, capped", CASES, ids=["cap8-1.3B", "fast-1.3B", "cap24-14B", "fast-14B"])
+@pytest.mark.parametrize("preset, capped", CASES, ids=["fast-1.3B", "cap8-1.3B", "fast-14B", "cap24-14B"])
 def test_run_through_a_studio_job_matches_the_plan(preset: str, capped: bool, tmp_path: Path, root: Path,  # noqa: F811
                                                    dataset: Path, models) -> None:  # noqa: F811
     cap = CAP_GIB[preset] if capped else None
@@ -120,11 +122,11 @@ def test_run_through_a_studio_job_matches_the_plan(preset: str, capped: bool, tm
     steps = of_kind(found, "step")
     measured = {"s_per_step": seconds_per_step(done.run_dir, skip=WARMUP),
                 "peak_gib": max(s["peak_mem_gib"] for s in steps), "cap_gib_reported": start.get("gpu_memory_cap_gib")}
-    if capped:
-        _capped_s_per_step[preset] = measured["s_per_step"]
-    elif preset in _capped_s_per_step:
-        measured["capped_s_per_step"] = _capped_s_per_step[preset]
-        measured["capped_over_fast"] = _capped_s_per_step[preset] / measured["s_per_step"]
+    if not capped:
+        _fast_s_per_step[preset] = measured["s_per_step"]
+    elif preset in _fast_s_per_step:
+        measured["fast_s_per_step"] = _fast_s_per_step[preset]
+        measured["capped_over_fast"] = measured["s_per_step"] / _fast_s_per_step[preset]
     record(f"{name}" + (f" within {cap} GiB" if cap else " (uncapped fast path)"), cap_gib=cap, planned=plan,
            measured=measured,
            plan_error={"s_per_step": plan["s_per_step"] / measured["s_per_step"] - 1,
