@@ -194,7 +194,8 @@ class CompareStore:
 
 def new_record(store: CompareStore, owner: str, base: dict[str, Any], cells: list[Cell],
                compare_id: str | None = None) -> CompareRecord:
-    return CompareRecord(id=compare_id or store.new_id(), owner=owner, created_at=time.time(), prompt=str(base.get("prompt", "")),
+    return CompareRecord(id=compare_id or store.new_id(), owner=owner, created_at=time.time(),
+                         prompt=str(base.get("prompt", "")),
                          rows=list(dict.fromkeys(c.row for c in cells)),
                          columns=list(dict.fromkeys(c.column for c in cells)))
 

@@ -70,7 +70,8 @@ def compare_grid(api: StudioApi, user: User, status: dict[str, Any]) -> str:
         cells = "".join(_cell(api, user, by_cell.get((row, column))) for column in status["columns"])
         rows.append(f"<tr><th class='compare-row'>{html.escape(row)}</th>{cells}</tr>")
     caption = (f"<div class='muted'>comparison {html.escape(status['compare_id'])} · "
-               f"“{html.escape(status['prompt'][:120])}” · in the Gallery with compare_id {status['compare_id']}</div>")
+               f"“{html.escape(status['prompt'][:120])}” · in the Gallery with compare_id "
+               f"{html.escape(status['compare_id'])}</div>")
     return (f"{caption}<div class='compare-grid-wrap'><table class='compare-grid'><thead><tr><th></th>{head}</tr>"
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
 

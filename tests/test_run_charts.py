@@ -45,7 +45,8 @@ def test_loss_chart_labels_epochs_marks_saves_and_follows_its_controls() -> None
     assert list(fig.data[0].x) == [s / 2 for s in series["step"]]  # 30 s per step
     assert fig.layout.shapes[0].x0 == 2.0  # the epoch line moves with the axis
     # A trainer that reports no times keeps the step axis.
-    assert loss_figure({**series, "elapsed": [None] * 8}, options=ChartOptions(x_axis="time")).layout.xaxis.title.text == "step"
+    no_times = loss_figure({**series, "elapsed": [None] * 8}, options=ChartOptions(x_axis="time"))
+    assert no_times.layout.xaxis.title.text == "step"
     with pytest.raises(ValueError):
         ChartOptions(smoothing=1.5)
 
