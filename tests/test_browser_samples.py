@@ -85,6 +85,9 @@ def watch(server, page, tmp_path: Path) -> None:
         return q && q.data && q.data.some(t => t.name === 'all' && t.x.length >= 1); }""", timeout=60_000)
     assert page.evaluate("""() => document.querySelector('#train-loss .js-plotly-plot').data
         .some(t => t.name === 'saves' && t.x.length >= 2)""")
+    # The run view names the best save and why (its scores).
+    page.wait_for_selector("#train-job-status >> text=best save:", timeout=30_000)
+    assert "highest sample scores" in page.locator("#train-job-status .best-save").inner_text()
     page.locator("#chart-log input").check()
     page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot').layout.yaxis.type === 'log'",
                            timeout=30_000)

@@ -174,3 +174,27 @@ def test_cli_compare_runs_the_grid_and_the_studio_shows_it(studio_home: Path, ca
         assert item["params"]["compare_id"] == result["compare_id"] and item["seed"] == 3
     finally:
         ctx.close()
+
+
+def test_the_rows_to_pick_include_every_save_of_a_run(api: StudioApi) -> None:
+    from engine.rundir import LORA_FILE
+    from studio.presets import DEMO_PRESET
+    from tabs import compare as tab
+    from tabs import train
+    from tests.ui_support import write_dataset
+
+    cfg = train.preset_config(api, DEMO_PRESET)
+    cfg.dataset.directory[0].path = str(write_dataset(api.ctx.layout.home))
+    job = train.start_run(api, ALICE, cfg, [], 1, "saves")
+    run_dir = Path(api.ctx.scheduler.get(job["id"]).run_dir)
+    for label in ("epoch1", "epoch2"):
+        (run_dir / label).mkdir(parents=True)
+        (run_dir / label / LORA_FILE).write_bytes(b"not read here")
+    choices = tab.compare_lora_choices(api, ALICE)
+    assert choices[:2] == [("none · the base model", "none"), (f"#{job['id']} saves · every save", f"job:{job['id']}/*")]
+    assert (f"#{job['id']} saves · epoch2", f"job:{job['id']}/epoch2") in choices
+    assert tab.compare_lora_choices(api, BOB) == [("none · the base model", "none")]  # not bob's run
+    assert api._every_save(ALICE, [f"job:{job['id']}/*", "none"]) == [f"job:{job['id']}/epoch1",
+                                                                     f"job:{job['id']}/epoch2", "none"]
+    with pytest.raises(Exception, match="not found"):
+        api._every_save(BOB, [f"job:{job['id']}/*"])
