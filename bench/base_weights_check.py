@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
 import sys
 import time
@@ -83,6 +84,7 @@ def run(preset: str, device: torch.device, frames: int, height: int, width: int,
         reference: tuple[float, torch.Tensor] | None) -> tuple[dict, tuple[float, torch.Tensor]]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
+        gc.collect()  # the last variant's model: its hooks and block swapper form reference cycles
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build(preset, device, dtype, fp8, swap, checkpointing)

@@ -11,6 +11,7 @@ records one JSON line in $STUDIO_GPU_ARTIFACTS/results.jsonl. Cases (-k): base_w
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,9 +39,11 @@ def test_base_weights_swap_offload_and_fp8_on_cuda_against_bf16() -> None:
     """The same 1.3B step with 20 of 30 blocks swapped, or with the block inputs offloaded, gives bf16's loss
     and LoRA gradients (within the GPU's own run-to-run difference); fp8 stays within a few percent. Swap
     lowers the peak by about the swapped weights, offload by about the kept block inputs."""
+    fp8 = importlib.util.find_spec("torchao") is not None  # torchao==0.18.0 (requirements.txt)
+    names = "swap,offload,fp8,fp8+swap" if fp8 else "swap,offload"
     result = subprocess.run([sys.executable, "bench/base_weights_check.py", "--device", "cuda", "--preset", "1.3B",
-                             "--frames", "33", "--swap", "20", "--steps", "2"], cwd=REPO_ROOT, env=studio_env(
-                                 {"CUDA_VISIBLE_DEVICES": "0"}), capture_output=True, text=True, timeout=900)
+                             "--frames", "33", "--swap", "20", "--steps", "2", "--variants", names], cwd=REPO_ROOT,
+                            env=studio_env({"CUDA_VISIBLE_DEVICES": "0"}), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     for row in rows:
@@ -50,13 +53,14 @@ def test_base_weights_swap_offload_and_fp8_on_cuda_against_bf16() -> None:
         row = variants[name]
         noise = max(1e-6, 4 * reference["repeat_grad_rel_diff"], 4 * row["repeat_grad_rel_diff"])
         assert row["loss_rel_diff"] < 1e-3 and row["grad_rel_diff"] <= noise, row
-    fp8 = variants["fp8"]
-    assert fp8["loss_rel_diff"] < 0.02 and fp8["grad_cosine"] > 0.99
     weights_gib = 20 * 46.4e6 * 2 / 2**30  # 20 blocks of Wan2.1-1.3B in bf16
     kept_gib = 30 * (9 * 30 * 52) * 1536 * 2 / 2**30  # each block's input at 832x480x33, bf16
     assert reference["peak_gib"] - variants["swap"]["peak_gib"] > 0.6 * weights_gib
     assert reference["peak_gib"] - variants["offload"]["peak_gib"] > 0.6 * kept_gib
-    assert variants["fp8+swap"]["peak_gib"] < fp8["peak_gib"] < reference["peak_gib"]
+    if not fp8:
+        pytest.skip("torchao is not installed here: fp8 base weights not checked (swap and offload were)")
+    assert variants["fp8"]["loss_rel_diff"] < 0.02 and variants["fp8"]["grad_cosine"] > 0.99
+    assert variants["fp8+swap"]["peak_gib"] < variants["fp8"]["peak_gib"] < reference["peak_gib"]
 
 
 @pytest.fixture(scope="module")
