@@ -55,6 +55,12 @@ class FileLinks:
         return gone
 
 
+def link_epoch(ttl_s: float = DEFAULT_TTL_S, now: float | None = None) -> int:
+    """A number that changes every half time-to-live: HTML holding links (a grid of videos) is rebuilt
+    when it changes, so no link it shows is older than the time to live."""
+    return int((time.time() if now is None else now) // (ttl_s / 2))
+
+
 def served_url(link: str | Path) -> str:
     """The URL Gradio serves a link under, for HTML a handler writes (a `<video src>`); relative, so it
     works under a proxy's root path too."""

@@ -16,7 +16,7 @@ import gradio as gr
 from studio.api import StudioApi
 from studio.auth import AccessDenied, User
 from studio.compare import MAX_CELLS, NO_LORA, parse_axis
-from studio.files import served_url
+from studio.files import link_epoch, served_url
 from studio.http_api import request_user, user_errors
 from studio.widgets import LoraStack, message, progress_bar
 from tabs.infer import InferHandles, form_request
@@ -58,7 +58,7 @@ def compare_view(api: StudioApi, user: User, compare_id: str, last_sig: str = ""
     fraction = status["step"] / status["total_steps"] if status["total_steps"] else None
     bar = progress_bar(1.0 if final and status["done"] else fraction,
                        f"{status['state']} · {status['done']}/{len(status['cells'])} videos")
-    sig = f"{compare_id}:" + ",".join(f"{c['state']}{c['gallery_ids']}" for c in status["cells"])
+    sig = f"{link_epoch()}:{compare_id}:" + ",".join(f"{c['state']}{c['gallery_ids']}" for c in status["cells"])
     return CompareView(bar, compare_grid(api, user, status) if sig != last_sig else None, sig, final)
 
 
@@ -135,9 +135,10 @@ def build(api: StudioApi, infer: InferHandles, timer: gr.Timer) -> None:
     cancel.click(on_cancel, compare_id, note, api_visibility="private")
 
     def on_tick(cid: str | None, last: str, request: gr.Request):
-        if not cid or last.startswith("final:"):
+        # A finished comparison is read again only when its video links near their expiry.
+        if not cid or last.startswith(f"final:{link_epoch()}:"):
             return gr.skip(), gr.skip(), last
-        view = compare_view(api, request_user(api, request), cid, last)
+        view = compare_view(api, request_user(api, request), cid, last.removeprefix("final:"))
         return view.bar, gr.skip() if view.grid is None else view.grid, ("final:" if view.final else "") + view.sig
 
     timer.tick(on_tick, [compare_id, sig], [bar, grid, sig], queue=False, show_progress="hidden",

@@ -16,7 +16,7 @@ import gradio as gr
 
 from studio.api import StudioApi
 from studio.auth import User
-from studio.files import served_url
+from studio.files import link_epoch, served_url
 from studio.http_api import request_user
 from studio.plots import MAX_OVERLAY, ChartOptions, loss_figure, quality_figure
 
@@ -51,7 +51,8 @@ class ChartsUpdate:
 def charts_tick(api: StudioApi, user: User, job_id: int, options: ChartOptions, overlay: list[int] | None,
                 last_chart: str, last_grid: str) -> ChartsUpdate:
     """What changed since the last poll: the figures when a point, a save, a sample, an option or an
-    overlaid run's curve did; the grid when a save got samples (its links are made only then)."""
+    overlaid run's curve did; the grid when a save got samples or its links near their expiry (links
+    are made only then)."""
     series = api.job_metrics(user, job_id)
     others = {}
     for other in [o for o in overlay or [] if o != job_id][:MAX_OVERLAY - 1]:
@@ -62,7 +63,7 @@ def charts_tick(api: StudioApi, user: User, job_id: int, options: ChartOptions, 
     samples = series.get("samples") or []
     chart_sig = "|".join([str(job_id), _curve_sig(series), str(len(series.get("saves") or [])), str(len(samples)),
                           repr(options), *(f"{name}:{_curve_sig(s)}" for name, s in others.items())])
-    grid_sig = f"{job_id}:" + ",".join(str(e.get("label")) for e in samples)
+    grid_sig = f"{job_id}:{link_epoch()}:" + ",".join(str(e.get("label")) for e in samples)
     changed = chart_sig != last_chart
     return ChartsUpdate(loss_figure(series, options=options, others=others) if changed else None,
                         quality_figure(series, options) if changed else None,

@@ -134,3 +134,11 @@ def test_charts_tick_redraws_only_what_changed(api: StudioApi) -> None:
     overlaid = run_charts.charts_tick(api, ALICE, job_id, options, [other_id], "", "")
     assert f"#{other_id} charts" in [t.name for t in overlaid.loss.data]
     assert run_charts.charts_tick(api, ALICE, job_id, options, [999], "", "").loss is not None  # gone: skipped
+
+
+def test_grids_are_rebuilt_before_their_links_expire() -> None:
+    from studio.files import DEFAULT_TTL_S, link_epoch
+
+    start = 1_000_000 * DEFAULT_TTL_S
+    assert link_epoch(now=start) == link_epoch(now=start + DEFAULT_TTL_S / 2 - 1)
+    assert link_epoch(now=start + DEFAULT_TTL_S / 2) == link_epoch(now=start) + 1
