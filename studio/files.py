@@ -4,14 +4,16 @@ Gradio serves every file under `allowed_paths` to any signed-in user who names i
 gallery folders have guessable names. So neither tree is allowed: a handler that has checked the
 owner hands out a link instead, `served/<random token>/<file name>` (a hard link, or a copy across
 filesystems). Only the `served/` folder is in `allowed_paths`; a token is 128 random bits and its
-folder is deleted after `ttl_s`. Gradio then copies the file into its cache under a hash keyed by
-a secret seed, as it does for every file a handler returns.
+folder is deleted after `ttl_s` (a sweeper thread checks every minute). The folder is also a Gradio
+static path (`serve_links_in_place`): Gradio serves a link where it lies instead of copying it into
+its cache, whose copies would live on under a URL that never expires.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 import shutil
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -22,14 +24,17 @@ DEFAULT_TTL_S = 3600.0
 
 
 class FileLinks:
-    def __init__(self, root: Path, ttl_s: float = DEFAULT_TTL_S) -> None:
+    def __init__(self, root: Path, ttl_s: float = DEFAULT_TTL_S, sweep_every_s: float = 60.0) -> None:
         self.root = root
         self.ttl_s = ttl_s
+        self.sweep_every_s = sweep_every_s
+        self._sweeper: threading.Thread | None = None
 
     def link(self, source: str | Path) -> str:
         """A fresh, unguessable path to `source` (checked by the caller) for Gradio to serve."""
         source = Path(source)
         self.sweep()
+        self._start_sweeper()
         folder = self.root / secrets.token_hex(16)
         folder.mkdir(parents=True)
         target = folder / source.name
@@ -38,6 +43,22 @@ class FileLinks:
         except OSError:  # another filesystem: a copy
             shutil.copyfile(source, target)
         return str(target)
+
+    def _start_sweeper(self) -> None:
+        """Links expire on time even when nobody asks for a new one (a thread, once per process)."""
+        if self._sweeper is not None:
+            return
+
+        def loop() -> None:
+            while True:
+                time.sleep(self.sweep_every_s)
+                try:
+                    self.sweep()
+                except Exception:  # a sweep must never end the sweeper
+                    log.warning("could not sweep expired links", exc_info=True)
+
+        self._sweeper = threading.Thread(target=loop, daemon=True, name="link-sweeper")
+        self._sweeper.start()
 
     def sweep(self, now: float | None = None) -> int:
         """Delete the links older than the time to live; returns how many went."""
@@ -53,6 +74,18 @@ class FileLinks:
             except OSError:  # swept by another process meanwhile
                 continue
         return gone
+
+
+def serve_links_in_place(root: Path) -> None:
+    """Make Gradio serve the links under `root` where they lie, never as cache copies: a file a
+    handler returns (a gr.Video value) is otherwise copied into Gradio's cache, served to anyone who
+    has its URL, and not deleted when the link expires."""
+    import gradio as gr
+
+    from gradio.data_classes import _StaticFiles  # the list set_static_paths extends (no duplicates)
+
+    if root.resolve() not in _StaticFiles.all_paths:
+        gr.set_static_paths([root])
 
 
 def link_epoch(ttl_s: float = DEFAULT_TTL_S, now: float | None = None) -> int:

@@ -9,6 +9,7 @@ from engine.paths import REPO_ROOT
 from studio.api import StudioApi
 from studio.http_api import register_api, request_user
 from studio.context import StudioContext
+from studio.files import serve_links_in_place
 from tabs import compare, gallery, gpus, infer, train
 
 TITLE = "Video LoRA Studio"
@@ -19,6 +20,7 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", radius_size=
 
 def build_app(ctx: StudioContext) -> gr.Blocks:
     api = StudioApi(ctx)
+    serve_links_in_place(ctx.layout.served_dir)
     with gr.Blocks(title=TITLE) as app:
         with gr.Row(equal_height=True):
             gr.Markdown(f"# {TITLE}\nTrain Wan video LoRAs with DeepSpeed, generate, compare.", elem_id="studio-title")

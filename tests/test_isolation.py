@@ -4,13 +4,14 @@ names guessed from the patterns (runs/<id>-<slug>/..., gallery/<id>/...), answer
 The file trees themselves are not served to anyone: files reach the browser through expiring links."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from gradio_client import Client
 
-from studio.files import FileLinks, redact_home
+from studio.files import FileLinks, redact_home, serve_links_in_place
 from tests.conftest import free_port
 from tests.ui_support import PASSWORDS, start_server, stop_server, train_toml, wait_for
 
@@ -99,3 +100,23 @@ def test_links_expire_and_messages_hide_the_data_directory(tmp_path: Path) -> No
     assert links.sweep(now=first.parent.stat().st_mtime + 61) == 2 and not first.exists()
     assert redact_home(f"cannot read {tmp_path / 'home'}/runs/1-x/run.toml", tmp_path / "home") == \
         "cannot read <studio data>/runs/1-x/run.toml"
+
+
+def test_gradio_serves_links_in_place_so_no_cache_copy_outlives_them(tmp_path: Path) -> None:
+    """A link a handler returns to a gr.Video is served where it lies: Gradio keeps no copy in its
+    cache (whose URLs never expire), and once the link is swept the URL leads nowhere."""
+    import gradio as gr
+    from gradio import processing_utils, utils
+
+    source = tmp_path / "home" / "gallery" / "item" / "video.mp4"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"alice's video " + bytes(range(256)))
+    links = FileLinks(tmp_path / "home" / "served", ttl_s=5, sweep_every_s=0.2)
+    serve_links_in_place(links.root)
+    link = links.link(source)
+    with gr.Blocks():
+        shown = gr.File()  # gr.Video's value goes the same way (move_files_to_cache), after a format check
+    served = processing_utils.move_files_to_cache(shown.postprocess(link).model_dump(), shown, postprocess=True)
+    assert served["path"] == link and not Path(link).is_relative_to(utils.get_cache_folder())  # no cache copy
+    wait_for(lambda: not Path(link).exists(), 10, "the sweeper to delete the expired link", interval=0.1)
+    assert source.is_file()

@@ -1,6 +1,7 @@
 """One device model and a queue that explains itself (issue 16): pure placement rules, the control
 rules per job state, and with real processes: an idle inference worker gives its CPU slot to a
-queued training job at once, and with two CPU slots the worker runs on the CPU."""
+queued training job at once and comes back warm when the training ends, and with two CPU slots the
+worker runs on the CPU."""
 from __future__ import annotations
 
 import sys
@@ -96,7 +97,8 @@ def small_request(**changes) -> InferRequest:
     return InferRequest(**{**values, **changes})
 
 
-def test_cpu_slot_two_runs_inference_on_cpu_and_an_idle_worker_yields_to_training(tmp_path: Path) -> None:
+@pytest.mark.slow  # a stand-in trainer and three generations on the demo model: about 45 s on 2 busy cores
+def test_cpu_slot_two_runs_inference_on_cpu_and_an_idle_worker_yields_to_training_then_comes_back_warm(tmp_path: Path) -> None:
     from engine.gpus import GpuInventory
 
     layout = DataLayout(tmp_path / "home").ensure()
@@ -125,8 +127,15 @@ def test_cpu_slot_two_runs_inference_on_cpu_and_an_idle_worker_yields_to_trainin
         reason = service.status(waiting)["waiting_for"]
         assert "CPU slot 2 is used by job #" in reason and "another user's" in reason, reason
         service.cancel(waiting)
-        for job_id in (first.id, queued.id):
-            scheduler.stop(job_id, force=True)
+
+        # the training ends: the worker comes back on its own and loads the model before anyone asks
+        scheduler.stop(queued.id, force=True)
+        warm = wait_for(lambda: [w for w in service.workers() if w["warm"]], 120, "the worker to come back warm")
+        assert warm[0]["device"] == "cpu" and warm[0]["serving"] is None
+        again = service.wait(service.submit(small_request(seed=5), "alice"), 240)
+        assert again["state"] == "succeeded", again["error"]
+        assert again["timings"]["load_s"] == 0.0, again["timings"]  # the worker's own timing: no model load
+        scheduler.stop(first.id, force=True)
     finally:
         service.shutdown()
         scheduler.shutdown()

@@ -5,8 +5,9 @@ the scheduler (`acquire_devices(holder, 1)`; `[-1]` = a CPU slot) only while its
 generation never lands on a GPU a training job holds. The worker process stays up while
 requests keep coming and keeps its pipeline warm; after `idle_timeout_s` without work the slot stops
 it and gives the devices back, and an idle worker gives them back at once when the head of the
-training queue needs them. Request states: queued, waiting (for a device), loading, running,
-succeeded, failed, cancelled, lost. Finished videos become gallery items before the request reads as
+training queue needs them; that slot starts a worker again and preloads its last model as soon as a
+device is free (the next generation finds it warm). Request states: queued, waiting (for a
+device), loading, running, succeeded, failed, cancelled, lost. Finished videos become gallery items before the request reads as
 succeeded.
 
 Requests are durable (engine.store.requests): each change is written to SQLite, so a status call
@@ -147,6 +148,16 @@ class InferenceService:
         if slot is not None:
             slot.cancel(request_id)
 
+    def workers(self) -> list[dict[str, Any]]:
+        """The live worker processes: slot, device, pid, the models they keep warm, what they serve."""
+        found = []
+        for slot in self._slots:
+            worker = slot.worker
+            if worker is not None and worker.alive():
+                found.append({"holder": slot.holder, "devices": list(worker.devices), "device": worker.device,
+                              "pid": worker.process.pid, "warm": sorted(worker.warm), "serving": slot.current})
+        return found
+
     def shutdown(self, timeout_s: float = 30.0, *, force: bool = False) -> None:
         """Cancel what is queued, stop the workers and give their devices back. `force` (a second
         Ctrl-C, SIGTERM): running requests end as cancelled now and the workers are killed."""
@@ -258,6 +269,19 @@ class InferenceService:
         return files
 
     # ---- bookkeeping used by the slots -----------------------------------------------------------
+    def _defer_to_warm(self, slot: Slot) -> bool:
+        """True for a slot without a worker while another slot's worker is idle: the warm one takes the
+        next request (a cold slot would load the model again, or wait for a device)."""
+        if slot.worker is not None:
+            return False
+        return any(other is not slot and other.current is None and other.worker is not None
+                   and other.worker.alive() for other in self._slots)
+
+    def _has_pending(self) -> bool:
+        """Whether a request of this service is queued or waiting for a device."""
+        with self._lock:
+            return any(t.state in ("queued", "waiting") for t in self._requests.values())
+
     def _next(self, timeout_s: float) -> Tracked | None | bool:
         """The next queued request; None on shutdown; False when nothing came within the timeout."""
         try:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.inference.speed import InferenceSpeed
@@ -35,6 +36,7 @@ class WorkerProcess:
         self.holder = holder
         self.devices = devices
         self.device = "?"  # what the worker reports when ready: cpu, cuda (its one visible GPU)
+        self.warm: set[str] = set()  # models the worker reported loaded (and not unloaded since)
         self.log_path = layout.workers_dir / f"{holder}.log"
         env, device = worker_env(devices)
         argv = [python, "-m", "engine.inference.worker", "--device", device,
@@ -86,11 +88,17 @@ class Slot(threading.Thread):
         self.holder = holder
         self.worker: WorkerProcess | None = None
         self.current: str | None = None
+        self.last_model: str | None = None  # the model of the last request this slot served
+        self.rewarm: str | None = None  # set when the slot gave way to training: load it again once free
 
     def run(self) -> None:
         svc = self.service
         try:
             while True:
+                if svc._defer_to_warm(self):  # an idle warm worker elsewhere serves the next request
+                    self._stop_if_idle()
+                    time.sleep(0.2)
+                    continue
                 tracked = svc._next(timeout_s=1.0)
                 svc._poll_cancels()  # cancels asked by another process, while this slot is free
                 if tracked is None:
@@ -139,6 +147,7 @@ class Slot(threading.Thread):
                 return
         # which card made the video
         svc._update(tracked, state="loading", started_at=time.time(), worker=f"{self.holder} on {worker.device}")
+        self.last_model = tracked.model_path
         staging = svc.gallery.staging_dir(tracked.id)
         worker.send({"op": "generate", "id": tracked.id, "request": tracked.request.to_dict(),
                      "model_path": tracked.model_path, "lora_files": tracked.lora_files, "out_dir": str(staging)})
@@ -171,7 +180,10 @@ class Slot(threading.Thread):
                 svc._update(tracked, step=event["step"], total_steps=event["total_steps"], eta_s=event["eta_s"])
             elif kind == "video":
                 self._add_video(tracked, event)
+            elif kind in ("loaded", "unloaded"):
+                self._note_models(worker, event)
             elif kind == "done":
+                worker.warm.add(str(Path(tracked.model_path).resolve()))
                 svc._update(tracked, timings=event.get("timings", {}))
                 return "succeeded", None, None
             elif kind == "cancelled":
@@ -199,8 +211,19 @@ class Slot(threading.Thread):
         devices = self._acquire(tracked)
         if devices is None:
             return False
+        failure = self._start_worker(devices)
+        if failure is not None:
+            with svc._lock:
+                svc._finish(tracked, "failed", failure, "crash")
+            return False
+        return True
+
+    def _start_worker(self, devices: list[int]) -> str | None:
+        """Start a worker on `devices` and wait until it is ready; None, or why it did not start
+        (the devices are then given back)."""
+        svc = self.service
         worker = WorkerProcess(self.holder, devices, svc.layout, svc.idle_timeout_s, svc.python, svc.speed)
-        self.worker = worker
+        self.worker, self.rewarm = worker, None
         deadline = time.monotonic() + _WORKER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
@@ -210,18 +233,14 @@ class Slot(threading.Thread):
                 continue
             if event is None or event.get("event") == "fatal":
                 reason = (event or {}).get("message") or worker.log_tail()
-                with svc._lock:
-                    svc._finish(tracked, "failed", f"the inference worker did not start: {reason}", "crash")
                 self._discard_worker()
-                return False
+                return f"the inference worker did not start: {reason}"
             if event.get("event") == "ready":
                 worker.device = str(event.get("device"))
                 log.info("%s: worker pid %s ready on %s", self.holder, event.get("pid"), worker.device)
-                return True
-        with svc._lock:
-            svc._finish(tracked, "failed", "the inference worker did not start in time", "crash")
+                return None
         self._discard_worker()
-        return False
+        return "the inference worker did not start in time"
 
     def _acquire(self, tracked: Tracked) -> list[int] | None:
         svc = self.service
@@ -250,7 +269,11 @@ class Slot(threading.Thread):
 
     def _stop_if_idle(self) -> None:
         worker = self.worker
-        if worker is not None and time.monotonic() - worker.last_active >= self.service.idle_timeout_s:
+        if worker is None:
+            self._come_back_warm()
+            return
+        self._read_idle_events(worker)
+        if time.monotonic() - worker.last_active >= self.service.idle_timeout_s:
             log.info("%s: idle for %.0f s, stopping the worker", self.holder, self.service.idle_timeout_s)
             self._stop_worker()
         else:
@@ -271,6 +294,53 @@ class Slot(threading.Thread):
         if wanted:
             log.info("%s: a queued training job needs %s; stopping the idle worker", self.holder, sorted(wanted))
             self._stop_worker()
+            self.rewarm = self.last_model
+
+    def _come_back_warm(self) -> None:
+        """After giving way to training: once a device is free again (no queued job wants it), start a
+        worker and load the last model, so the next generation finds it warm. Its idle timeout then
+        applies as to any worker."""
+        svc = self.service
+        if self.rewarm is None or svc.scheduler is None or svc._stopping.is_set():
+            return
+        if svc._has_pending():  # a waiting request starts its own worker; never race it for the device
+            self.rewarm = None
+            return
+        try:
+            devices = svc.scheduler.acquire_devices(self.holder, 1)
+        except Exception:  # a busy database: the next pass tries again
+            log.debug("could not ask for a device", exc_info=True)
+            return
+        if devices is None:
+            return
+        model, self.rewarm = self.rewarm, None
+        failure = self._start_worker(devices)
+        if failure is not None:
+            log.warning("%s: could not come back warm: %s", self.holder, failure)
+            return
+        log.info("%s: device %s free again; loading %s", self.holder, devices, model)
+        self.worker.send({"op": "load", "model_path": model})
+        self.worker.last_active = time.monotonic()
+
+    def _read_idle_events(self, worker: WorkerProcess) -> None:
+        """Events of an idle worker: models it loaded or freed, or its exit."""
+        while True:
+            try:
+                event = worker.events.get_nowait()
+            except queue.Empty:
+                return
+            if event is None:
+                log.warning("%s: the idle worker exited (code %s)", self.holder, worker.process.wait())
+                self._discard_worker()
+                return
+            self._note_models(worker, event)
+
+    @staticmethod
+    def _note_models(worker: WorkerProcess, event: dict) -> None:
+        if event.get("event") == "loaded":
+            worker.warm.add(str(Path(event["model_path"]).resolve()))
+        elif event.get("event") == "unloaded":
+            worker.warm.difference_update(str(Path(m).resolve()) for m in event.get("models", []))
 
     def _stop_worker(self) -> None:
         if self.worker is not None:

@@ -7,11 +7,12 @@ Protocol: JSON lines. The service writes commands to stdin:
     {"op": "generate", "id": ID, "request": {...InferRequest with seed...}, "model_path": DIR,
      "lora_files": [FILE, ...], "out_dir": DIR}
     {"op": "cancel", "id": ID}          stop that request at its next denoising step
+    {"op": "load", "model_path": DIR}   load a model ahead of requests (a worker coming back warm)
     {"op": "shutdown"}                  (or end of stdin) free everything and exit 0
 and reads events from stdout, one JSON object per line, each with "event":
     ready {pid, device} · state {id, state} · step {id, step, total_steps, eta_s, video}
     · video {id, index, dir, seed, digest, timings} · done {id, timings} · cancelled {id}
-    · error {id, message, kind} · unloaded {models}
+    · error {id, message, kind} · unloaded {models} · loaded {model_path, load_s}
 A bad request (unreadable LoRA, LoRA of another family, out of memory, any exception) ends in an
 `error` event for that request only; the worker then serves the next one. Logs go to stderr.
 """
@@ -72,7 +73,7 @@ class CommandReader(threading.Thread):
                 continue
             if op == "cancel":
                 self.cancelled.add(str(command.get("id")))
-            elif op == "generate":
+            elif op in ("generate", "load"):
                 self.jobs.put(command)
             elif op == "shutdown":
                 break
@@ -119,6 +120,9 @@ class Worker:
         self.cache.free_all()
 
     def handle(self, command: dict) -> None:
+        if command.get("op") == "load":
+            self.preload(str(command.get("model_path")))
+            return
         request_id = str(command.get("id"))
         try:
             timings = self.run_request(request_id, command)
@@ -133,6 +137,17 @@ class Worker:
             self.emit("done", id=request_id, timings=timings)
         finally:
             self.reader.cancelled.discard(request_id)
+
+    def preload(self, model_path: str) -> None:
+        """Load a model before any request names it: the next generation finds it warm."""
+        try:
+            _, load_s = self.cache.get(model_path)
+        except Exception as exc:  # the next request loads it (and reports why) instead
+            kind, message = describe_failure(exc)
+            log.error("preloading %s failed: %s", model_path, message)
+            self.emit("error", id=None, message=message, kind=kind)
+            return
+        self.emit("loaded", model_path=model_path, load_s=load_s)
 
     def run_request(self, request_id: str, command: dict) -> dict:
         from engine.inference.export import (POSTER_FILE, VIDEO_FILE, frames_digest, to_uint8, write_display_mp4,
