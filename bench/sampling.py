@@ -103,7 +103,8 @@ def run_trainer(config: dict[str, Any], root: Path) -> list[dict[str, Any]]:
 
 def summarize(events: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
     """s/step (median, first two steps left out: warm-up), seconds per sample video and save, the
-    share of wall time spent sampling, peak memory before and after the first sample."""
+    share of the training's wall time (from its start event, the latent cache done) spent sampling,
+    peak memory before and after the first sample."""
     per_step = config["micro_batch_size_per_gpu"]
     steps = [e for e in events if e.get("event") == "step"]
     samples = [e for e in events if e.get("event") == "sample"]
@@ -113,7 +114,8 @@ def summarize(events: list[dict[str, Any]], config: dict[str, Any]) -> dict[str,
     step_s = [per_step / e["samples_per_s"] for e in steps[2:] or steps]
     sample_s = sum(e["seconds"] for e in samples)
     videos = sum(len(e["videos"]) for e in samples)
-    wall = events[-1]["time"] - events[0]["time"]
+    started = next(e["time"] for e in events if e.get("event") == "start")  # after the latent cache
+    wall = events[-1]["time"] - started
     first_sample_step = samples[0]["step"]
     peaks_before = [e["peak_mem_gib"] for e in steps if "peak_mem_gib" in e and e["step"] <= first_sample_step]
     peaks_after = [e["peak_mem_gib"] for e in steps if "peak_mem_gib" in e and e["step"] > first_sample_step]
