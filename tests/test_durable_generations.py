@@ -90,11 +90,12 @@ def test_a_generation_the_cli_runs_is_cancelled_from_another_process(tmp_path: P
         asked = time.monotonic()
         app_side.cancel(row["id"])  # not refused: flagged for the CLI's service
         assert app_side.status(row["id"])["cancel_requested"]
-        cli.wait(30)
-        ended = app_side.status(row["id"])
+        ended = wait_for(lambda: (s := app_side.status(row["id"]))["state"] in ("cancelled", "succeeded") and s,
+                         60, "the CLI's service to act on the cancel", interval=0.2)
+        took = time.monotonic() - asked  # a poll (0.5 s) and a step; generous for 2 shared cores
         assert ended["state"] == "cancelled" and not ended["cancel_requested"], ended
-        assert time.monotonic() - asked < 15, "the owning process did not act on the cancel within a step or so"
-        assert ended["step"] < ended["total_steps"]
+        assert took < 20 and ended["step"] < ended["total_steps"], (took, ended)
+        cli.wait(60)
         assert scheduler.store.holds() == []
         wait_for(lambda: not workers_of(home), 10, "no worker left", interval=0.2)
     finally:
