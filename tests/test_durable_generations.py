@@ -2,7 +2,8 @@
 SIGTERM ends cancelled with nothing left running; killed with SIGKILL, its worker dies with it, the
 next reader frees its CPU slot and the next service marks the request lost (never "not found");
 a queued request of a dead service is adopted and run; a generation the CLI runs is cancelled from
-another process (the app's service) through the database."""
+another process (the app's service) through the database; Ctrl-C cancels at the next step and a
+second Ctrl-C stops at once, mid-step."""
 from __future__ import annotations
 
 import os
@@ -44,18 +45,18 @@ def workers_of(home: Path) -> list[int]:
     return found
 
 
-def start_cli(home: Path) -> subprocess.Popen:
+def start_cli(home: Path, *size: str) -> subprocess.Popen:
     """A long generation on the demo model (8 videos of 200 steps: minutes), through the CLI."""
     env = {**os.environ, "STUDIO_HOME": str(home)}
     return subprocess.Popen([sys.executable, "-m", "studio", "infer", "--prompt", "a red circle moving right",
-                             "--steps", "200", "--num-videos", "8", "--frames", "33"], cwd=REPO_ROOT, env=env,
+                             "--steps", "200", "--num-videos", "8", *(size or ("--frames", "33"))], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def running_row(home: Path) -> dict:
+def running_row(home: Path, with_steps: bool = True) -> dict:
     def row():
         rows = RequestStore(Database(home / "studio.db")).list(limit=1)
-        return rows[0] if rows and rows[0]["state"] == "running" and rows[0]["step"] else None
+        return rows[0] if rows and rows[0]["state"] == "running" and (rows[0]["step"] or not with_steps) else None
 
     return wait_for(row, 120, "the CLI's generation to run", interval=0.5)
 
@@ -77,6 +78,29 @@ def test_sigterm_of_the_cli_cancels_and_leaves_nothing(tmp_path: Path) -> None:
     assert scheduler.store.holds() == []  # released by the CLI itself, no reader needed
     wait_for(lambda: not workers_of(home), 10, "no worker left", interval=0.2)
     db.close()
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_cancels_within_a_step_and_a_second_stops_at_once(tmp_path: Path, presses: int) -> None:
+    home = tmp_path / "home"
+    if presses == 1:
+        cli = start_cli(home)
+        row = running_row(home)
+    else:  # a step of minutes (512x512x81): a second press must not wait for it
+        cli = start_cli(home, "--frames", "81", "--width", "512", "--height", "512")
+        row = running_row(home, with_steps=False)
+    pressed = time.monotonic()
+    for _ in range(presses):
+        cli.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    cli.wait(60)
+    took = time.monotonic() - pressed
+    said = cli.stderr.read()
+    assert "cancelling at the next step" in said and (("stopping now" in said) == (presses == 2)), said
+    ended = RequestStore(Database(home / "studio.db")).get(row["id"])
+    assert ended["state"] == "cancelled" and ended["step"] < ended["total_steps"], ended
+    assert took < 30, f"{presses} Ctrl-C took {took:.1f} s to end the CLI"
+    wait_for(lambda: not workers_of(home), 10, "no worker left", interval=0.2)
 
 
 def test_a_generation_the_cli_runs_is_cancelled_from_another_process(tmp_path: Path) -> None:
