@@ -79,6 +79,29 @@ def test_train_generate_and_find_in_gallery(server) -> None:
     assert alice.predict(item_id, api_name="/gallery_item")["id"] == item_id
 
 
+
+def test_compare_every_save_of_the_run_and_the_base_model(server) -> None:
+    """/compare over the trained run's saves ('job:ID/*') and 'none': one comparison, a video per row,
+    each in the gallery with the comparison's id; bob sees nothing of it."""
+    alice = client(server, "alice")
+    job = next(j for j in alice.predict("succeeded", 50, 0, api_name="/list_jobs") if j["name"] == "api-run")
+    queued = alice.predict(prompt="a purple star moving right on a white background",
+                           compare_loras=[f"job:{job['id']}/*", "none"], weights=[], seeds=[], model="demo",
+                           width=64, height=48, num_frames=9, steps=3, seed=5, api_name="/compare")
+    assert queued["rows"] == [f"#{job['id']} epoch1", f"#{job['id']} epoch2", "no LoRA"]
+
+    def compared():
+        status = alice.predict(queued["compare_id"], api_name="/compare_status")
+        return status if status["state"] not in ("queued", "running") else None
+
+    done = wait_for(compared, 300, "the comparison", interval=1)
+    assert done["state"] == "succeeded", (done, server.output())
+    items = [alice.predict(c["gallery_ids"][0], api_name="/gallery_item") for c in done["cells"]]
+    assert {i["params"]["compare_id"] for i in items} == {queued["compare_id"]} and {i["seed"] for i in items} == {5}
+    assert [len(i["loras"]) for i in items] == [1, 1, 0]
+    with pytest.raises(Exception, match="not found"):
+        client(server, "bob").predict(queued["compare_id"], api_name="/compare_status")
+
 def test_wrong_password_refused(server) -> None:
     with pytest.raises(ValueError, match="Could not login"):
         Client(server.url, auth=("alice", "not-her-password"), verbose=False)
