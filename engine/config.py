@@ -77,6 +77,10 @@ class ModelConfig(ConfigTable):
         None, description="With experts = 'both' on a GPU: 'offload' (default) keeps the idle expert's frozen "
                           "weights in host memory, 'resident' keeps both experts on the GPU.",
         json_schema_extra={"form": False})
+    image_to_video: Bool | None = Field(
+        None, description="Train image-to-video (the clip's first frame is the start image). Default: the model's "
+                          "own (Wan I2V models: yes; Wan2.2 TI2V-5B: no, true trains its image mode).",
+        json_schema_extra={"form": False})
 
     @property
     def compute_dtype(self) -> str:

@@ -239,21 +239,20 @@ class StudioApi(MediaApi, CompareApi):
     def job_lora_files(self, user: User, job_id: int | str) -> list[tuple[str, Path]]:
         return run_loras(self.own_job(user, job_id).run_dir)
 
-    def lora_download(self, user: User, job_id: int | str, label: str) -> Path:
-        """A saved LoRA under a telling name ('<run>-epoch3.safetensors'): a hard link in the run folder."""
+    def lora_downloads(self, user: User, job_id: int | str, label: str) -> list[Path]:
+        """A save's LoRA under a telling name ('<run>-epoch3.safetensors'), hard links in the run folder; a
+        two-expert save (Wan2.2 A14B) gives both files, named by expert ('<run>-epoch3-low_noise_model...')."""
+        from engine.lora import expert_partner
+
         job = self.own_job(user, job_id)
         source = dict(run_loras(job.run_dir)).get(label)
         if source is None:
             raise FileNotFoundError(f"job {job_id} has no save {label!r}")
-        target = Path(job.run_dir) / "downloads" / f"{safe_name(Path(job.run_dir).name)}-{label}.safetensors"
-        if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
-            target.parent.mkdir(exist_ok=True)
-            target.unlink(missing_ok=True)
-            try:
-                target.hardlink_to(source)
-            except OSError:  # another filesystem: a copy
-                shutil.copyfile(source, target)
-        return target
+        partner = expert_partner(source)
+        stem = f"{safe_name(Path(job.run_dir).name)}-{label}"
+        if partner is None:
+            return [_linked(source, Path(job.run_dir) / "downloads" / f"{stem}.safetensors")]
+        return [_linked(file, Path(job.run_dir) / "downloads" / f"{stem}-{file.name}") for file in (source, partner)]
 
     def job_sample_file(self, user: User, job_id: int | str, relative: str) -> Path:
         """A sample video or its poster (`samples/<label>/<k>.mp4|png`, as the loss series names it)."""
@@ -281,3 +280,15 @@ class StudioApi(MediaApi, CompareApi):
             raise ValueError(f"unknown job action {action!r}")
         log.info("user %s: %s job %s", user.name, action, job.id)
         return self._summary(user, scheduler.get(job.id))
+
+
+def _linked(source: Path, target: Path) -> Path:
+    """`target` as a hard link to `source` (a copy across filesystems), renewed when the source is newer."""
+    if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
+        target.parent.mkdir(exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            target.hardlink_to(source)
+        except OSError:  # another filesystem: a copy
+            shutil.copyfile(source, target)
+    return target

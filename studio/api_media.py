@@ -94,6 +94,28 @@ class MediaApi:
         shutil.copyfile(src, target_dir / name)
         return f"upload:{name}"
 
+    def upload_image(self, user: User, file: str | Path) -> str:
+        """Keep a start image (image-to-video) among the user's uploads; returns its 'image:NAME' reference."""
+        from engine.trainer.cache import file_hash
+
+        src = Path(file)
+        if src.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+            raise ValueError(f"{src.name}: a start image must be a png, jpg, webp or bmp file")
+        target_dir = self.user_uploads(user) / "images"
+        target_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{safe_name(src.stem, 'image')}-{file_hash(src)[:10]}{src.suffix.lower()}"  # kept as generated from
+        shutil.copyfile(src, target_dir / name)
+        return f"image:{name}"
+
+    def start_image(self, user: User, reference: str) -> Path:
+        """The file of an 'image:NAME' upload of this user (never another path on the server)."""
+        if not str(reference).startswith("image:"):
+            raise ValueError(f"image {reference!r}: upload the start image first and give its 'image:NAME'")
+        file = self.user_uploads(user) / "images" / safe_name(str(reference)[6:], "image.png")
+        if not file.is_file():
+            raise FileNotFoundError(f"{reference}: no such uploaded image")
+        return file
+
     # ---- inference -----------------------------------------------------------------------------
     def generate(self, user: User, request: dict[str, Any]) -> dict[str, Any]:
         from engine.inference.request import InferRequest
@@ -104,6 +126,8 @@ class MediaApi:
                  for item in loras if str(item.get("lora", "")).strip()]
         if values.get("seed") in ("", -1):
             values["seed"] = None
+        if values.get("image"):
+            values["image"] = str(self.start_image(user, values["image"]))
         req = InferRequest.from_dict({**values, "loras": specs}).validate()
         request_id = self.ctx.inference.submit(req, owner=user.name)
         log.info("user %s submitted generation %s", user.name, request_id)

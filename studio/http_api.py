@@ -80,14 +80,15 @@ def register_api(api: StudioApi) -> None:
                  width: int | None = None, height: int | None = None, num_frames: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None, flow_shift: float | None = None,
                  seed: int = -1, fps: int | None = None, num_videos: int = 1, fuse_loras: bool = False,
-                 request: gr.Request = None) -> dict:
+                 image: str | None = None, request: gr.Request = None) -> dict:
         """Queue a generation; loras: [{"lora": "job:ID/epochN" | "upload:NAME", "weight": 0.8}]; seed -1 =
         random. Sizes and sampling left out take the model's defaults (demo 64x64x17, 20 steps; Wan
-        832x480x81, 30 steps; flow_shift the model's own), as in the UI and the CLI."""
+        832x480x81, 30 steps; flow_shift the model's own), as in the UI and the CLI. image: the start image
+        of an image-to-video model, as 'image:NAME' (an image uploaded in the Infer tab)."""
         values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt,
                       width=width, height=height, num_frames=num_frames, steps=steps,
                       guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed,
-                      fps=fps, num_videos=num_videos, fuse_loras=fuse_loras)
+                      fps=fps, num_videos=num_videos, fuse_loras=fuse_loras, image=image)
         return _wrap(api, api.generate)(values, request=request)
 
     def generation_status(request_id: str, request: gr.Request = None) -> dict:

@@ -11,6 +11,42 @@ DEMO_PRESET = "Demo LoRA (CPU, minutes)"
 DEMO_TOML = REPO_ROOT / "examples" / "demo_lora.toml"
 
 # Overrides by key path on top of TrainConfig defaults.
+_A14B_BOTH: dict[str, Any] = {
+    "model.ckpt_path": "/path/to/Wan2.2-T2V-A14B-Diffusers",
+    "model.dtype": "bfloat16",
+    "model.experts": "both",  # one LoRA per expert; boundary from the model's model_index.json
+    "model.idle_expert": "offload",  # one 14B expert on the GPU, the idle one in pinned host RAM
+    "dataset.resolutions": [480],
+    "dataset.frame_buckets": [1, 33],
+    "adapter.rank": 32,
+    "optimizer.lr": 2e-5,
+    "epochs": 20,
+    "gradient_accumulation_steps": 4,
+    "zero_stage": 0,  # two experts need it: each step updates one expert's LoRA
+    "activation_checkpointing": True,
+    "save_every_n_epochs": 2,
+    "checkpoint_every_n_minutes": 60.0,
+    "performance.attention_backend": "flash3",
+    "performance.checkpointing": "save_attention",
+}
+
+_TI2V_5B: dict[str, Any] = {
+    "model.ckpt_path": "/path/to/Wan2.2-TI2V-5B-Diffusers",  # text-to-video; 48-channel VAE, 32 px per token
+    "model.dtype": "bfloat16",
+    "dataset.resolutions": [704],
+    "dataset.frame_buckets": [1, 49],
+    "adapter.rank": 32,
+    "optimizer.lr": 3e-5,
+    "epochs": 30,
+    "warmup_steps": 50,
+    "save_every_n_epochs": 5,
+    "checkpoint_every_n_minutes": 60.0,
+    "activation_checkpointing": True,
+    "performance.attention_backend": "flash3",
+    "performance.checkpointing": "save_attention",
+    "performance.compile_blocks": True,
+}
+
 WAN_PRESETS: dict[str, dict[str, Any]] = {
     "Wan2.1 1.3B · 480p": {
         "model.ckpt_path": "/path/to/Wan2.1-T2V-1.3B-Diffusers",
@@ -46,40 +82,28 @@ WAN_PRESETS: dict[str, dict[str, Any]] = {
         "performance.attention_backend": "flash3",  # no memory cost; falls back to cuDNN
         "performance.compile_blocks": True,
     },
-    "Wan2.2 A14B · both experts · 80 GB": {
-        "model.ckpt_path": "/path/to/Wan2.2-T2V-A14B-Diffusers",
+    "Wan2.2 A14B · both experts · 80 GB": _A14B_BOTH,
+    "Wan2.2 TI2V-5B · 720p": _TI2V_5B,
+    # Image-to-video: every clip's first frame is its start image (cached with its latents).
+    "Wan2.1 I2V 14B · 480p · 80 GB": {
+        "model.ckpt_path": "/path/to/Wan2.1-I2V-14B-480P-Diffusers",  # CLIP image encoder + k_img/v_img LoRA
         "model.dtype": "bfloat16",
-        "model.experts": "both",  # one LoRA per expert; boundary from the model's model_index.json
-        "model.idle_expert": "offload",  # one 14B expert on the GPU, the idle one in pinned host RAM
         "dataset.resolutions": [480],
-        "dataset.frame_buckets": [1, 33],
+        "dataset.frame_buckets": [33],
         "adapter.rank": 32,
         "optimizer.lr": 2e-5,
         "epochs": 20,
         "gradient_accumulation_steps": 4,
-        "zero_stage": 0,  # two experts need it: each step updates one expert's LoRA
         "activation_checkpointing": True,
         "save_every_n_epochs": 2,
         "checkpoint_every_n_minutes": 60.0,
         "performance.attention_backend": "flash3",
         "performance.checkpointing": "save_attention",
     },
-    "Wan2.2 TI2V-5B · 720p": {
-        "model.ckpt_path": "/path/to/Wan2.2-TI2V-5B-Diffusers",  # text-to-video; 48-channel VAE, 32 px per token
-        "model.dtype": "bfloat16",
-        "dataset.resolutions": [704],
-        "dataset.frame_buckets": [1, 49],
-        "adapter.rank": 32,
-        "optimizer.lr": 3e-5,
-        "epochs": 30,
-        "warmup_steps": 50,
-        "save_every_n_epochs": 5,
-        "checkpoint_every_n_minutes": 60.0,
-        "activation_checkpointing": True,
-        "performance.attention_backend": "flash3",
-        "performance.checkpointing": "save_attention",
-        "performance.compile_blocks": True,
-    },
+    "Wan2.2 I2V A14B · both experts · 80 GB": {  # boundary 0.9 from its model_index.json
+        **_A14B_BOTH, "model.ckpt_path": "/path/to/Wan2.2-I2V-A14B-Diffusers", "dataset.frame_buckets": [33]},
+    "Wan2.2 TI2V-5B · image-to-video · 720p": {  # clean first latent frame at t = 0, left out of the loss
+        **_TI2V_5B, "model.image_to_video": True, "dataset.frame_buckets": [49]},
 }
 PRESET_NAMES: tuple[str, ...] = (DEMO_PRESET, *WAN_PRESETS)
 

@@ -42,6 +42,14 @@ class GenerationView:
     item_id: str | None = None
 
 
+def with_start_image(api: StudioApi, user: User, req: dict[str, Any]) -> dict[str, Any]:
+    """An uploaded start image (a temporary file of the form) kept among the user's uploads, by reference
+    (the Compare and Reuse paths leave it out: `params` holds the text-to-video fields)."""
+    if req.get("image"):
+        req = {**req, "image": api.upload_image(user, req["image"])}
+    return req
+
+
 def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationView:
     try:
         status = api.generation_status(user, request_id)
@@ -66,12 +74,16 @@ def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationVi
                           timings=status.get("timings"), item_id=item_id)
 
 
+LORA_REFERENCE_PREFIXES = ("job:", "upload:")  # the picker's values (studio.api_media.lora_choices)
+
+
 def check_lora_picks(api: StudioApi, user: User, loras: list[dict[str, Any]]) -> None:
     """Refuse, in the form's words, a LoRA typed into a picker that is none of the user's saves or uploads
     (the API's own message names its reference syntax, which this form never shows)."""
     known = {reference for _, reference in api.lora_choices(user)}
     for number, lora in enumerate(loras, 1):
-        if lora["lora"] not in known:
+        # A reference the picker once offered (a run beyond its list, a reused gallery item) goes on to the API.
+        if lora["lora"] not in known and not str(lora["lora"]).startswith(LORA_REFERENCE_PREFIXES):
             raise ValueError(f"LoRA {number}: {lora['lora']!r} is not one of your saved or uploaded LoRAs; "
                              "pick one from its list, or upload a .safetensors file")
 
@@ -119,6 +131,8 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
             gr.Markdown("**LoRA stack** (trained runs by save, or uploaded .safetensors; weights mix)")
             stack = LoraStack.build()
             upload = gr.UploadButton("Upload a LoRA (.safetensors)", file_types=[".safetensors"], size="sm")
+            start_image = gr.Image(None, type="filepath", sources=["upload"], height=160, elem_id="infer-image",
+                                   label="Start image (image-to-video models: Wan I2V, TI2V-5B)")
             with gr.Accordion("Parameters", open=True, elem_classes=["form-section"]):
                 with gr.Row(elem_classes=["form-grid"]):
                     width = gr.Number(DEMO["width"], precision=0, step=16, label="width", elem_id="infer-width", **bounds("width"), min_width=120)
@@ -185,15 +199,16 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         lora_values = [values[c] for c in (*stack.refs, *stack.weights)]
         req = form_request({name: values[c] for c, name in by_component.items()})
         req["loras"] = LoraStack.read(values[stack.visible], lora_values)
+        req["image"] = values[start_image]
         with user_errors(api):
             check_lora_picks(api, user, req["loras"])
-            rid = api.generate(user, req)["request_id"]
+            rid = api.generate(user, with_start_image(api, user, req))["request_id"]
         # The previous result goes: what shows belongs to this request.
         return (rid, progress_bar(0.0, "queued"), "", message(f"request {rid} queued", "ok"), gr.update(visible=False),
                 None, "")
 
     # Queued: bring the progress and the coming video into sight.
-    generate.click(submit, {*params.values(), stack.visible, *stack.refs, *stack.weights},
+    generate.click(submit, {*params.values(), stack.visible, *stack.refs, *stack.weights, start_image},
                    [request_id, progress, gallery_link, request_msg, open_in_gallery, video, timings],
                    api_visibility="private").success(None, js=scroll_into_sight("#infer-result"))
 

@@ -56,7 +56,8 @@ def job_panel(api: StudioApi, user: User, job_id: int, last_files: str) -> JobPa
     fsig = f"{job_id}:" + ",".join(label for label, _ in saves)
     changed = fsig != last_files
     # Newest first: the box shows the first few rows.
-    files = [api.file_link(api.lora_download(user, job_id, label)) for label, _ in reversed(saves)] if changed else None
+    files = [api.file_link(file) for label, _ in reversed(saves)
+             for file in api.lora_downloads(user, job_id, label)] if changed else None
     return JobPanel(header, bar, api.job_log(user, job_id)[-6000:], files, fsig, tuple(job.get("actions") or ()))
 
 

@@ -3,10 +3,6 @@ each step trains the expert of its noise level, one save holds a LoRA per expert
 and inference loads each file into its expert."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +11,8 @@ import torch
 from engine.config import ConfigError, TrainConfig
 from engine.trainer.experts import HIGH_NOISE, LOW_NOISE, ExpertSchedule
 from engine.trainer.objective import sample_timesteps
-from tests.trainer_support import (REPO_ROOT, make_dataset, of_kind, read_events, run_trainer, trainer_cmd,
-                                   write_config)
+from tests.family_support import generate_family, train_family
+from tests.trainer_support import of_kind
 
 
 @pytest.fixture(scope="module")
@@ -59,48 +55,37 @@ def test_two_expert_settings_are_checked() -> None:
 
 def test_one_run_trains_both_experts_samples_with_both_and_the_worker_loads_each(
         tmp_path: Path, two_expert_model: Path) -> None:
-    data = make_dataset(tmp_path / "data", images=2, video=False, corrupt_video=False, uncaptioned=False)
     # boundary 0.5 with uniform t: both experts get steps early on (seed 7 draws both within 4 steps)
-    config = write_config(tmp_path, two_expert_model, data, epochs=2, save_every_n_epochs=2,
-                          **{"model.experts": "both", "model.boundary_ratio": 0.5,
-                             "dataset.frame_buckets": [1], "micro_batch_size_per_gpu": 1,
-                             "sample.prompts": ["a green square"], "sample.steps": 2, "sample.width": 32,
-                             "sample.num_frames": 1, "sample.guidance_scale": 1.0})
-    run_dir = tmp_path / "run"
-    result = run_trainer(trainer_cmd(config, run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = read_events(run_dir)
-    assert events[-1]["event"] == "done" and not of_kind(events, "warning"), of_kind(events, "warning")
-    save = Path(of_kind(events, "save")[-1]["path"])
+    run = train_family(tmp_path, two_expert_model, **{
+        "save_every_n_epochs": 2, "model.experts": "both", "model.boundary_ratio": 0.5, "micro_batch_size_per_gpu": 1,
+        "sample.prompts": ["a green square"], "sample.steps": 2, "sample.width": 32, "sample.num_frames": 1,
+        "sample.guidance_scale": 1.0})
+    save = run.save
     assert sorted(p.name for p in save.glob("*.safetensors")) == ["high_noise_model.safetensors",
                                                                   "low_noise_model.safetensors"]
-    from engine.lora import inspect_lora, load_lora_state_dict
+    from engine.lora import inspect_lora
 
     for expert in (HIGH_NOISE, LOW_NOISE):
-        file = save / f"{expert}_model.safetensors"
-        info = inspect_lora(file)
+        info = inspect_lora(save / f"{expert}_model.safetensors")
         assert info.family == "wan" and info.key_format == "comfy" and info.metadata["expert"] == expert
-        b = [v for k, v in load_lora_state_dict(file).items() if k.endswith("lora_B.weight")]
-        assert any(v.abs().max() > 0 for v in b), f"the {expert} LoRA never trained"  # B starts at zero
-    assert of_kind(events, "sample") and (run_dir / "samples" / save.name / "0.mp4").is_file()
+    assert of_kind(run.events, "sample") and (run.run_dir / "samples" / save.name / "0.mp4").is_file()
     from engine.rundir import RunDir
 
-    assert RunDir(run_dir).newest_lora().file.name == "high_noise_model.safetensors"
+    assert RunDir(run.run_dir).newest_lora().file.name == "high_noise_model.safetensors"
+    _cache_puts_each_expert_lora_in_its_expert(two_expert_model, save)
+    generate_family(tmp_path, two_expert_model, save)
 
-    _worker_loads_each_expert_lora(tmp_path, two_expert_model, save)
 
-
-def _worker_loads_each_expert_lora(tmp_path: Path, model: Path, save: Path) -> None:
-    """The worker process generates with the save; in-process, the same cache puts each file in its expert."""
+def _cache_puts_each_expert_lora_in_its_expert(model: Path, save: Path) -> None:
+    """In-process, the worker's pipeline cache puts each file of the pair in its expert."""
     from engine.inference.pipeline import PipelineCache
     from engine.inference.request import resolve_lora_path
     from engine.lora import load_lora_state_dict
 
-    high_file = resolve_lora_path(save)
     cache = PipelineCache("cpu")
     loaded, _ = cache.get(model)
     assert loaded.pipe.transformer_2 is not None and loaded.pipe.config.boundary_ratio == 0.875
-    cache.apply_loras(loaded, [(str(high_file), 1.0)])
+    cache.apply_loras(loaded, [(str(resolve_lora_path(save)), 1.0)])
     for transformer, expert in ((loaded.pipe.transformer, HIGH_NOISE), (loaded.pipe.transformer_2, LOW_NOISE)):
         saved = load_lora_state_dict(save / f"{expert}_model.safetensors")
         want = saved["diffusion_model.blocks.0.self_attn.q.lora_B.weight"]
@@ -108,51 +93,17 @@ def _worker_loads_each_expert_lora(tmp_path: Path, model: Path, save: Path) -> N
         got = next(v for k, v in got.items() if k.startswith("blocks.0.attn1.to_q.lora_B"))
         assert torch.allclose(got.float(), want.float(), atol=1e-2), expert
 
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
-    request = {"prompt": "a green square", "negative_prompt": "", "loras": [{"weight": 1.0}], "guidance_scale": 1.0,
-               "steps": 2, "num_videos": 1, "seed": 1, "width": 32, "height": 32, "num_frames": 1, "fps": 8,
-               "flow_shift": 3.0}
-    commands = [json.dumps({"op": "generate", "id": "r1", "request": request, "model_path": str(model),
-                            "lora_files": [str(high_file)], "out_dir": str(tmp_path / "gen")}),
-                 json.dumps({"op": "shutdown"})]
-    proc = subprocess.run([sys.executable, "-m", "engine.inference.worker", "--device", "cpu"], cwd=REPO_ROOT,
-                          env=env, input="\n".join(commands) + "\n", capture_output=True, text=True, timeout=240)
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [e["event"] for e in events if e.get("id") == "r1"][-1] == "done", proc.stderr[-3000:]
-    assert (tmp_path / "gen/0").is_dir() and any((tmp_path / "gen/0").iterdir())
-
 
 @pytest.mark.slow  # about 35 s on 2 cores
 def test_ti2v_5b_shape_trains_and_generates_with_its_48_channel_vae(tmp_path: Path) -> None:
     """Wan2.2 TI2V-5B (text-to-video): 48 latent channels, 32 px per token; trainer, then the worker."""
     from engine.families.wan_random import build_random_wan
-    from engine.lora import load_lora_state_dict
 
     model = build_random_wan(tmp_path / "tiny_ti2v", preset="tiny", vae="wan2.2")
-    data = make_dataset(tmp_path / "data", images=2, video=False, corrupt_video=False, uncaptioned=False)
-    config = write_config(tmp_path, model, data, epochs=2, **{"dataset.resolutions": [64], "dataset.frame_buckets": [1],
-                                                              "sample.prompts": ["a green square"], "sample.steps": 2,
-                                                              "sample.num_frames": 5, "sample.guidance_scale": 1.0})
-    run_dir = tmp_path / "run"
-    result = run_trainer(trainer_cmd(config, run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    events = read_events(run_dir)
-    assert events[-1]["event"] == "done" and not of_kind(events, "warning"), of_kind(events, "warning")
-    save = Path(of_kind(events, "save")[-1]["path"])
-    assert any(v.abs().max() > 0 for k, v in load_lora_state_dict(save).items() if k.endswith("lora_B.weight"))
-    assert (run_dir / "samples" / save.name / "0.mp4").is_file()
-
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO_ROOT)}
-    request = {"prompt": "a green square", "negative_prompt": "", "loras": [{"weight": 1.0}], "guidance_scale": 1.0,
-               "steps": 2, "num_videos": 1, "seed": 1, "width": 64, "height": 64, "num_frames": 5, "fps": 8,
-               "flow_shift": 3.0}
-    commands = [json.dumps({"op": "generate", "id": "r1", "request": request, "model_path": str(model),
-                            "lora_files": [str(save / "adapter_model.safetensors")], "out_dir": str(tmp_path / "gen")}),
-                json.dumps({"op": "shutdown"})]
-    proc = subprocess.run([sys.executable, "-m", "engine.inference.worker", "--device", "cpu"], cwd=REPO_ROOT,
-                          env=env, input="\n".join(commands) + "\n", capture_output=True, text=True, timeout=240)
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [e["event"] for e in events if e.get("id") == "r1"][-1] == "done", proc.stderr[-3000:]
+    run = train_family(tmp_path, model, **{"dataset.resolutions": [64], "sample.prompts": ["a green square"],
+                                           "sample.steps": 2, "sample.num_frames": 5, "sample.guidance_scale": 1.0})
+    assert (run.run_dir / "samples" / run.save.name / "0.mp4").is_file()
+    generate_family(tmp_path, model, run.save, size=64, frames=5)
 
 
 def test_a_step_of_one_expert_leaves_the_other_without_gradient_or_update() -> None:
@@ -190,3 +141,31 @@ def test_a_step_of_one_expert_leaves_the_other_without_gradient_or_update() -> N
             if p.requires_grad:
                 moved = not torch.equal(before[name], p)
                 assert moved == (f"experts.{ran}." in name), name  # Adam's momentum never moves the idle one
+
+
+def test_the_train_tab_offers_both_expert_files_of_a_save(api) -> None:
+    """A two-expert save downloads as its two files, each named by run, save and expert (ComfyUI loads one
+    per expert); a one-model save stays one file."""
+    from safetensors.torch import save_file
+
+    from studio.auth import User
+    from studio.presets import DEMO_PRESET
+    from tabs import runs, train
+    from tests.ui_support import write_dataset
+
+    alice = User("alice")
+    cfg = train.preset_config(api, DEMO_PRESET)
+    cfg.dataset.directory[0].path = str(write_dataset(api.ctx.layout.home))
+    job = train.start_run(api, alice, cfg, [], 1, "a14b")
+    run_dir = Path(api.ctx.scheduler.get(job["id"]).run_dir)
+    for folder, names in (("epoch1", ["adapter_model"]), ("epoch2", ["high_noise_model", "low_noise_model"])):
+        (run_dir / folder).mkdir(parents=True)
+        for i, name in enumerate(names):
+            save_file({"x": torch.full((1,), float(i))}, str(run_dir / folder / f"{name}.safetensors"),
+                      metadata={"step": folder[-1], "epoch": folder[-1]})
+    panel = runs.job_panel(api, alice, job["id"], last_files="")
+    names = [Path(str(link)).name for link in panel.files]
+    assert [n.split("-", 2)[-1] for n in names] == ["epoch2-high_noise_model.safetensors",
+                                                    "epoch2-low_noise_model.safetensors", "epoch1.safetensors"]
+    low = api.lora_downloads(alice, job["id"], "epoch2")[1]
+    assert low.read_bytes() == (run_dir / "epoch2" / "low_noise_model.safetensors").read_bytes()

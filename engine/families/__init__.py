@@ -30,6 +30,8 @@ class Encoders:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    image_encoder: Any = None  # image-to-video models with an image encoder (Wan2.1 I2V: CLIP vision)
+    image_processor: Any = None
 
 
 class ModelFamily(abc.ABC):
@@ -53,6 +55,25 @@ class ModelFamily(abc.ABC):
     def encode_media(self, enc: Encoders, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w]."""
 
+    def image_mode(self, model_dir: Path, image_to_video: bool | None) -> str:
+        """How the model is conditioned on a start image ("none" for text-to-video), given the config's
+        `model.image_to_video` (None: the model's own way). Families without image-to-video return "none"."""
+        return "none"
+
+    def encode_conditioning(self, enc: Encoders, pixels: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+        """What the clip's first frame adds to its cached latents for image-to-video training (one sample,
+        no batch dimension); empty for text-to-video."""
+        return {}
+
+    def condition_batch(self, mode: str, latents: torch.Tensor,
+                        cached: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """The conditioning of a micro-batch from its latents and each sample's cached extras (None: none)."""
+        return None
+
+    def given_frames(self, condition: dict[str, torch.Tensor] | None) -> int:
+        """Leading latent frames the conditioning gives clean: not noised and left out of the loss."""
+        return 0
+
     @abc.abstractmethod
     def load_transformer(self, model_dir: Path, subfolder: str, device: torch.device,
                          dtype: torch.dtype, config_subfolder: str = "transformer") -> torch.nn.Module:
@@ -65,8 +86,9 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, t: torch.Tensor,
-                text: torch.Tensor) -> torch.Tensor:
-        """The model's prediction for noisy latents at noise level t in [0, 1]."""
+                text: torch.Tensor, condition: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's prediction for noisy latents at noise level t in [0, 1] (image-to-video: given the
+        micro-batch's `condition_batch`)."""
 
     @abc.abstractmethod
     def pad_text(self, embeds: list[torch.Tensor]) -> torch.Tensor:
@@ -74,7 +96,8 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any,
-                          transformer_2: torch.nn.Module | None = None, boundary_ratio: float | None = None) -> Any:
+                          transformer_2: torch.nn.Module | None = None, boundary_ratio: float | None = None,
+                          image_mode: str = "none") -> Any:
         """A diffusers pipeline over the given (training) transformer and VAE, without a text encoder:
         samples during training take precomputed `pad_text` embeddings, as inference takes its own.
         Two experts (Wan2.2 A14B): `transformer` denoises t >= boundary_ratio, `transformer_2` the rest."""

@@ -1,5 +1,6 @@
-"""Random-weight Wan models built locally (no downloads): a complete tiny WanPipeline folder for
-tests, and transformers of the real Wan2.1 shapes for GPU benchmarks."""
+"""Random-weight Wan models built locally (no downloads): complete tiny pipeline folders of every Wan
+family for tests (Wan2.1 T2V/I2V, Wan2.2 A14B T2V/I2V with two experts, TI2V-5B), and transformers of
+the real shapes for GPU benchmarks."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ __all__ = [
     "TRANSFORMER_PRESETS",
     "build_random_wan",
     "build_real_shape_wan",
+    "build_real_shape_family",
+    "build_tiny_family",
+    "REAL_SHAPE_FAMILIES",
     "build_tokenizer",
+    "I2V_KINDS",
     "random_transformer",
     "transformer_config",
 ]
@@ -27,12 +32,28 @@ TRANSFORMER_PRESETS: dict[str, dict] = {
     "small": dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=256, num_layers=4, text_dim=64, freq_dim=64),
     "1.3B": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096, freq_dim=256),
     "14B": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, freq_dim=256),
+    # Wan2.2 TI2V-5B (48 latent channels in and out: set by the builders)
+    "5B": dict(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30, text_dim=4096, freq_dim=256),
 }
 
 _TEXT_ENCODER_PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1),
     "small": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2),
 }
+
+# Wan2.1 I2V's image encoder is CLIP ViT-H/14 (1280 wide, 257 tokens from 224 px); ours keep the layout.
+_CLIP_PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=16),
+    "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=16),
+    # real width and token count, 2 of its 32 layers: it runs once per clip while caching
+    "real": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=2, num_attention_heads=16,
+                 image_size=224, patch_size=14),
+}
+# "wan2.1": Wan2.1 I2V (36-channel transformer + CLIP image keys/values in cross-attention);
+# "wan2.2": Wan2.2 I2V A14B (36 channels, no image encoder).
+I2V_KINDS = ("wan2.1", "wan2.2")
 
 _VAE_PRESETS: dict[str, dict] = {
     "tiny": dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
@@ -91,7 +112,7 @@ def build_tokenizer(path: Path | None = None):
 def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
                      transformer_preset: str | None = None,
                      transformer_dtype: torch.dtype = torch.float32, boundary_ratio: float | None = None,
-                     vae: str = "wan2.1") -> Path:
+                     vae: str = "wan2.1", i2v: str | None = None) -> Path:
     """Write a complete diffusers WanPipeline folder with random weights at `path`; returns it.
 
     "tiny" loads and runs a training step in about a second on a CPU core. `transformer_preset`
@@ -102,6 +123,9 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
     `vae="wan2.2"` makes it a Wan2.2 TI2V-5B-style model: the 48-channel VAE that patchifies 2x2 and
     compresses 16x16 spatially (32 px per token with the transformer's patch), a 48-channel transformer
     and per-token timesteps (`expand_timesteps`) at inference.
+    `i2v` makes it an image-to-video model (a WanImageToVideoPipeline folder): "wan2.1" as Wan2.1 I2V
+    (36 input channels, a CLIP vision encoder and `k_img`/`v_img` in cross-attention), "wan2.2" as
+    Wan2.2 I2V A14B (36 channels, no image encoder; give a boundary_ratio, 0.9 as Wan's, for its experts).
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -127,6 +151,10 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
     t_cfg["text_dim"] = text_cfg["d_model"]
     z_dim = _VAE_Z_DIM[vae]
     t_cfg.update(in_channels=z_dim, out_channels=z_dim)
+    if i2v is not None:
+        t_cfg.update(_i2v_transformer_config(i2v, z_dim, t_cfg, preset))
+        if i2v == "wan2.1":
+            _save_image_encoder(path, _CLIP_PRESETS[preset])
     transformer = WanTransformer3DModel(**t_cfg).to(transformer_dtype)
     transformer.save_pretrained(str(path / "transformer"))
     del transformer
@@ -135,22 +163,42 @@ def build_random_wan(path: str | Path, preset: str = "tiny", seed: int = 0,
 
     AutoencoderKLWan(**_vae_config(vae, preset)).save_pretrained(str(path / "vae"))
 
-    _write_scheduler_and_index(path, boundary_ratio, expand_timesteps=vae == "wan2.2")
+    _write_scheduler_and_index(path, boundary_ratio, expand_timesteps=vae == "wan2.2", i2v=i2v)
     logger.info("built random Wan (%s) at %s", preset, path)
     return path
 
 
 REAL_SHAPE_DESCRIPTION = "random Wan2.1 transformer shape (2-layer 4096-wide text encoder, Wan2.1 VAE)"
 
+# family -> (transformer preset, VAE, image-to-video kind, boundary_ratio) of the published models
+REAL_SHAPE_FAMILIES: dict[str, tuple[str, str, str | None, float | None]] = {
+    "wan21_t2v_1.3B": ("1.3B", "wan2.1", None, None),
+    "wan21_t2v_14B": ("14B", "wan2.1", None, None),
+    "wan21_i2v_14B": ("14B", "wan2.1", "wan2.1", None),
+    "wan22_t2v_a14b": ("14B", "wan2.1", None, 0.875),
+    "wan22_i2v_a14b": ("14B", "wan2.1", "wan2.2", 0.9),
+    "wan22_ti2v_5b": ("5B", "wan2.2", None, None),
+}
+
 
 def build_real_shape_wan(path: str | Path, transformer_preset: str = "1.3B", device: str = "cuda") -> Path:
-    """A WanPipeline folder whose transformer and VAE have the real Wan2.1 shapes (random weights).
+    """A WanPipeline folder whose transformer and VAE have the real Wan2.1 shapes (random weights)."""
+    return build_real_shape_family(path, f"wan21_t2v_{transformer_preset}", device)
 
-    The text encoder keeps UMT5-XXL's width (4096) but only 2 layers: it runs once per prompt (cached
-    for training), so the time of what matters (denoising, VAE encode/decode) is the real model's."""
+
+def build_real_shape_family(path: str | Path, family: str, device: str = "cuda") -> Path:
+    """A pipeline folder of a Wan family (`REAL_SHAPE_FAMILIES`) with real-shape transformer(s) and VAE and
+    random weights. The text encoder keeps UMT5-XXL's width (4096) but only 2 layers, and Wan2.1 I2V's CLIP
+    encoder keeps ViT-H's width and 257 tokens with 2 layers: they run once per prompt or clip (cached for
+    training), so the time of what matters (denoising, VAE encode/decode) is the real model's. The two
+    experts of an A14B folder share one weight file (`transformer_2` links to it): the trainer still
+    loads two transformers, and the disk holds 28 GB instead of 56."""
     from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
+    if family not in REAL_SHAPE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(REAL_SHAPE_FAMILIES)}")
+    preset, vae_kind, i2v, boundary = REAL_SHAPE_FAMILIES[family]
     path = Path(path)
     tokenizer = build_tokenizer(path / "tokenizer")
     with torch.device(device):
@@ -160,17 +208,46 @@ def build_real_shape_wan(path: str | Path, transformer_preset: str = "1.3B", dev
             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     text_encoder.to(torch.bfloat16).save_pretrained(str(path / "text_encoder"))
     del text_encoder
-    random_transformer(transformer_preset, device=device, dtype=torch.bfloat16).save_pretrained(
-        str(path / "transformer"))
+    t_cfg = transformer_config(preset)
+    z_dim = _VAE_Z_DIM[vae_kind]
+    t_cfg.update(in_channels=z_dim, out_channels=z_dim)
+    if i2v is not None:
+        t_cfg.update(_i2v_transformer_config(i2v, z_dim, t_cfg, "real"))
+        if i2v == "wan2.1":
+            _save_image_encoder(path, _CLIP_PRESETS["real"])
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
     with torch.device(device):
-        vae = AutoencoderKLWan()  # defaults = the Wan2.1 VAE (base_dim 96, z_dim 16, dim_mult 1,2,4,4)
+        transformer = WanTransformer3DModel(**t_cfg)
+    transformer.to(torch.bfloat16).save_pretrained(str(path / "transformer"))
+    del transformer
+    if boundary is not None:
+        (path / "transformer_2").symlink_to("transformer", target_is_directory=True)
+    with torch.device(device):
+        vae = AutoencoderKLWan(**_REAL_VAES[vae_kind])
     vae.save_pretrained(str(path / "vae"))
     del vae
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    _write_scheduler_and_index(path)
-    logger.info("built real-shape random Wan (%s) at %s", transformer_preset, path)
+    _write_scheduler_and_index(path, boundary, expand_timesteps=vae_kind == "wan2.2", i2v=i2v)
+    logger.info("built real-shape random %s at %s", family, path)
     return path
+
+
+def build_tiny_family(path: str | Path, family: str) -> Path:
+    """The tiny CPU stand-in of a `REAL_SHAPE_FAMILIES` family (same layout, tiny shapes), for smoke runs."""
+    _, vae_kind, i2v, boundary = REAL_SHAPE_FAMILIES[family]
+    return build_random_wan(path, "tiny", vae=vae_kind, i2v=i2v, boundary_ratio=boundary)
+
+
+# The published VAEs' shapes: Wan2.1's is diffusers' default; Wan2.2 TI2V-5B's compresses 16x16 to 48 channels.
+_REAL_VAES: dict[str, dict] = {
+    "wan2.1": {},
+    "wan2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                   patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                   latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+}
 
 
 _VAE_Z_DIM = {"wan2.1": 16, "wan2.2": 48}
@@ -186,7 +263,28 @@ def _vae_config(vae: str, preset: str) -> dict:
     return config
 
 
-def _write_scheduler_and_index(path: Path, boundary_ratio: float | None = None, expand_timesteps: bool = False) -> None:
+def _i2v_transformer_config(kind: str, z_dim: int, t_cfg: dict, clip: str) -> dict:
+    """Wan I2V transformers take noise + mask (4) + first-frame latents; Wan2.1's also CLIP tokens."""
+    if kind not in I2V_KINDS:
+        raise ValueError(f"unknown image-to-video kind {kind!r}; choose one of {I2V_KINDS}")
+    extra = dict(in_channels=2 * z_dim + 4, out_channels=z_dim)
+    if kind == "wan2.1":
+        extra.update(image_dim=_CLIP_PRESETS[clip]["hidden_size"],
+                     added_kv_proj_dim=t_cfg["num_attention_heads"] * t_cfg["attention_head_dim"])
+    return extra
+
+
+def _save_image_encoder(path: Path, clip: dict) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(**clip)).save_pretrained(str(path / "image_encoder"))
+    side = clip["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+        str(path / "image_processor"))
+
+
+def _write_scheduler_and_index(path: Path, boundary_ratio: float | None = None, expand_timesteps: bool = False,
+                               i2v: str | None = None) -> None:
     from diffusers import UniPCMultistepScheduler
 
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
@@ -203,6 +301,11 @@ def _write_scheduler_and_index(path: Path, boundary_ratio: float | None = None, 
         "transformer_2": ["diffusers", "WanTransformer3DModel"] if boundary_ratio is not None else [None, None],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
+    if i2v is not None:
+        with_encoder = i2v == "wan2.1"
+        index.update(_class_name="WanImageToVideoPipeline",
+                     image_encoder=["transformers", "CLIPVisionModel"] if with_encoder else [None, None],
+                     image_processor=["transformers", "CLIPImageProcessor"] if with_encoder else [None, None])
     (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 

@@ -1,10 +1,11 @@
 """Warm WanPipelines and LoRA stacks, used inside the inference worker process.
 
-`PipelineCache` keeps one diffusers `WanPipeline` per base model (loaded once, freed after an idle
-timeout). LoRAs are loaded once per file (keyed by path, size and mtime) as named diffusers adapters
+`PipelineCache` keeps one diffusers `WanPipeline` (image-to-video models: `WanImageToVideoPipeline`) per
+base model (loaded once, freed after an idle timeout). LoRAs are loaded once per file (keyed by path, size and mtime) as named diffusers adapters
 and mixed per request with `set_adapters(names, weights)`; with `fuse=True` the mix is merged into
 the base weights (faster steps) and unmerged when the next request needs another mix.
-`generate()` runs text encoding, denoising and VAE decoding as separate timed phases.
+`generate()` runs text encoding, denoising and VAE decoding as separate timed phases; a start image goes
+to diffusers' WanImageToVideoPipeline (Wan I2V models; TI2V-5B through `from_pipe` of its WanPipeline).
 Speed options (`InferenceSpeed`, engine/inference/speed.py) are applied when a model loads.
 """
 
@@ -51,6 +52,25 @@ class LoadedModel:
     adapters: "OrderedDict[str, str]" = field(default_factory=OrderedDict)  # file key -> adapter name (LRU)
     fused: tuple | None = None  # (names, weights) currently merged into the base weights
     last_used: float = field(default_factory=time.monotonic)
+    image_mode: str = "none"  # the model's start-image conditioning (WanModelInfo.image_mode)
+    image_pipe: Any = None  # TI2V-5B: a WanImageToVideoPipeline over the same modules, made on first use
+
+    def pipe_for(self, image: Any) -> Any:
+        """The pipeline that serves a request with (or without) a start image; refuses a mismatch."""
+        if image is None:
+            if self.image_mode == "concat":
+                raise ValueError(f"{self.path} is an image-to-video model: give a start image")
+            return self.pipe
+        if self.image_mode == "none":
+            raise ValueError(f"{self.path} is a text-to-video model: it takes no start image")
+        if self.image_mode == "concat":
+            return self.pipe
+        if self.image_pipe is None:
+            from diffusers import WanImageToVideoPipeline
+
+            self.image_pipe = WanImageToVideoPipeline.from_pipe(self.pipe)
+            self.image_pipe.set_progress_bar_config(disable=True)
+        return self.image_pipe
 
 
 def _sync(device: torch.device) -> None:
@@ -88,29 +108,45 @@ class PipelineCache:
         return loaded, time.perf_counter() - started
 
     def _load(self, path: str) -> LoadedModel:
-        from diffusers import AutoencoderKLWan, WanPipeline
+        import diffusers
+        from diffusers import AutoencoderKLWan
+
+        from engine.families.wan import WanFamily, pipeline_class_name
 
         log.info("loading %s on %s (%s)", path, self.device, self.dtype)
+        info = WanFamily().describe(Path(path))
         # The Wan VAE is kept in float32 (as Wan's own examples do): bf16 decoding bands colours.
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)
-        pipe = WanPipeline.from_pretrained(path, vae=vae, dtype=self.dtype)
+        parts: dict[str, Any] = {"vae": AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.float32)}
+        if info.image_encoder:  # Wan2.1 I2V's CLIP vision encoder, float32 as in Wan's examples
+            from transformers import CLIPVisionModel
+
+            parts["image_encoder"] = CLIPVisionModel.from_pretrained(path, subfolder="image_encoder",
+                                                                     dtype=torch.float32)
+        pipe = getattr(diffusers, pipeline_class_name(Path(path))).from_pretrained(path, **parts, dtype=self.dtype)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self._apply_speed(pipe)
         num_blocks = int(pipe.transformer.config.num_layers)
-        return LoadedModel(path=path, pipe=pipe, scheduler_config=dict(pipe.scheduler.config), num_blocks=num_blocks)
+        return LoadedModel(path=path, pipe=pipe, scheduler_config=dict(pipe.scheduler.config), num_blocks=num_blocks,
+                           image_mode=info.image_mode)
 
     def _apply_speed(self, pipe: Any) -> None:
+        """Speed options on every transformer of the pipeline (Wan2.2 A14B: both experts)."""
+        for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+            if transformer is not None:
+                self._speed_up(transformer)
+
+    def _speed_up(self, transformer: Any) -> None:
         if self.speed.attention == "flash3":
             from engine.families import flash3
 
-            reason = flash3.use_if_available(pipe.transformer)
+            reason = flash3.use_if_available(transformer)
             if reason is not None:
                 log.warning("attention flash3: %s; using PyTorch's SDPA", reason)
-        set_step_cache(pipe.transformer, self.speed.step_cache)
+        set_step_cache(transformer, self.speed.step_cache)
         if self.speed.compile_blocks:
             if self.device.type == "cuda":
-                pipe.transformer.compile_repeated_blocks(fullgraph=False)
+                transformer.compile_repeated_blocks(fullgraph=False)
             else:  # Inductor on CPU needs a C++ toolchain and gains little for small models
                 log.warning("compile_blocks is CUDA-only; running %s uncompiled", self.device)
 
@@ -261,13 +297,15 @@ def encode_text(loaded: LoadedModel, prompt: str, negative_prompt: str, guidance
 def generate(loaded: LoadedModel, *, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
              width: int, height: int, num_frames: int, steps: int, guidance_scale: float, flow_shift: float,
              seed: int, device: torch.device, on_step: StepCallback | None = None,
-             should_stop: Callable[[], bool] | None = None) -> Generation:
-    """Denoise one video from its seed, then decode it. Raises Cancelled when `should_stop()` turns true."""
-    pipe = loaded.pipe
+             should_stop: Callable[[], bool] | None = None, image: Any = None) -> Generation:
+    """Denoise one video from its seed (and start image, a PIL image, for image-to-video), then decode it.
+    Raises Cancelled when `should_stop()` turns true."""
+    pipe = loaded.pipe_for(image)
     pipe.scheduler = type(pipe.scheduler).from_config(loaded.scheduler_config, flow_shift=float(flow_shift))
-    if getattr(pipe.transformer, "is_cache_enabled", False):
-        # The pipeline resets step-cache state only when a call completes; a cancelled one leaves it set.
-        pipe.transformer._reset_stateful_cache()
+    for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+        if getattr(transformer, "is_cache_enabled", False):
+            # The pipeline resets step-cache state only when a call completes; a cancelled one leaves it set.
+            transformer._reset_stateful_cache()
     generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU noise: same seed, same video on any device
     started = time.perf_counter()
 
@@ -284,6 +322,7 @@ def generate(loaded: LoadedModel, *, prompt_embeds: torch.Tensor, negative_embed
         raise Cancelled()
     with torch.inference_mode():
         latents = pipe(
+            **({"image": image} if image is not None else {}),
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, height=height, width=width,
             num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
             output_type="latent", return_dict=False, callback_on_step_end=step_end,

@@ -156,6 +156,7 @@ class InferRequest(ConfigTable):
     num_videos: _whole("num_videos") = 1
     fuse_loras: Annotated[bool, PlainValidator(_flag)] = False
     compare_id: _text() | None = None  # the comparison (studio.compare) this video is a cell of; kept in the gallery
+    image: _text() | None = None  # start image (an image file) of image-to-video models (Wan I2V, TI2V-5B)
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -185,6 +186,8 @@ class InferRequest(ConfigTable):
             k = max(0, round((self.num_frames - 1) / temporal_stride))
             errors.append(("num_frames", f"must be {temporal_stride}k+1 (1, 5, 9, ... 81), got {self.num_frames} "
                                          f"(try {temporal_stride * k + 1})"))
+        if self.image is not None and not Path(self.image).expanduser().is_file():
+            errors.append(("image", f"start image {self.image} not found (give an image file)"))
         seen: set[str] = set()
         for i, spec in enumerate(self.loras):
             if not spec.path.strip():

@@ -168,6 +168,7 @@ class Worker:
         timings = {"load_s": load_s, "lora_s": lora_s, "text_encode_s": text_s, "denoise_s": 0.0,
                    "decode_s": 0.0, "encode_s": 0.0, "videos": []}
         steps, count = int(req["steps"]), int(req["num_videos"])
+        image = _start_image(req.get("image"))
         out_dir = Path(command["out_dir"])
         for index in range(count):
             seed = int(req["seed"]) + index
@@ -176,7 +177,7 @@ class Worker:
                 result = generate(loaded, prompt_embeds=positive, negative_embeds=negative, width=int(req["width"]),
                                   height=int(req["height"]), num_frames=int(req["num_frames"]), steps=steps,
                                   guidance_scale=float(req["guidance_scale"]), flow_shift=float(req["flow_shift"]),
-                                  seed=seed, device=self.device, on_step=on_step, should_stop=stop)
+                                  seed=seed, device=self.device, on_step=on_step, should_stop=stop, image=image)
             except Cancelled:
                 raise _Cancel() from None
             started = time.perf_counter()
@@ -220,6 +221,16 @@ class Worker:
 
 class _Cancel(Exception):
     pass
+
+
+def _start_image(path: str | None) -> Any:
+    """The request's start image (image-to-video) as an RGB PIL image, or None."""
+    if not path:
+        return None
+    from PIL import Image
+
+    with Image.open(Path(path).expanduser()) as img:
+        return img.convert("RGB")
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:

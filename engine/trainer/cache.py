@@ -5,6 +5,8 @@ A latent key hashes the file content + bucket + clip mode, a text key hashes the
 folder name hashes the model's encoder files: editing a file, a setting or the model picks a new
 key; nothing stale is ever read. A file that fails to decode leaves a `<key>.failed` note so every
 rank (and a resumed run) skips it the same way. Writes are atomic (temp file + rename).
+Image-to-video models that concatenate first-frame latents ("concat") store them, and the image
+encoder's embedding, in the same file (`image_latents`, `image_embeds`), under a folder of their own.
 """
 
 from __future__ import annotations
@@ -45,10 +47,16 @@ class CachePlan:
         return self.latent_path.with_suffix(".failed")
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Hash of the encoders' configs and weight files (size, mtime and head bytes)."""
+def model_fingerprint(model_dir: Path, image_mode: str = "none") -> str:
+    """Hash of the encoders' configs and weight files (size, mtime and head bytes); an image-to-video
+    mode that caches first-frame conditioning hashes it and the image encoder too (a text-to-video run of
+    the same VAE keeps its own entries)."""
     digest = hashlib.sha256()
-    for sub in ("vae", "text_encoder", "tokenizer"):
+    subs = ("vae", "text_encoder", "tokenizer")
+    if image_mode == "concat":
+        digest.update(b"image_mode:concat")
+        subs += ("image_encoder", "image_processor")
+    for sub in subs:
         folder = model_dir / sub
         if not folder.is_dir():
             continue
@@ -103,6 +111,7 @@ def fill_cache(
     dtype: torch.dtype,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    image_mode: str = "none",
 ) -> int:
     """Encode this rank's share of missing entries (until `should_stop()` says so).
     Returns the number encoded by this rank."""
@@ -131,7 +140,9 @@ def fill_cache(
                 logger.warning("cannot decode %s: %s", plan.item.path, reason)
             else:
                 latents = family.encode_media(encoders, pixels)[0]
-                _atomic_save({"latents": latents.contiguous()}, plan.latent_path)
+                extra = family.encode_conditioning(encoders, pixels, image_mode)
+                _atomic_save({"latents": latents.contiguous(), **{k: v.contiguous() for k, v in extra.items()}},
+                             plan.latent_path)
         if progress and time.monotonic() - last_report > 0.5:
             last_report = time.monotonic()
             progress(sum(_is_done(p) for p in plans), total, "latents")
@@ -145,6 +156,20 @@ def load_latents(path: Path) -> torch.Tensor:
 
 def load_text(path: Path) -> torch.Tensor:
     return load_file(str(path))["text"]
+
+
+def load_batch(family: ModelFamily, samples: list, indices: list[int],
+               image_mode: str = "none") -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """A micro-batch from the cache: (latents, padded text, image conditioning or None)."""
+    cached = [load_file(str(samples[i].latent_path)) for i in indices]
+    latents = torch.stack([c["latents"] for c in cached])
+    text = family.pad_text([load_text(samples[i].text_path) for i in indices])
+    return latents, text, family.condition_batch(image_mode, latents, cached)
+
+
+def to_device(condition: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """A micro-batch's image conditioning on the device (None stays None)."""
+    return None if condition is None else {k: v.to(device) for k, v in condition.items()}
 
 
 def failure_reason(plan: CachePlan) -> str | None:

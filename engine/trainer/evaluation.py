@@ -19,8 +19,9 @@ _EVAL_SEED_OFFSET = 982_451_653  # eval noise never repeats a training micro-bat
 
 class Evaluator:
     def __init__(self, cfg: TrainConfig, sets: list[tuple[str, list[Sample]]], family: ModelFamily,
-                 dist: DistInfo, events: MetricsWriter) -> None:
+                 dist: DistInfo, events: MetricsWriter, image_mode: str = "none") -> None:
         self.cfg, self.sets, self.family, self.dist, self.events = cfg, sets, family, dist, events
+        self.image_mode = image_mode
 
     def due(self, step: int, steps_per_epoch: int) -> bool:
         """After this optimizer step? Every N steps, every N epochs, or (neither set) every epoch."""
@@ -52,16 +53,17 @@ class Evaluator:
         total, count = 0.0, 0
         for index in range(dist.rank, len(batches), dist.world_size):
             indices = batches[index]
-            latents = torch.stack([cache_mod.load_latents(samples[i].latent_path) for i in indices])
-            text = self.family.pad_text([cache_mod.load_text(samples[i].text_path) for i in indices])
+            latents, text, condition = cache_mod.load_batch(self.family, samples, indices, self.image_mode)
             generator = torch.Generator().manual_seed(self.cfg.seed + _EVAL_SEED_OFFSET + index)
             noise = torch.randn(latents.shape, generator=generator)
             t = sample_timesteps(self.cfg, latents.shape[0], generator)
             device = dist.device
-            loss = engine(latents.to(device), text.to(device), noise.to(device), t.to(device))
+            loss = engine(latents.to(device), text.to(device), noise.to(device), t.to(device),
+                          cache_mod.to_device(condition, device))
             total += float(loss) * len(indices)
             count += len(indices)
         # Sums over ranks: mean_over_ranks divides by the world size, so multiply it back.
         total_all = mean_over_ranks(total, dist) * dist.world_size
         count_all = round(mean_over_ranks(float(count), dist) * dist.world_size)
         return total_all / max(1, count_all), count_all
+

@@ -17,6 +17,7 @@ needs room for two transformers).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,12 +79,15 @@ class ExpertPlacement:
         """Put expert `name` on the device and the other's frozen weights in host memory."""
         if not self.offload or self.on_device == name:
             return
+        started = time.perf_counter()
         for other in self.experts:
             if other != name:
                 self._to_host(other)
         for tensor, host in self.host_copies.get(name, []):
             tensor.data = host.to(self.device, non_blocking=True)
         self.on_device = name
+        torch.cuda.synchronize(self.device)  # the copy's real time (the next forward would wait for it anyway)
+        log.info("expert switch: %s on the GPU in %.2f s", name, time.perf_counter() - started)
 
     def _to_host(self, name: str) -> None:
         if name not in self.host_copies:  # frozen weights never change: one pinned copy serves every switch
@@ -111,7 +115,7 @@ class ExpertPairModule(torch.nn.Module):
         self.ran: set[str] = set()  # experts run since the last optimizer step
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
-                t: torch.Tensor) -> torch.Tensor:
+                t: torch.Tensor, condition: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         high = t >= self.boundary
         total = latents.new_zeros((), dtype=torch.float32)
         for name, mask in ((HIGH_NOISE, high), (LOW_NOISE, ~high)):
@@ -120,8 +124,9 @@ class ExpertPairModule(torch.nn.Module):
                 continue
             if torch.is_grad_enabled():  # an eval forward between steps changes no gradient
                 self.ran.add(name)
+            part = None if condition is None else {k: v[mask] for k, v in condition.items()}
             loss = flow_matching_loss(self.family, self.experts[name], latents[mask], text[mask], noise[mask],
-                                      t[mask], self.compute_dtype)
+                                      t[mask], self.compute_dtype, part)
             total = total + loss * (count / t.shape[0])  # equal-sized samples: the mean over the batch
         return total
 

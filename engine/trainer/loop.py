@@ -54,6 +54,7 @@ class Trainer:
         self.last_save_label = self.last_sampled_label = ""
         self.evaluator = Evaluator(cfg, [], self.family, dist, events)  # eval sets come with the samples
         self.experts: ExpertSchedule | None = None  # Wan2.2 A14B with model.experts = "both"
+        self.image_mode = "none"  # image-to-video conditioning (family.image_mode), set from the model folder
 
     # -- setup ----------------------------------------------------------------------------------
     def prepare_samples(self, model_dir: Path) -> tuple[list[Sample], list[tuple[str, list[Sample]]]]:
@@ -61,8 +62,9 @@ class Trainer:
         cfg = self.cfg
         for message in cfg.warnings:  # diffusion-pipe keys accepted with a different behaviour
             self._warn(message)
+        self.image_mode = self.family.image_mode(model_dir, cfg.model.image_to_video)
         ctx = CacheContext(self.family, model_dir, cfg.resolved_cache_dir(), self.dist, self.events,
-                           self.model_dtype, self._stop_requested_while_caching)
+                           self.model_dtype, self._stop_requested_while_caching, self.image_mode)
         samples = prepare_samples(cfg.dataset, ctx)
         evals = [(e.name, prepare_samples(e.dataset, ctx, label=f"eval dataset {e.name!r}"))
                  for e in cfg.eval_datasets or []]
@@ -157,14 +159,15 @@ class Trainer:
         if cfg.max_steps:
             total_steps = min(total_steps, cfg.max_steps)
 
-        self.sampler = Sampler(cfg, model_dir, self.family, dist, self.events, self.run_dir, self.model_dtype)
+        self.sampler = Sampler(cfg, model_dir, self.family, dist, self.events, self.run_dir, self.model_dtype,
+                               self.image_mode)
         self.sampler.encode_prompts()  # before the transformer: the text encoder never sits beside it
         module, params = self.build_model(model_dir)
         self.sampler.attach(*self._sampling_transformers())
         engine, scheduler = self.build_engine(module, params, total_steps)
         if self.experts is not None:  # DeepSpeed put both on the device; the first step's expert stays
             self.placement.bring(self.experts.expert_for_step(0))
-        self.evaluator = Evaluator(cfg, eval_sets, self.family, dist, self.events)
+        self.evaluator = Evaluator(cfg, eval_sets, self.family, dist, self.events, self.image_mode)
 
         start_step, elapsed_before = 0, 0.0
         if self.resume:
@@ -281,8 +284,7 @@ class Trainer:
                     accum: int) -> tuple[float, float | None]:
         """One forward/backward (+ optimizer step at the accumulation boundary): (loss, grad norm)."""
         cfg, dist = self.cfg, self.dist
-        latents = torch.stack([cache_mod.load_latents(samples[i].latent_path) for i in indices])
-        text = self.family.pad_text([cache_mod.load_text(samples[i].text_path) for i in indices])
+        latents, text, condition = cache_mod.load_batch(self.family, samples, indices, self.image_mode)
         # Noise, timesteps and dropout depend only on (seed, the micro-batch's global position): resume
         # replays them, and N GPUs draw what one GPU accumulating N micro-batches draws.
         position = microbatch_position(step, accum, dist.rank, dist.world_size, cfg.gradient_accumulation_steps)
@@ -295,7 +297,8 @@ class Trainer:
             noise = torch.randn(latents.shape, generator=torch.Generator(device).manual_seed(seed), device=device)
         t = self._timesteps(step, latents.shape[0], generator)
         torch.manual_seed(seed)
-        loss = engine(latents.to(device), text.to(device), noise, t.to(device))
+        condition = cache_mod.to_device(condition, device)
+        loss = engine(latents.to(device), text.to(device), noise, t.to(device), condition)
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary and self.experts is not None:

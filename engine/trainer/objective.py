@@ -10,12 +10,15 @@ from engine.families import ModelFamily
 
 
 def flow_matching_loss(family: ModelFamily, transformer: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor,
-                       noise: torch.Tensor, t: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-    """Mean squared error of the predicted velocity (noise - data) at noise levels t."""
+                       noise: torch.Tensor, t: torch.Tensor, compute_dtype: torch.dtype,
+                       condition: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean squared error of the predicted velocity (noise - data) at noise levels t. Latent frames an
+    image-to-video condition gives clean (TI2V's first frame) are not predicted, so not in the loss."""
     t_b = t.view(-1, *([1] * (latents.dim() - 1)))
     noisy = (1.0 - t_b) * latents + t_b * noise  # x_t on the straight path from data (t=0) to noise (t=1)
-    pred = family.forward(transformer, noisy.to(compute_dtype), t, text.to(compute_dtype))
-    return F.mse_loss(pred.float(), (noise - latents).float())
+    pred = family.forward(transformer, noisy.to(compute_dtype), t, text.to(compute_dtype), condition)
+    given = family.given_frames(condition)
+    return F.mse_loss(pred[:, :, given:].float(), (noise - latents)[:, :, given:].float())
 
 
 class FlowMatchingModule(torch.nn.Module):
@@ -28,8 +31,9 @@ class FlowMatchingModule(torch.nn.Module):
         self.compute_dtype = compute_dtype
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
-                t: torch.Tensor) -> torch.Tensor:
-        return flow_matching_loss(self.family, self.transformer, latents, text, noise, t, self.compute_dtype)
+                t: torch.Tensor, condition: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return flow_matching_loss(self.family, self.transformer, latents, text, noise, t, self.compute_dtype,
+                                  condition)
 
 
 def sample_timesteps(cfg: TrainConfig, batch: int, generator: torch.Generator,

@@ -32,6 +32,7 @@ class CacheContext:
     events: MetricsWriter
     dtype: torch.dtype
     should_stop: Callable[[], bool]
+    image_mode: str = "none"  # image-to-video conditioning the cache stores with each clip (family.image_mode)
 
 
 def prepare_samples(dataset: DatasetConfig, ctx: CacheContext, label: str = "dataset") -> list[Sample]:
@@ -42,12 +43,12 @@ def prepare_samples(dataset: DatasetConfig, ctx: CacheContext, label: str = "dat
         for message in plan.warnings:
             ctx.events.emit("warning", message=f"{label}: {message}" if label != "dataset" else message)
     require_trainable(plan, ", ".join(d.path for d in dataset.directory))
-    plans = cache_mod.plan_cache(ctx.cache_root, ctx.family.name, cache_mod.model_fingerprint(ctx.model_dir),
-                                 plan.samples, dataset.video_clip_mode)
+    fingerprint = cache_mod.model_fingerprint(ctx.model_dir, ctx.image_mode)
+    plans = cache_mod.plan_cache(ctx.cache_root, ctx.family.name, fingerprint, plan.samples, dataset.video_clip_mode)
     progress = _progress(ctx.events) if dist.is_main else None
     encoded = cache_mod.fill_cache(plans, ctx.family, ctx.model_dir, rank=dist.rank, world_size=dist.world_size,
                                    device=dist.device, dtype=ctx.dtype, progress=progress,
-                                   should_stop=ctx.should_stop)
+                                   should_stop=ctx.should_stop, image_mode=ctx.image_mode)
     if encoded and dist.device.type == "cuda":
         torch.cuda.empty_cache()  # hand the encoders' memory back before the transformer loads
     barrier(dist)

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 class Sampler:
     def __init__(self, cfg: TrainConfig, model_dir: Path, family: ModelFamily, dist: DistInfo,
-                 events: MetricsWriter, run_dir: Path, encoder_dtype: torch.dtype) -> None:
+                 events: MetricsWriter, run_dir: Path, encoder_dtype: torch.dtype, image_mode: str = "none") -> None:
         self.cfg, self.model_dir, self.family, self.dist, self.events = cfg, model_dir, family, dist, events
+        self.image_mode = image_mode
         self.encoder_dtype = encoder_dtype  # as the latent cache encodes captions
         self.files = RunDir(run_dir)
         self.settings: SampleConfig | None = cfg.sample
@@ -53,6 +54,11 @@ class Sampler:
         if not self.enabled or not self.dist.is_main:
             return
         s = self.settings
+        if self.image_mode != "none":  # needs a start image per prompt: not drawn yet (inference takes one)
+            self.events.emit("warning", message="samples during image-to-video training are not drawn yet; "
+                                                "generate from the saved LoRA with a start image instead")
+            self.failed = True
+            return
         try:
             encoders = self.family.load_encoders(self.model_dir, self.dist.device, self.encoder_dtype)
             for text in dict.fromkeys([*s.prompts, s.negative_prompt]):

@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fps", type=int, default=None, help="default 16")
     parser.add_argument("--num-videos", type=int, default=1, help="how many videos")
     parser.add_argument("--fuse", action="store_true", help="merge the LoRA mix into the weights (faster steps)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="start image of an image-to-video model (Wan I2V, Wan2.2 TI2V-5B)")
     parser.add_argument("--out", type=Path, help="also copy video, poster and sidecar here")
     parser.add_argument("--owner", default=None, help="gallery owner (default: your login name)")
     parser.add_argument("--json", action="store_true", help="print the final status as JSON")
@@ -74,6 +76,7 @@ def build_request(args: argparse.Namespace) -> InferRequest:
         loras=[LoraSpec.parse(text) for text in args.lora], width=args.width, height=args.height,
         num_frames=args.frames, steps=args.steps, guidance_scale=args.guidance, flow_shift=args.flow_shift,
         seed=args.seed, fps=args.fps, num_videos=args.num_videos, fuse_loras=args.fuse,
+        image=str(args.image.expanduser().resolve()) if args.image else None,
     ))
 
 
