@@ -4,7 +4,7 @@ names guessed from the patterns (runs/<id>-<slug>/..., gallery/<id>/...), answer
 The file trees themselves are not served to anyone: files reach the browser through expiring links."""
 from __future__ import annotations
 
-import time
+import hashlib
 from pathlib import Path
 
 import httpx
@@ -87,6 +87,13 @@ def test_bob_reaches_none_of_alices_objects_by_endpoint_or_url(server) -> None:
     assert (item_dir / "video.mp4").is_file()
     for user in ("bob", "alice"):  # the trees are served to nobody, the owner included
         assert {str(f): fetch_as(server, user, f) for f in files} == {str(f): 403 for f in files}
+    # Gradio's cache, named the way it names uploads (a hash of the content): nothing of alice's there
+    from gradio import utils
+
+    content = (item_dir / "video.mp4").read_bytes()
+    cached = [Path(utils.get_cache_folder()) / hashlib.new(kind, content).hexdigest() / name
+              for kind in ("sha256", "sha1") for name in ("video.mp4", "display.mp4")]
+    assert {str(f): fetch_as(server, "bob", f) for f in cached} == {str(f): 403 for f in cached}
 
 
 def test_links_expire_and_messages_hide_the_data_directory(tmp_path: Path) -> None:

@@ -272,7 +272,7 @@ class InferenceService:
     def _defer_to_warm(self, slot: Slot) -> bool:
         """True for a slot without a worker while another slot's worker is idle: the warm one takes the
         next request (a cold slot would load the model again, or wait for a device)."""
-        if slot.worker is not None:
+        if slot.worker is not None or self._stopping.is_set():  # on shutdown every slot reads its None
             return False
         return any(other is not slot and other.current is None and other.worker is not None
                    and other.worker.alive() for other in self._slots)

@@ -319,7 +319,10 @@ class Slot(threading.Thread):
             log.warning("%s: could not come back warm: %s", self.holder, failure)
             return
         log.info("%s: device %s free again; loading %s", self.holder, devices, model)
-        self.worker.send({"op": "load", "model_path": model})
+        try:
+            self.worker.send({"op": "load", "model_path": model})
+        except OSError:  # it died at once: the next request starts another
+            log.warning("%s: the worker exited before loading %s", self.holder, model)
         self.worker.last_active = time.monotonic()
 
     def _read_idle_events(self, worker: WorkerProcess) -> None:
