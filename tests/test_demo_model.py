@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import WanPipeline
 
@@ -103,3 +104,43 @@ def test_demo_build_refuses_a_wrong_init_folder_or_clip_length(tmp_path: Path, c
             main(["--preset", "smoke", "--work-dir", str(tmp_path / "work"), *argv])
         assert info.value.code == 2 and expected in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # refused before any stage ran
+
+
+def test_demo_build_trains_the_vae_on_every_shape_and_the_transformer_on_the_base_split(tmp_path: Path):
+    """The VAE is the codec: trained without stars it rounded their points, so no LoRA could draw one.
+    The transformer's pool must still hold nothing of the held-out concept."""
+    from dataclasses import replace
+
+    from engine.demo.build_model import PRESETS, _load_pool
+    from engine.demo.world import HELD_OUT_COLOR, HELD_OUT_SHAPE
+
+    settings = replace(PRESETS["smoke"], pool_clips=48)
+    vae_coverage, vae_specs = _load_pool(tmp_path, settings, every_shape=True)
+    coverage, specs = _load_pool(tmp_path, settings)
+    assert {s.shape for s in vae_specs} == {"circle", "square", "triangle", HELD_OUT_SHAPE}
+    assert not {HELD_OUT_SHAPE, HELD_OUT_COLOR} & {a for s in specs for a in (s.shape, s.color)}
+    assert len(vae_coverage) == len(coverage) == 48 and not np.array_equal(vae_coverage, coverage)
+    assert _load_pool(tmp_path, settings, every_shape=True)[1] == vae_specs  # cached per split
+
+
+def _reconstructions(held_out: bool):
+    from engine.demo.sampling import score_reconstructions
+
+    vae = WanPipeline.from_pretrained(str(resolve_model("demo"))).vae
+    return score_reconstructions(vae, 2, held_out=held_out)
+
+
+@pytest.mark.heavy  # about a minute on 2 busy cores: `make test-heavy`
+def test_demo_vae_reconstructs_the_base_shapes_frame_by_frame():
+    """The codec's own ceiling: encoded and decoded ground truth keeps color, shape and motion."""
+    assert all(s.color_ok and s.shape_ok and s.motion_ok and s.observed.presence == 1.0
+               for s in _reconstructions(held_out=False))
+
+
+@pytest.mark.heavy
+@pytest.mark.xfail(strict=True, reason="the committed VAE was trained without stars and rounds their points "
+                                        "(docs/demo.md); passes once the model is rebuilt with build_model's VAE pool")
+def test_demo_vae_reconstructs_the_held_out_star():
+    scores = _reconstructions(held_out=True)
+    assert all(s.color_ok for s in scores)  # purple: the VAE saw random colors
+    assert all(s.shape_ok for s in scores)

@@ -125,7 +125,11 @@ def stage_text(work: Path, settings: BuildSettings) -> None:
 def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None:
     from diffusers import AutoencoderKLWan
 
-    coverage, specs = _load_pool(work, settings)  # before CUDA starts: the pool forks workers
+    # Every shape, the held-out star included: like a real video VAE the codec has seen all kinds of
+    # pictures; only the transformer must not know the held-out concept. A VAE trained on circles,
+    # squares and triangles alone rounded a star's points (its reconstructions never read as a star),
+    # so no LoRA could ever draw one.
+    coverage, specs = _load_pool(work, settings, every_shape=True)  # before CUDA starts: the pool forks
     # The whole pool lives on the device: composing batches on the host cost more than the VAE step.
     pool = torch.from_numpy(np.ascontiguousarray(coverage)).to(device)
     torch.manual_seed(settings.seed + 1)
@@ -208,16 +212,19 @@ def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return int(state["step"])
 
 
-def _load_pool(work: Path, settings: BuildSettings) -> tuple[np.ndarray, list[world.ClipSpec]]:
-    """The rendered pool is cached in the work dir so every stage and every resume sees the same clips."""
-    path = work / "pool.npy"
-    specs = world.sample_specs(settings.pool_clips, settings.seed)
+def _load_pool(work: Path, settings: BuildSettings, *, every_shape: bool = False
+               ) -> tuple[np.ndarray, list[world.ClipSpec]]:
+    """The rendered pool (base split; every_shape: every caption, for the VAE) is cached in the work dir
+    so every stage and every resume sees the same clips."""
+    split = None if every_shape else False
+    path = work / ("vae_pool.npy" if every_shape else "pool.npy")
+    specs = world.sample_specs(settings.pool_clips, settings.seed, held_out=split)
     if path.exists():
         coverage = np.load(path, mmap_mode="r")
         if len(coverage) == len(specs):
             return coverage, specs
     started = time.time()
-    coverage, specs = render_pool(settings.pool_clips, settings.seed, settings.workers)
+    coverage, specs = render_pool(settings.pool_clips, settings.seed, settings.workers, held_out=split)
     np.save(path, coverage)
     log.info("rendered %d clips in %.1f s", len(specs), time.time() - started)
     return np.load(path, mmap_mode="r"), specs

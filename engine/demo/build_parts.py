@@ -87,9 +87,11 @@ def _coverage_and_labels(spec: world.ClipSpec) -> tuple[np.ndarray, str]:
     return world.render_coverage(spec).astype(np.float16), spec.caption.text()
 
 
-def render_pool(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[world.ClipSpec]]:
-    """Coverage maps (N, T, H, W) float16 of base-split clips; colors are composed later."""
-    specs = world.sample_specs(count, seed)
+def render_pool(count: int, seed: int, workers: int, *, held_out: bool | None = False
+                ) -> tuple[np.ndarray, list[world.ClipSpec]]:
+    """Coverage maps (N, T, H, W) float16 of clips of one split (world.all_captions; None: every caption);
+    colors are composed later."""
+    specs = world.sample_specs(count, seed, held_out=held_out)
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = pool.map(_coverage_and_labels, specs, chunksize=64)

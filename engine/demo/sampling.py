@@ -2,6 +2,7 @@
 
     python -m engine.demo.sampling --model assets/demo_model --count 24 [--held-out] [--lora FILE]
                                    [--step-cache 0 0.1 0.2]   # accuracy and speed with First Block Cache
+    python -m engine.demo.sampling --reconstruct [--held-out]  # the VAE alone: ground truth encoded + decoded
 """
 
 from __future__ import annotations
@@ -73,6 +74,21 @@ def generate_clip(pipe, prompt: str, seed: int, settings: SampleSettings = Sampl
     return np.clip(np.rint(frames * 255), 0, 255).astype(np.uint8)
 
 
+def reconstruct_clip(vae, frames: np.ndarray) -> np.ndarray:
+    """Ground-truth frames (T, H, W, 3) encoded and decoded by the VAE (the posterior mean, as the
+    build trained it): what the VAE can represent at best, whatever the transformer draws."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).float().permute(3, 0, 1, 2)[None] / 127.5 - 1
+    with torch.no_grad():
+        video = video.to(vae.device, vae.dtype)
+        decoded = vae.decode(vae.encode(video).latent_dist.mode()).sample[0].float().clamp(-1, 1)
+    return ((decoded.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().cpu().numpy()
+
+
+def score_reconstructions(vae, count: int, *, held_out: bool, seed: int = 2024) -> list[ClipScore]:
+    return [evaluate_clip(reconstruct_clip(vae, world.render_clip(spec)), spec.caption.text())
+            for spec in world.sample_specs(count, seed, held_out=held_out)]
+
+
 def score_prompts(pipe, prompts: list[str], settings: SampleSettings = SampleSettings(), seed: int = 0) -> list[ClipScore]:
     return [evaluate_clip(generate_clip(pipe, p, seed + i, settings), p) for i, p in enumerate(prompts)]
 
@@ -87,9 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--step-cache", type=float, nargs="+", default=[0.0],
                         help="First Block Cache thresholds to compare (0 = off), as the inference worker applies it")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="score the VAE's reconstructions of --count ground-truth clips instead of generations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     pipe = load_demo_pipeline(args.model, lora=args.lora, device=args.device)
+    if args.reconstruct:
+        scores = score_reconstructions(pipe.vae, args.count, held_out=args.held_out)
+        print(json.dumps({"reconstruct": True, "held_out": args.held_out, "n": len(scores), **accuracy(scores)}))
+        return 0
     prompts = evaluation_prompts(args.count, held_out=args.held_out)
     for threshold in args.step_cache:
         set_step_cache(pipe.transformer, threshold)

@@ -187,9 +187,10 @@ def _touches_held_out(caption: Caption) -> bool:
 
 
 def sample_specs(
-    count: int, seed: int, *, held_out: bool = False, size: int = WIDTH, num_frames: int = NUM_FRAMES
+    count: int, seed: int, *, held_out: bool | None = False, size: int = WIDTH, num_frames: int = NUM_FRAMES
 ) -> list[ClipSpec]:
-    """`count` specs cycling through every caption of the chosen split in a seed-shuffled order."""
+    """`count` specs cycling through every caption of the chosen split (see `all_captions`; None: every
+    caption) in a seed-shuffled order."""
     rng = np.random.default_rng(seed)
     captions = all_captions(held_out=held_out)
     specs = []
