@@ -96,6 +96,7 @@ def explain_queue(queued: Sequence[Job], pool: Sequence[int], active: Iterable[J
     by_job = job_devices(active)
     by_hold = {device: (holder, pid) for device, holder, pid in holds}
     used = set(by_job) | set(by_hold)
+    starting: dict[int, Job] = {}  # devices an earlier queued job starts on at the next tick
     waits: list[QueueWait] = []
     first_blocked: int | None = None
     for position, job in enumerate(queued, 1):
@@ -106,11 +107,12 @@ def explain_queue(queued: Sequence[Job], pool: Sequence[int], active: Iterable[J
         chosen = choose_devices(job, pool, used)
         if chosen is not None:
             used |= set(chosen)
+            starting.update((device, job) for device in chosen)
             waits.append(QueueWait(job.id, position, len(queued), needs))
             continue
         first_blocked = job.id
         wanted = job.requested_indices if job.gpus_explicit else list(pool)
-        blockers = [b for b in (_holder(device, by_job, by_hold) for device in wanted) if b is not None]
+        blockers = [b for b in (_holder(device, by_job, by_hold, starting) for device in wanted) if b is not None]
         waits.append(QueueWait(job.id, position, len(queued), needs, blockers=tuple(blockers)))
     return waits
 
@@ -132,11 +134,16 @@ def occupants(pool: Sequence[int], active: Iterable[Job], holds: Iterable[tuple[
     return found
 
 
-def _holder(device: int, by_job: dict[int, Job], by_hold: dict[int, tuple[str, int]]) -> Blocker | None:
-    """The job or inference worker holding `device`, or None when it is free."""
+def _holder(device: int, by_job: dict[int, Job], by_hold: dict[int, tuple[str, int]],
+            starting: dict[int, Job] | None = None) -> Blocker | None:
+    """The job or inference worker holding `device` (or the queued job about to start on it), or
+    None when it is free."""
     if device in by_job:
         job = by_job[device]
         return Blocker(device, job.id, job.name, job.owner, str(job.status))
+    if starting and device in starting:  # "kept for" it: an earlier queued job goes first
+        job = starting[device]
+        return Blocker(device, job.id, job.name, job.owner, "queued")
     if device in by_hold:
         holder, pid = by_hold[device]
         return Blocker(device, worker=holder, worker_pid=pid)

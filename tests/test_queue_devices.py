@@ -53,6 +53,9 @@ def test_queue_explains_who_holds_what_and_the_order() -> None:
     assert second.position == 2 and "waits behind job #2" in second.describe()
     held = explain_queue([job(4)], pool, [], holds=[(-1, "infer-abc-0", 4242)])[0]
     assert "CPU slot 1 is held by an inference worker (pid 4242; it gives way when idle)" in held.describe()
+    # the slot goes to the earlier queued job at the next tick: the later one says so, never "starting"
+    after_head = explain_queue([job(7), job(8, owner="bob")], pool, [], holds=[])[1]
+    assert after_head.describe() == "#2 of 2 in the queue, needs 1 CPU slot: CPU slot 1 is kept for job #7 run7 (alice, queued)"
     gpus = explain_queue([job(5, requested="1", explicit=True)], [0, 1], [job(6, JobStatus.RUNNING, assigned=[1])], [])
     assert gpus[0].needs == "GPU 1" and "GPU 1 is used by job #6" in gpus[0].describe()
 
@@ -63,6 +66,23 @@ def test_a_worker_yields_only_the_device_the_head_of_the_queue_needs() -> None:
     blocked_by_a_job = [job(2, JobStatus.RUNNING, assigned=[0, 1])]
     assert reserved_for_head([job(1)], [0, 1], blocked_by_a_job, held=[]) == set()
     assert reserved_for_head([], [0], [], held=[0]) == set()
+
+
+def test_the_api_tells_each_user_why_their_job_waits(api, tmp_path: Path) -> None:
+    from engine.demo.world import sample_specs, write_dataset
+    from studio.auth import User
+    from tests.ui_support import train_toml
+
+    shared = api.ctx.layout.home / "datasets" / "shared"
+    write_dataset(shared, sample_specs(2, seed=5))
+    alice, bob = User("alice"), User("bob")
+    first = api.start_training(alice, train_toml("demo", shared), "", 1, "first")
+    second = api.start_training(bob, train_toml("demo", shared), "", 1, "second")
+    [seen_by_bob] = api.list_jobs(bob)
+    assert seen_by_bob["id"] == second["id"] and seen_by_bob["queue_position"] == 2
+    assert seen_by_bob["waiting_for"].endswith(f"CPU slot 1 is kept for job #{first['id']} (another user's, queued)")
+    head = api.job_status(alice, first["id"])
+    assert head["queue_position"] == 1 and head["waiting_for"] == "#1 of 2 in the queue, needs 1 CPU slot: starting"
 
 
 @pytest.mark.parametrize("status, action, expected", [
@@ -88,7 +108,7 @@ def test_controls_allowed_where_they_make_sense() -> None:
 # ---- real processes: a scheduler, a stand-in trainer, the inference worker on the demo model -----
 def standin(spec: LaunchSpec) -> list[str]:
     return [sys.executable, str(STANDIN), "--config", str(spec.config_path), "--run-dir", str(spec.run_dir),
-            "--steps", "400", "--step-s", "0.05"]
+            "--steps", "4000", "--step-s", "0.05"]  # outlives the test; stopped at its end
 
 
 def small_request(**changes) -> InferRequest:
