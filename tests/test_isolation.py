@@ -87,7 +87,7 @@ def test_bob_reaches_none_of_alices_objects_by_endpoint_or_url(server) -> None:
     assert (item_dir / "video.mp4").is_file()
     for user in ("bob", "alice"):  # the trees are served to nobody, the owner included
         assert {str(f): fetch_as(server, user, f) for f in files} == {str(f): 403 for f in files}
-    # Gradio's cache, named the way it names uploads (a hash of the content): nothing of alice's there
+    # Gradio's cache under names guessable without its secret seed (plain content hashes): nothing there
     from gradio import utils
 
     content = (item_dir / "video.mp4").read_bytes()
