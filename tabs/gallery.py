@@ -21,9 +21,10 @@ TAB_LABEL = "Gallery"  # the tab's label in studio.shell
 
 
 def _caption(item: dict[str, Any]) -> str:
-    """The LoRA mix first: a cut caption still tells a weight-1 video from a weight-0 one."""
+    """The LoRA mix first, each weight before its name: a caption cut after a dozen characters still
+    tells a weight-1 video from a weight-0 one."""
     star = "★ " if item.get("favorite") else ""
-    loras = " + ".join(f"{l.get('name', '?')}@{l.get('weight', 1):g}" for l in item.get("loras") or [])
+    loras = " + ".join(f"{l.get('weight', 1):g}× {l.get('name', '?')}" for l in item.get("loras") or [])
     return f"{star}" + (f"[{loras}] " if loras else "") + item["prompt"][:80]
 
 

@@ -337,7 +337,9 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
     # ---------------------------------------------------------------- live reads
     def on_jobs_tick(current: int | None, request: gr.Request):
         rows, choices, pick = job_list(api, request_user(api, request), current)
-        return rows, gr.update(choices=choices, value=pick)
+        # The selection is left alone while it is listed: a tick that read it before Start picked the
+        # new run must not put the old one back.
+        return rows, gr.update(choices=choices) if pick == current else gr.update(choices=choices, value=pick)
 
     timer.tick(on_jobs_tick, job_pick, [jobs_table, job_pick], queue=False, show_progress="hidden",
                api_visibility="private")

@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run"]
+               "--disable-sync", "--no-first-run",
+               # Two pages (desk and phone) poll at once: neither's timers may be throttled as a background tab.
+               "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+               "--disable-backgrounding-occluded-windows"]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 LONG = 240_000  # ms: a loaded 2-core machine trains and renders slowly
 DESKTOP = {"width": 1440, "height": 900}
@@ -83,10 +86,13 @@ def loss_points(page) -> int:
     }""")
 
 
-def in_view(page, selector: str) -> bool:
-    """The element's top is inside the viewport (what a user sees without scrolling)."""
-    return page.evaluate("""(sel) => { const r = document.querySelector(sel).getBoundingClientRect();
-        return r.top >= 0 && r.top < window.innerHeight; }""", selector)
+def wait_in_view(page, *selectors: str, timeout_ms: float = 15_000) -> None:
+    """Until each element is wholly on the screen (what a user sees without scrolling): the page scrolls
+    once the click's event has answered, which a loaded machine delays."""
+    page.wait_for_function("""(sels) => sels.every((sel) => { const el = document.querySelector(sel);
+        const r = el && el.getBoundingClientRect(); return r && r.top >= 0 && r.bottom <= window.innerHeight; })""",
+                           arg=list(selectors), timeout=timeout_ms)
+    page.wait_for_timeout(400)  # the smooth scroll settles before a screenshot
 
 
 def enabled_controls(page) -> set[str]:
@@ -114,15 +120,19 @@ def page_widths(page) -> dict[str, float]:
 
 
 def test_train_watch_generate_and_find(server, page, tmp_path: Path) -> None:
+    phone = page.context.browser.new_page(viewport=PHONE)  # the same studio on a phone, dark theme
+    phone.set_default_timeout(60_000)
+    phone.on("dialog", lambda dialog: dialog.accept())
     try:
-        walk_through(server, page, tmp_path)
-        on_a_phone_in_the_dark(server, page)
+        walk_through(server, page, phone, tmp_path)
+        phone_gallery_and_infer(phone)
     except Exception:
         shot(page, "failure")
+        shot(phone, "failure-phone")
         raise
 
 
-def walk_through(server, page, tmp_path: Path) -> None:
+def walk_through(server, page, phone, tmp_path: Path) -> None:
     page.goto(server.url)
     page.wait_for_selector("#train-start")
     # ---- Train: load a TOML file into the form, start, watch the chart
@@ -150,8 +160,7 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.wait_for_selector("text=queued run #")
     # The run view is in sight after Start: its status and progress, without scrolling.
     page.wait_for_selector("#train-job-status >> text=browser-run")
-    page.wait_for_timeout(800)  # a smooth scroll, if any, has ended
-    assert in_view(page, "#train-job-status") and in_view(page, "#train-job-progress")
+    wait_in_view(page, "#train-job-status", "#train-job-progress")
     shot(page, "1-train-after-start", full_page=False)  # what the screen shows
     page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot')?.data?.[0]?.x?.length >= 1",
                            timeout=LONG)
@@ -164,16 +173,8 @@ def walk_through(server, page, tmp_path: Path) -> None:
     assert all(word in progress for word in ("epoch", "s/step", "elapsed", "ETA")), progress
     wait_controls(page, {"job-stop", "job-save"})  # running: no resume, nothing to cancel
     shot(page, "1-train-running")
-    # A second run waits for the one CPU slot: queued, it can be stopped or cancelled (with a confirm).
-    page.get_by_label("Run name").fill("browser-queued")
-    page.locator("#train-start").click()
-    page.wait_for_selector("#train-job-status >> text=browser-queued")
-    wait_controls(page, {"job-stop", "job-cancel"})
-    page.locator("#job-cancel").click()
-    page.wait_for_selector("#train-job-status >> text=Cancelled before it started", timeout=60_000)
-    wait_controls(page, {"job-resume"})
-    pick_option(page, "#train-job-pick input", re.compile(r"browser-run"))
-    page.wait_for_selector("#train-job-status >> text=browser-run")
+    phone_train(server, phone, toml_file)
+    page.bring_to_front()
     page.locator("#job-stop").click()
     page.wait_for_selector("#train-job-status .status-badge:text('stopped')", timeout=LONG)
     wait_controls(page, {"job-resume"})
@@ -207,8 +208,7 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.locator("#infer-width input").fill("64")
     page.locator("#infer-generate").scroll_into_view_if_needed()
     page.locator("#infer-generate").click()
-    page.wait_for_timeout(800)
-    assert in_view(page, "#infer-progress")  # the progress (and the coming video) in sight
+    wait_in_view(page, "#infer-progress")  # the progress (and the coming video) in sight
     page.wait_for_selector("#infer-video video", timeout=LONG)
     page.wait_for_function("""() => { const v = document.querySelector('#infer-video video');
         // 64x48 generated; shown enlarged with nearest-neighbour (display.mp4), same aspect
@@ -220,6 +220,11 @@ def walk_through(server, page, tmp_path: Path) -> None:
     timings = page.locator("#infer-timings").inner_text()
     assert "total" in timings and "denoise" in timings and not re.search(r"\d\.\d{4}", timings), timings
     shot(page, "2-infer")
+    # Generate again: the earlier video and timings go with the new request, the new ones come.
+    page.locator("#infer-generate").click()
+    page.wait_for_function("() => !document.querySelector('#infer-video video')", timeout=10_000)
+    assert page.locator("#infer-timings table").count() == 0
+    page.wait_for_selector("#infer-video video", timeout=LONG)
 
     # ---- Gallery: "Open in Gallery" shows the entry; search finds it in the grid
     page.locator("#infer-open-gallery").click()
@@ -228,9 +233,9 @@ def walk_through(server, page, tmp_path: Path) -> None:
     page.locator("#gallery-search input, #gallery-search textarea").first.fill("purple star")
     page.locator("#gallery-search input, #gallery-search textarea").first.press("Enter")
     page.wait_for_selector("#gallery-grid .gallery-item button", timeout=60_000)
-    # Thumbnails are the poster (the middle frame); the caption starts with the LoRA and its weight.
+    # Thumbnails are the poster (the middle frame); the caption starts with the LoRA's weight and name.
     assert "poster" in page.locator("#gallery-grid .gallery-item img").first.get_attribute("src")
-    assert page.locator("#gallery-grid .gallery-item").first.inner_text().strip().startswith("[1-browser-run")
+    assert page.locator("#gallery-grid .gallery-item").first.inner_text().strip().startswith("[1× 1-browser-run")
     page.locator("#gallery-grid .gallery-item button").first.click()
     page.wait_for_selector("#gallery-details >> text=seed", timeout=60_000)
     assert saved in page.locator("#gallery-details").inner_text()
@@ -258,18 +263,35 @@ def walk_through(server, page, tmp_path: Path) -> None:
     assert len(set(widths.values())) == 1, f"the page width changes between tabs: {widths}"
 
 
-def on_a_phone_in_the_dark(server, page) -> None:
-    """390x844, dark theme: no tab scrolls sideways, the run comes first on Train, the gallery shows
-    at once, and a second Generate clears the first video while it runs and shows the result."""
-    page.set_viewport_size(PHONE)
+def phone_train(server, page, toml_file: Path) -> None:
+    """390x844, dark theme, while the desktop's run holds the CPU slot: no tab scrolls sideways, the run
+    view comes first on Train and is in sight after Start; the queued run can be stopped or cancelled
+    (with a confirm), then only resumed."""
+    page.bring_to_front()
     page.goto(server.url + "?__theme=dark")
     page.wait_for_selector("#train-start")
     assert page.evaluate("() => document.body.classList.contains('dark')")
     page_widths(page)
     page.get_by_role("tab", name="Train").click()
     assert page.locator("#train-runs").bounding_box()["y"] < page.locator("#train-start").bounding_box()["y"]
-    page.wait_for_selector("#train-job-status >> text=browser")
+    page.locator("input[type=file][accept*='.toml']").set_input_files(str(toml_file))
+    page.wait_for_function("() => document.querySelector('#cfg-epochs input')?.value === '5000'")
+    page.get_by_label("Run name").fill("browser-phone")
+    page.locator("#train-start").scroll_into_view_if_needed()
+    page.locator("#train-start").click()
+    page.wait_for_selector("#train-job-status >> text=browser-phone")
+    wait_in_view(page, "#train-job-status", "#train-job-progress")
+    shot(page, "5-phone-dark-after-start", full_page=False)
+    wait_controls(page, {"job-stop", "job-cancel"})
+    page.locator("#job-cancel").click()
+    page.wait_for_selector("#train-job-status >> text=Cancelled before it started", timeout=60_000)
+    wait_controls(page, {"job-resume"})
     shot(page, "5-phone-dark-train")
+
+
+def phone_gallery_and_infer(page) -> None:
+    """On the phone: the gallery shows at once; after Generate the progress is in sight."""
+    page.bring_to_front()
     page.get_by_role("tab", name="Gallery").click()
     page.wait_for_selector("#gallery-grid .gallery-item img", timeout=2_500)  # before the 3 s timer
     shot(page, "6-phone-dark-gallery")
@@ -280,9 +302,5 @@ def on_a_phone_in_the_dark(server, page) -> None:
     shot(page, "7-phone-dark-infer-form")
     page.locator("#infer-generate").scroll_into_view_if_needed()
     page.locator("#infer-generate").click()
-    # The earlier video goes with the new request.
-    page.wait_for_function("() => !document.querySelector('#infer-video video')", timeout=10_000)
-    page.wait_for_timeout(800)
-    assert in_view(page, "#infer-progress")
-    page.wait_for_selector("#infer-video video", timeout=LONG)
-    shot(page, "8-phone-dark-infer")
+    wait_in_view(page, "#infer-progress")  # the progress, then the video, in sight
+    shot(page, "8-phone-dark-infer-generating", full_page=False)

@@ -46,5 +46,5 @@ def test_view_reuse_and_delete_one_item(api: StudioApi) -> None:
 
 def test_captions_lead_with_the_lora_mix() -> None:
     item = {"prompt": "a purple star " * 10, "favorite": True, "loras": [{"name": "demo", "weight": 0.0}]}
-    assert tab._caption(item).startswith("★ [demo@0] a purple star")
+    assert tab._caption(item).startswith("★ [0× demo] a purple star")
     assert tab._caption({"prompt": "plain", "loras": []}) == "plain"

@@ -220,7 +220,7 @@ def test_infer_timings_table_and_lora_picks(api: StudioApi) -> None:
     table = timings_table({"load_s": 0.33872378899832256, "denoise_s": 1.5, "videos": [{"load_s": 0.3}], "note": 1})
     assert "<th>load</th><td>0.34 s</td>" in table and "<th>total</th><td>1.84 s</td>" in table
     assert "videos" not in table and "note" not in table and timings_table(None) == ""
-    with pytest.raises(ValueError, match=r"LoRA 1: 'job:9/epoch1' is not one of your saved or uploaded LoRAs") as err:
-        infer.check_lora_picks(api, ALICE, [{"lora": "job:9/epoch1", "weight": 1.0}])
+    with pytest.raises(ValueError, match=r"LoRA 2: 'my lora' is not one of your saved or uploaded LoRAs") as err:
+        infer.check_lora_picks(api, ALICE, [{"lora": "job:9/epoch1", "weight": 1.0}, {"lora": "my lora", "weight": 1}])
     assert "epochN" not in str(err.value)
     infer.check_lora_picks(api, ALICE, [])  # no LoRA: nothing to check
