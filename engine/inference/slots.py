@@ -161,10 +161,10 @@ class Slot(threading.Thread):
         """Relay the worker's events into the request until it ends; returns (state, error, kind)."""
         svc = self.service
         while True:
+            svc._poll_cancels()  # this or another request cancelled by another process (at most twice a second)
             try:
                 event = worker.events.get(timeout=0.5)
             except queue.Empty:
-                svc._poll_cancels()  # this or another request cancelled by another process
                 continue
             if event is None:
                 message = f"the inference worker exited (code {worker.process.wait()})"
