@@ -16,8 +16,8 @@ disk), writes one 480x832 clip, runs `python -m studio train --gpus 0 --follow` 
 steps (activation checkpointing, rank 32, bf16), and records from the run's events the seconds of every
 step (the first includes warm-up; `s_per_step` is the median of the others), the peak GPU memory
 (torch's max allocated), and for two experts the expert switches in order with their times (from the
-trainer's log; the first one also makes the idle expert's pinned host copy). The case's model folder is
-deleted afterwards (disk). A case that fails is recorded with `ok: false` and its log tail; the others
+trainer's log; the first one also makes the idle expert's pinned host copy). A model folder serves the
+cases of its family that follow each other (a14b_offload, a14b_resident) and is deleted after them (disk). A case that fails is recorded with `ok: false` and its log tail; the others
 still run. `--smoke` runs the same path on a CPU with tiny models (checks the script, measures nothing).
 """
 from __future__ import annotations
@@ -65,24 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     work = args.work or Path(tempfile.mkdtemp(prefix="families-"))
-    for case in wanted:
-        emit(run_case(case, work / case, args.frames, args.steps, args.smoke), args.out)
+    for index, case in enumerate(wanted):
+        family = CASES[case][0]
+        model = work / f"model-{family}"
+        emit(run_case(case, work / case, model, args.frames, args.steps, args.smoke), args.out)
+        if index + 1 == len(wanted) or CASES[wanted[index + 1]][0] != family:
+            shutil.rmtree(model, ignore_errors=True)
     return 0
 
 
-def run_case(case: str, folder: Path, frames: int, steps: int, smoke: bool = False) -> dict:
+def run_case(case: str, folder: Path, model: Path, frames: int, steps: int, smoke: bool = False) -> dict:
     family, model_overrides = CASES[case]
     size = (64, 64) if smoke else (WIDTH, HEIGHT)
     record = {"bench": "families_step", "case": case, "family": family, "card": card_name(), "commit": git_commit(),
               "clip": f"{size[0]}x{size[1]}x{frames}", "steps": steps}
     folder.mkdir(parents=True, exist_ok=True)
-    model = folder / "model"
     started = time.monotonic()
     try:
-        builder = (f"build_tiny_family({str(model)!r}, {family!r})" if smoke else
-                   f"build_real_shape_family({str(model)!r}, {family!r}, device='cuda')")
-        _python(f"from engine.families.wan_random import build_real_shape_family, build_tiny_family; {builder}")
-        record["build_s"] = round(time.monotonic() - started, 1)
+        if not (model / "model_index.json").is_file():  # else built for the case before, same family
+            builder = (f"build_tiny_family({str(model)!r}, {family!r})" if smoke else
+                       f"build_real_shape_family({str(model)!r}, {family!r}, device='cuda')")
+            _python(f"from engine.families.wan_random import build_real_shape_family, build_tiny_family; {builder}")
+            record["build_s"] = round(time.monotonic() - started, 1)
         config = _write_config(folder, model, frames, steps, model_overrides, size, smoke)
         started = time.monotonic()
         home = folder / "home"
@@ -97,8 +101,6 @@ def run_case(case: str, folder: Path, frames: int, steps: int, smoke: bool = Fal
             record["log_tail"] = (result.stdout + result.stderr)[-1500:]
     except Exception as exc:  # noqa: BLE001 - a failed case is recorded, the others still run
         record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
-    finally:
-        shutil.rmtree(model, ignore_errors=True)
     return record
 
 

@@ -88,7 +88,10 @@ def test_ti2v_image_mode_gives_the_first_frame_clean_at_t_zero(models: dict[str,
 
 
 def test_wan21_i2v_trains_and_generates_from_a_start_image(tmp_path: Path, models: dict[str, Path]) -> None:
-    run = train_family(tmp_path, models["wan21_i2v"], video=True, **{"dataset.frame_buckets": [1, 5]})
+    run = train_family(tmp_path, models["wan21_i2v"], video=True, **{
+        "dataset.frame_buckets": [1, 5], "sample.prompts": ["a green square"], "sample.steps": 2,
+        "sample.width": 32, "sample.num_frames": 5, "sample.guidance_scale": 1.0})
+    assert (run.run_dir / "samples" / run.save.name / "0.mp4").is_file()  # from the first clip's first frame
     from engine.lora import load_lora_state_dict
 
     keys = load_lora_state_dict(run.save / "adapter_model.safetensors")
@@ -98,7 +101,11 @@ def test_wan21_i2v_trains_and_generates_from_a_start_image(tmp_path: Path, model
 
 def test_wan22_i2v_a14b_trains_both_experts_and_generates_from_a_start_image(
         tmp_path: Path, models: dict[str, Path]) -> None:
-    run = train_family(tmp_path, models["wan22_i2v"], **{"model.experts": "both", "model.boundary_ratio": 0.5})
+    run = train_family(tmp_path, models["wan22_i2v"], **{"model.experts": "both", "model.boundary_ratio": 0.5,
+                                                         "sample.prompts": ["a green square"], "sample.steps": 2,
+                                                         "sample.width": 32, "sample.num_frames": 1,
+                                                         "sample.guidance_scale": 1.0})
+    assert (run.run_dir / "samples" / run.save.name / "0.mp4").is_file()
     assert sorted(p.name for p in run.save.glob("*.safetensors")) == ["high_noise_model.safetensors",
                                                                       "low_noise_model.safetensors"]
     generate_family(tmp_path, models["wan22_i2v"], run.save, image=start_image(tmp_path / "start.png"))
@@ -108,7 +115,10 @@ def test_ti2v_5b_trains_its_image_mode_and_generates_from_a_start_image(
         tmp_path: Path, models: dict[str, Path]) -> None:
     run = train_family(tmp_path, models["ti2v"], video=True, **{"model.image_to_video": True,
                                                                 "dataset.resolutions": [64],
-                                                                "dataset.frame_buckets": [1, 5]})
+                                                                "dataset.frame_buckets": [1, 5],
+                                                                "sample.prompts": ["a green square"], "sample.steps": 2,
+                                                                "sample.num_frames": 5, "sample.guidance_scale": 1.0})
+    assert (run.run_dir / "samples" / run.save.name / "0.mp4").is_file()
     generate_family(tmp_path, models["ti2v"], run.save, size=64, frames=5, image=start_image(tmp_path / "start.png", 64))
 
 

@@ -97,10 +97,12 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any,
                           transformer_2: torch.nn.Module | None = None, boundary_ratio: float | None = None,
-                          image_mode: str = "none") -> Any:
+                          image_mode: str = "none", image_encoder: tuple[Any, Any] = (None, None)) -> Any:
         """A diffusers pipeline over the given (training) transformer and VAE, without a text encoder:
         samples during training take precomputed `pad_text` embeddings, as inference takes its own.
-        Two experts (Wan2.2 A14B): `transformer` denoises t >= boundary_ratio, `transformer_2` the rest."""
+        Two experts (Wan2.2 A14B): `transformer` denoises t >= boundary_ratio, `transformer_2` the rest.
+        An `image_mode` other than "none" gives the image-to-video pipeline (with Wan2.1 I2V's
+        `image_encoder` = (encoder, processor)), which takes a start image."""
 
     def enable_activation_checkpointing(self, transformer: torch.nn.Module) -> None:
         transformer.enable_gradient_checkpointing()

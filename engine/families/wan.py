@@ -212,7 +212,7 @@ class WanFamily(ModelFamily):
 
     def sampling_pipeline(self, model_dir: Path, transformer: torch.nn.Module, vae: Any,
                           transformer_2: torch.nn.Module | None = None, boundary_ratio: float | None = None,
-                          image_mode: str = "none") -> Any:
+                          image_mode: str = "none", image_encoder: tuple[Any, Any] = (None, None)) -> Any:
         import diffusers
 
         config = _read_json(Path(model_dir) / "scheduler" / "scheduler_config.json")
@@ -223,8 +223,9 @@ class WanFamily(ModelFamily):
                       expand_timesteps=bool(index.get("expand_timesteps")))  # TI2V-5B: per-token t
         if image_mode == "none":
             pipe = diffusers.WanPipeline(**common)
-        else:  # the start image's CLIP embedding is passed in (image_embeds), so no image encoder is held
-            pipe = diffusers.WanImageToVideoPipeline(**common, image_encoder=None, image_processor=None)
+        else:  # Wan2.1 I2V: (CLIP vision encoder, its processor); the others have none
+            pipe = diffusers.WanImageToVideoPipeline(**common, image_encoder=image_encoder[0],
+                                                     image_processor=image_encoder[1])
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -160,7 +160,7 @@ class Trainer:
             total_steps = min(total_steps, cfg.max_steps)
 
         self.sampler = Sampler(cfg, model_dir, self.family, dist, self.events, self.run_dir, self.model_dtype,
-                               self.image_mode)
+                               self.image_mode, start_from=samples[0])
         self.sampler.encode_prompts()  # before the transformer: the text encoder never sits beside it
         module, params = self.build_model(model_dir)
         self.sampler.attach(*self._sampling_transformers())

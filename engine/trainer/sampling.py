@@ -5,7 +5,9 @@ Memory: the prompts are encoded once at start, before the transformer is loaded,
 is freed; rank 0 keeps only the VAE. The transformer is the one being trained (no second copy); its
 LoRA is active as it stands at the save. Other ranks wait at a barrier. Time spent sampling is
 reported in the `sample` event and is not part of the step times (speed, ETA). A failure to sample
-is a `warning` event, never a failed run.
+is a `warning` event, never a failed run. Image-to-video runs start every sample from the first frame
+of the first training clip, as the run trains; Wan2.1 I2V's CLIP image encoder stays on the CPU for it
+(one image per video: about a second, and no GPU memory beside the transformer).
 """
 from __future__ import annotations
 
@@ -31,9 +33,13 @@ log = logging.getLogger(__name__)
 
 class Sampler:
     def __init__(self, cfg: TrainConfig, model_dir: Path, family: ModelFamily, dist: DistInfo,
-                 events: MetricsWriter, run_dir: Path, encoder_dtype: torch.dtype, image_mode: str = "none") -> None:
+                 events: MetricsWriter, run_dir: Path, encoder_dtype: torch.dtype, image_mode: str = "none",
+                 start_from: Any = None) -> None:
         self.cfg, self.model_dir, self.family, self.dist, self.events = cfg, model_dir, family, dist, events
         self.image_mode = image_mode
+        self.start_from = start_from  # image-to-video: the training sample whose first frame starts each video
+        self.start: dict[str, Any] = {}  # generate()'s `image`: its first frame
+        self.image_encoder: tuple[Any, Any] = (None, None)  # Wan2.1 I2V: (CLIP vision encoder, its processor)
         self.encoder_dtype = encoder_dtype  # as the latent cache encodes captions
         self.files = RunDir(run_dir)
         self.settings: SampleConfig | None = cfg.sample
@@ -54,12 +60,9 @@ class Sampler:
         if not self.enabled or not self.dist.is_main:
             return
         s = self.settings
-        if self.image_mode != "none":  # needs a start image per prompt: not drawn yet (inference takes one)
-            self.events.emit("warning", message="samples during image-to-video training are not drawn yet; "
-                                                "generate from the saved LoRA with a start image instead")
-            self.failed = True
-            return
         try:
+            if self.image_mode != "none":
+                self.start = self._start_image()
             encoders = self.family.load_encoders(self.model_dir, self.dist.device, self.encoder_dtype)
             for text in dict.fromkeys([*s.prompts, s.negative_prompt]):
                 # On the device, like the inference worker's: the transformer moves its time
@@ -67,6 +70,8 @@ class Sampler:
                 embed = self.family.pad_text(self.family.encode_text(encoders, [text]))
                 self.embeds[text] = embed.to(self.dist.device, self.encoder_dtype)
             self.vae = encoders.vae
+            if encoders.image_encoder is not None and self.image_mode != "none":
+                self.image_encoder = (encoders.image_encoder.to("cpu"), encoders.image_processor)
             del encoders
             _free_memory(self.dist.device)
         except Exception as exc:  # noqa: BLE001 - sampling is optional: warn and train on
@@ -82,9 +87,11 @@ class Sampler:
 
         try:
             pipe = self.family.sampling_pipeline(self.model_dir, transformer, self.vae, transformer_2=transformer_2,
-                                                 boundary_ratio=boundary_ratio)
+                                                 boundary_ratio=boundary_ratio, image_mode=self.image_mode,
+                                                 image_encoder=self.image_encoder)
             self.loaded = LoadedModel(path=str(self.model_dir), pipe=pipe, scheduler_config=dict(pipe.scheduler.config),
-                                      num_blocks=self.family.describe(self.model_dir).num_blocks)
+                                      num_blocks=self.family.describe(self.model_dir).num_blocks,
+                                      image_mode=self.image_mode, image_pipe=pipe)
         except Exception as exc:  # noqa: BLE001
             self._give_up("preparing", exc)
 
@@ -129,7 +136,7 @@ class Sampler:
         for k, (prompt, seed) in enumerate((p, seed) for p in s.prompts for seed in s.seeds):
             made = generate(self.loaded, prompt_embeds=self.embeds[prompt], negative_embeds=negative, width=width,
                             height=height, num_frames=frames, steps=s.steps, guidance_scale=s.guidance_scale,
-                            flow_shift=self._flow_shift(), seed=seed, device=self.dist.device)
+                            flow_shift=self._flow_shift(), seed=seed, device=self.dist.device, **self.start)
             pixels = to_uint8(made.frames)
             video = write_mp4(pixels, folder / f"{k}.mp4", s.fps)
             write_poster(pixels[len(pixels) // 2], folder / f"{k}.png")
@@ -140,6 +147,19 @@ class Sampler:
         self.events.emit("sample", label=label, step=step, epoch=epoch, seconds=seconds, videos=videos,
                          scores=scores, scorer=self.scorer.name if self.scorer else None)
         log.info("samples at %s: %d videos in %.1f s %s", label, len(videos), seconds, scores)
+
+    def _start_image(self) -> dict[str, Any]:
+        """The first frame of the first training clip as a PIL image."""
+        from PIL import Image
+
+        from engine.dataset import MediaItem, probe_media
+        from engine.trainer.data import load_pixels
+
+        sample = self.start_from
+        width, height, frames, is_video = probe_media(sample.source)
+        item = MediaItem(sample.source, sample.source.name, [""], None, width, height, frames, is_video, 1)
+        first = load_pixels(item, sample.bucket, self.cfg.dataset.video_clip_mode)[:, 0]
+        return {"image": Image.fromarray(((first.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())}
 
     def _size(self) -> tuple[int, int, int]:
         s, d = self.settings, self.cfg.dataset
