@@ -94,7 +94,7 @@ def _cache_puts_each_expert_lora_in_its_expert(model: Path, save: Path) -> None:
         assert torch.allclose(got.float(), want.float(), atol=1e-2), expert
 
 
-@pytest.mark.slow  # about 35 s on 2 cores
+@pytest.mark.slow  # about 15 s on a quiet 2-core machine
 def test_ti2v_5b_shape_trains_and_generates_with_its_48_channel_vae(tmp_path: Path) -> None:
     """Wan2.2 TI2V-5B (text-to-video): 48 latent channels, 32 px per token; trainer, then the worker."""
     from engine.families.wan_random import build_random_wan
@@ -169,3 +169,12 @@ def test_the_train_tab_offers_both_expert_files_of_a_save(api) -> None:
                                                     "epoch2-low_noise_model.safetensors", "epoch1.safetensors"]
     low = api.lora_downloads(alice, job["id"], "epoch2")[1]
     assert low.read_bytes() == (run_dir / "epoch2" / "low_noise_model.safetensors").read_bytes()
+
+
+def test_worker_speed_options_apply_to_both_experts(two_expert_model: Path) -> None:
+    from engine.inference.pipeline import PipelineCache
+    from engine.inference.speed import InferenceSpeed
+
+    cache = PipelineCache("cpu", speed=InferenceSpeed(step_cache=0.1))
+    loaded, _ = cache.get(two_expert_model)
+    assert loaded.pipe.transformer.is_cache_enabled and loaded.pipe.transformer_2.is_cache_enabled

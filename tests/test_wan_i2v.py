@@ -1,7 +1,8 @@
 """Image-to-video for each Wan family on tiny random-weight models built by our own code: Wan2.1 I2V
 (first-frame latents + mask channels, CLIP image tokens in cross-attention), Wan2.2 I2V A14B (both
 experts, no image encoder) and Wan2.2 TI2V-5B's image mode (a clean first latent frame at t = 0).
-Each trains through a studio job and generates from a start image through `studio infer --image`."""
+Each trains with the real trainer (with samples) and generates from a start image with the real worker;
+Wan2.1 I2V also through a studio job and `studio infer --image`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_ti2v_5b_trains_its_image_mode_and_generates_from_a_start_image(
     generate_family(tmp_path, models["ti2v"], run.save, size=64, frames=5, image=start_image(tmp_path / "start.png", 64))
 
 
-@pytest.mark.heavy  # about 60 s: the studio's own start-up (job launcher, service, worker) is most of it
+# About 25 s on a quiet 2-core machine: the studio's own start-up (job launcher, service, worker) is most of it.
 def test_image_to_video_through_a_studio_job_and_studio_infer_image(tmp_path: Path, models: dict[str, Path]) -> None:
     run = train_family(tmp_path, models["wan21_i2v"], via_studio=True)
     generate_family(tmp_path, models["wan21_i2v"], run.save, image=start_image(tmp_path / "start.png"),
