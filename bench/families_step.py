@@ -12,13 +12,23 @@ Cases (all by default; `--cases` or the FAMILY_CASES environment variable picks 
 
 Each case builds its model with random weights of the published shapes on the GPU
 (engine.families.wan_random.build_real_shape_family; the A14B experts share one 28 GB weight file on
-disk), writes one 480x832 clip, runs `python -m studio train --gpus 0 --follow` for `--steps` optimizer
-steps (activation checkpointing, rank 32, bf16), and records from the run's events the seconds of every
-step (the first includes warm-up; `s_per_step` is the median of the others), the peak GPU memory
-(torch's max allocated), and for two experts the expert switches in order with their times (from the
-trainer's log; the first one also makes the idle expert's pinned host copy). A model folder serves the
-cases of its family that follow each other (a14b_offload, a14b_resident) and is deleted after them (disk). A case that fails is recorded with `ok: false` and its log tail; the others
-still run. `--smoke` runs the same path on a CPU with tiny models (checks the script, measures nothing).
+disk), writes one 832x480 clip (trained at 848x480, TI2V-5B at 832x480), runs
+`python -m studio train --gpus 0 --follow` for `--steps` optimizer steps (activation checkpointing,
+rank 32, bf16), and records from the run's events the seconds of every step (the first includes
+warm-up; `s_per_step` is the median of the others), the peak GPU memory of the steps (torch's max
+allocated; with offload, counted from after DeepSpeed's start-up, which holds both experts a moment),
+and for two experts the expert switches in order with their times (from the trainer's log; the first
+also makes the idle expert's pinned host copy). A model folder serves the cases of its family that
+follow each other (a14b_offload, a14b_resident) and is deleted after them (disk). A failed case is
+recorded with `ok: false` and its log tail; the others still run. `--smoke` runs the same path on a
+CPU with tiny models (checks the script, measures nothing).
+
+Expected on one 80 GB H100 at 33 frames (estimates, not measured): 14B cases 4-7 s/step; peak about
+35-40 GB with one expert on the GPU, about 62-66 GB resident (two 28.6 GB experts); a switch copies
+28.6 GB from pinned memory (about 1-2 s), the first also pins it (tens of seconds); Wan2.1 I2V 14B
+(16.4B parameters) about 40 GB; TI2V-5B about 1 s/step, about 15 GB. Each 14B case takes 4-6 minutes
+(building and writing 28-33 GB of weights, loading them, caching, 4 steps), TI2V-5B about 2; host
+memory: the offload cases pin both experts (about 57 GB).
 """
 from __future__ import annotations
 
@@ -47,7 +57,9 @@ CASES: dict[str, tuple[str, dict]] = {
     "wan22_i2v_a14b": ("wan22_i2v_a14b", {"experts": "both", "idle_expert": "offload", "boundary_ratio": 0.5,
                                           "timestep_sample_method": "uniform"}),
 }
-HEIGHT, WIDTH = 480, 832  # multiples of 32 (TI2V-5B) and of 16
+HEIGHT, WIDTH = 480, 832  # the clip written; trained at 848x480 (16 px multiples) or 832x480 (TI2V's 32 px)
+# resolution 640 with one 832:480 aspect bucket gives those sizes (bucket_sizes; as tests/gpu/test_real_shape.py)
+BUCKETS = {"resolutions": [640], "enable_ar_bucket": True, "ar_buckets": [[WIDTH, HEIGHT]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_case(case: str, folder: Path, model: Path, frames: int, steps: int, smoke: bool = False) -> dict:
     family, model_overrides = CASES[case]
     size = (64, 64) if smoke else (WIDTH, HEIGHT)
+    trained = size if smoke else (832 if family == "wan22_ti2v_5b" else 848, HEIGHT)  # the bucket (BUCKETS)
     record = {"bench": "families_step", "case": case, "family": family, "card": card_name(), "commit": git_commit(),
-              "clip": f"{size[0]}x{size[1]}x{frames}", "steps": steps}
+              "clip": f"{trained[0]}x{trained[1]}x{frames}", "steps": steps}
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
@@ -123,8 +136,8 @@ def _write_config(folder: Path, model: Path, frames: int, steps: int, model_over
            # seed 7 with p_high 0.5 trains high, low, high, low in steps 1-4: three switches
            "adapter": {"type": "lora", "rank": 32, "dtype": "bfloat16"},
            "optimizer": {"type": "adamw", "lr": 2e-5},
-           "dataset": {"resolutions": [list(size)], "frame_buckets": [frames], "enable_ar_bucket": False,
-                       "directory": [{"path": str(data), "num_repeats": 1}]}}
+           "dataset": {**({"resolutions": [size[0]], "enable_ar_bucket": False} if smoke else BUCKETS),
+                       "frame_buckets": [frames], "directory": [{"path": str(data), "num_repeats": 1}]}}
     path = folder / "train.toml"
     path.write_text(tomli_w.dumps(doc))
     return path

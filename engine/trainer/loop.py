@@ -167,6 +167,9 @@ class Trainer:
         engine, scheduler = self.build_engine(module, params, total_steps)
         if self.experts is not None:  # DeepSpeed put both on the device; the first step's expert stays
             self.placement.bring(self.experts.expert_for_step(0))
+            if self.placement.offload:  # the steps' peak memory, not that start-up moment with both on the GPU
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dist.device)
         self.evaluator = Evaluator(cfg, eval_sets, self.family, dist, self.events, self.image_mode)
 
         start_step, elapsed_before = 0, 0.0
