@@ -126,7 +126,8 @@ def test_save_now_stop_and_resume_on_two_gpus(home: Path) -> None:
 def test_samples_during_a_two_gpu_job(home: Path) -> None:
     """[sample] on GPUs: rank 0 draws with the bf16 training transformer and its LoRA while rank 1 waits;
     the demo world's evaluator scores every save; the best save is named."""
-    config = demo_run_config(home, "samples", max_steps=10, save_every_n_steps=5)
+    # The demo example samples every 10 epochs (CPU-sized); this run samples each of its saves.
+    config = demo_run_config(home, "samples", max_steps=10, save_every_n_steps=5, sample={"every_n_steps": 5})
     job_id = queued_job_id(ok(studio(home, "train", str(config), "--num-gpus", "2", "--name", "samples",
                                      "--follow")))
     done = job(home, job_id)
