@@ -19,6 +19,7 @@ GPU_COLORS = ("#4f46e5", "#0891b2", "#16a34a", "#ca8a04", "#dc2626", "#9333ea", 
 OVERLAY_COLORS = ("#db2777", "#0891b2", "#65a30d")  # the other runs of an overlay (up to 3 beside this one)
 SCORE_COLORS = {"all": "#111827", "color": "#9333ea", "shape": "#0891b2", "motion": "#16a34a", "present": "#ca8a04"}
 MAX_OVERLAY = 4  # runs on one loss chart, the selected one included
+MAX_EPOCH_LABELS = 8  # labelled epoch lines on the loss chart; the others are unlabelled lines
 # Theme-neutral: transparent backgrounds, mid-grey text and grid read on the light and the dark theme
 # (a white plot block glared in the dark one).
 INK = "#8a8f98"
@@ -151,16 +152,30 @@ def loss_figure(series: Mapping[str, Any] | None, title: str = "", options: Char
 
 
 def _epoch_lines(fig: go.Figure, series: Mapping[str, Any], x: _XAxis) -> None:
-    """A dashed line at each epoch end, labelled "epoch N" (thinned to about 12 labels on long runs)."""
+    """A dashed line at each epoch end; "epoch N" labels on at most MAX_EPOCH_LABELS of them (more
+    overlapped at the top of the chart). Set in one layout update: add_vline per epoch took seconds
+    on a long run."""
     ends = list(series.get("epoch_steps") or [])
-    every = max(1, math.ceil(len(ends) / 12))
+    labelled = epoch_label_indices(len(ends))
+    shapes, labels = [], []
     for n, step in enumerate(ends, 1):
         where = x.at(step)
         if where is None:
             continue
-        label = f"epoch {n}" if n % every == 0 or n == len(ends) else None
-        fig.add_vline(x=where, line=dict(color=GRID, width=1, dash="dash"), annotation_text=label,
-                      annotation_position="top left", annotation_font=dict(size=10, color=INK))
+        shapes.append(dict(type="line", xref="x", yref="paper", x0=where, x1=where, y0=0, y1=1,
+                           line=dict(color=GRID, width=1, dash="dash")))
+        if n in labelled:
+            labels.append(dict(text=f"epoch {n}", xref="x", yref="paper", x=where, y=1, xanchor="right",
+                               yanchor="top", showarrow=False, font=dict(size=10, color=INK)))
+    fig.update_layout(shapes=shapes, annotations=labels)
+
+
+def epoch_label_indices(count: int, limit: int = MAX_EPOCH_LABELS) -> set[int]:
+    """Which epochs (1-based) of `count` get a label: all when they fit, else `limit` spread evenly
+    with the last always among them."""
+    if count <= limit:
+        return set(range(1, count + 1))
+    return {count - round(k * (count - 1) / (limit - 1)) for k in range(limit)}
 
 
 def _save_markers(fig: go.Figure, series: Mapping[str, Any], x: _XAxis, losses: list[float]) -> None:

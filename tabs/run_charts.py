@@ -76,6 +76,28 @@ def _curve_sig(series: dict[str, Any]) -> str:
     return f"{series.get('points_total', len(steps))}:{steps[-1] if steps else ''}"
 
 
+def charts_outputs(api: StudioApi, user: User, job_id: int | None, options: ChartOptions,
+                   overlay: list[int] | None, last_chart: str, last_grid: str) -> tuple[Any, ...]:
+    """The run view's chart outputs (loss, quality, grid, chart_sig, grid_sig) for a poll or a control:
+    gr.skip() where nothing changed; the empty charts when no run is selected or it is gone."""
+    empty = (loss_figure(None), quality_figure(None), sample_grid_placeholder(), "", "")
+    if job_id is None:
+        return empty
+    try:
+        update = charts_tick(api, user, job_id, options, overlay, last_chart, last_grid)
+    except Exception:  # noqa: BLE001 - deleted or not visible: clear the charts
+        return empty
+    keep = lambda value: gr.skip() if value is None else value  # noqa: E731
+    return keep(update.loss), keep(update.quality), keep(update.grid), update.chart_sig, update.grid_sig
+
+
+def select_run(api: StudioApi, user: User, job_id: int | None, options: ChartOptions,
+               overlay: list[int] | None) -> tuple[Any, ...]:
+    """A newly selected run's charts, drawn at once and whatever was drawn before: the chart follows
+    the selection (an empty run shows the empty-chart note), not the previous run's until the next poll."""
+    return charts_outputs(api, user, job_id, options, overlay, "", "")
+
+
 def sample_grid(api: StudioApi, user: User, job_id: int, series: dict[str, Any], max_saves: int = GRID_SAVES) -> str:
     """Prompt x save: a column per prompt and seed, a row per sampled save (newest first, the best
     starred), each cell a video that plays in place with its scores. Files reach the browser through
@@ -141,13 +163,14 @@ class RunCharts:
 
 def build_chart() -> RunCharts:
     """The chart controls, the loss chart and the score curve under it (placed where this is called)."""
+    # One wrapping row (assets/studio.css): on a phone each control keeps its one-line width.
     with gr.Row(elem_id="train-chart-controls", equal_height=True):
-        smoothing = gr.Dropdown(SMOOTHING_CHOICES, value=-1.0, label="smoothing", min_width=90, scale=1,
+        smoothing = gr.Dropdown(SMOOTHING_CHOICES, value=-1.0, label="smoothing", min_width=110, scale=1,
                                 elem_id="chart-smoothing")
-        log_y = gr.Checkbox(False, label="log scale", min_width=90, scale=1, elem_id="chart-log")
-        wall_clock = gr.Checkbox(False, label="x: wall-clock time", min_width=110, scale=1, elem_id="chart-time")
+        log_y = gr.Checkbox(False, label="log scale", min_width=110, scale=1, elem_id="chart-log")
+        wall_clock = gr.Checkbox(False, label="x: time", min_width=110, scale=1, elem_id="chart-time")
         overlay = gr.Dropdown([], value=[], multiselect=True, max_choices=MAX_OVERLAY - 1, label="overlay runs",
-                              min_width=160, scale=3, elem_id="chart-overlay")
+                              min_width=200, scale=3, elem_id="chart-overlay")
     loss = gr.Plot(loss_figure(None), label="Loss", elem_id="train-loss")
     quality = gr.Plot(quality_figure(None), label="Sample scores", elem_id="train-quality")
     return RunCharts(smoothing, log_y, wall_clock, overlay, loss, quality)
@@ -168,22 +191,20 @@ def wire(api: StudioApi, charts: RunCharts, timer: gr.Timer, job_pick: gr.Dropdo
 
     def on_tick(job_id: int | None, smoothing: float, log_y: bool, wall_clock: bool, overlay: list[int] | None,
                 last_chart: str, last_grid: str, request: gr.Request):
-        user = request_user(api, request)
-        if job_id is None:
-            return loss_figure(None), quality_figure(None), sample_grid_placeholder(), "", ""
-        try:
-            update = charts_tick(api, user, job_id, chart_options(smoothing, log_y, wall_clock), overlay,
-                                 last_chart, last_grid)
-        except Exception:  # noqa: BLE001 - deleted or not visible: clear the charts
-            return loss_figure(None), quality_figure(None), sample_grid_placeholder(), "", ""
-        keep = lambda value: gr.skip() if value is None else value  # noqa: E731
-        return keep(update.loss), keep(update.quality), keep(update.grid), update.chart_sig, update.grid_sig
+        return charts_outputs(api, request_user(api, request), job_id, chart_options(smoothing, log_y, wall_clock),
+                              overlay, last_chart, last_grid)
+
+    def on_select(job_id: int | None, smoothing: float, log_y: bool, wall_clock: bool, overlay: list[int] | None,
+                  request: gr.Request):
+        return select_run(api, request_user(api, request), job_id, chart_options(smoothing, log_y, wall_clock),
+                          overlay)
 
     inputs = [job_pick, *charts.controls, chart_sig, grid_sig]
     timer.tick(on_tick, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private")
     for control in charts.controls:  # redraw at once, not at the next poll
         control.change(on_tick, inputs, outputs, queue=False, show_progress="hidden", api_visibility="private")
-    job_pick.change(lambda: ("", ""), None, [chart_sig, grid_sig], queue=False, api_visibility="private")
+    job_pick.change(on_select, [job_pick, *charts.controls], outputs, queue=False, show_progress="hidden",
+                    api_visibility="private")
 
     def on_overlay_focus(job_id: int | None, current: list[int] | None, request: gr.Request):
         return gr.update(choices=overlay_choices(api, request_user(api, request), job_id), value=current or [])

@@ -7,12 +7,14 @@ import re
 import urllib.parse
 from pathlib import Path
 
+import gradio as gr
 import pytest
 
 from engine.metrics import loss_series
 from studio.api import StudioApi
 from studio.auth import User
-from studio.plots import ChartOptions, loss_figure, quality_figure
+from studio.presets import DEMO_PRESET
+from studio.plots import MAX_EPOCH_LABELS, ChartOptions, loss_figure, quality_figure
 from tabs import run_charts, train
 from tests.ui_support import write_dataset
 
@@ -49,6 +51,16 @@ def test_loss_chart_labels_epochs_marks_saves_and_follows_its_controls() -> None
     assert no_times.layout.xaxis.title.text == "step"
     with pytest.raises(ValueError):
         ChartOptions(smoothing=1.5)
+
+
+def test_long_runs_label_a_few_epoch_lines_and_keep_every_line() -> None:
+    steps = list(range(1, 1001))
+    fig = loss_figure({"step": steps, "loss": [1.0] * 1000, "epoch_steps": list(range(10, 1001, 10))})
+    labels = [a.text for a in fig.layout.annotations]
+    assert len(fig.layout.shapes) == 100 and len(labels) <= MAX_EPOCH_LABELS  # labels overlapped at the top
+    assert labels[0] == "epoch 1" and labels[-1] == "epoch 100"
+    gaps = [int(b.split()[1]) - int(a.split()[1]) for a, b in zip(labels, labels[1:])]
+    assert max(gaps) - min(gaps) <= 1  # spread evenly
 
 
 def test_empty_charts_show_a_note_and_no_axis() -> None:
@@ -134,6 +146,22 @@ def test_charts_tick_redraws_only_what_changed(api: StudioApi) -> None:
     overlaid = run_charts.charts_tick(api, ALICE, job_id, options, [other_id], "", "")
     assert f"#{other_id} charts" in [t.name for t in overlaid.loss.data]
     assert run_charts.charts_tick(api, ALICE, job_id, options, [999], "", "").loss is not None  # gone: skipped
+
+
+def test_selecting_a_run_without_steps_shows_the_empty_chart_not_the_previous_one(api: StudioApi) -> None:
+    options = run_charts.chart_options(-1, False, False)
+    trained, _ = run_with_samples(api, [])
+    loss, _, _, chart_sig, grid_sig = run_charts.select_run(api, ALICE, trained, options, [])
+    assert len(loss.data[0].x) == 8
+    cfg = train.preset_config(api, DEMO_PRESET)
+    cfg.dataset.directory[0].path = str(write_dataset(api.ctx.layout.home))
+    queued = train.start_run(api, ALICE, cfg, [], 1, "queued")["id"]
+    loss, quality, grid, new_sig, _ = run_charts.select_run(api, ALICE, queued, options, [])
+    assert not loss.data and "no steps yet" in loss.layout.annotations[0].text  # no stale curve
+    assert not quality.data and "No samples yet" in grid and new_sig != chart_sig
+    # The polls after it keep the empty chart (nothing changed), and the next selection redraws again.
+    assert run_charts.charts_outputs(api, ALICE, queued, options, [], new_sig, "")[0] == gr.skip()
+    assert len(run_charts.select_run(api, ALICE, trained, options, [])[0].data[0].x) == 8
 
 
 def test_grids_are_rebuilt_before_their_links_expire() -> None:
