@@ -1,7 +1,8 @@
 """The gallery: every generated video with exactly the settings that made it.
 
-Media live in `<STUDIO_HOME>/gallery/<id>/` (video.mp4, poster.png, meta.json), outside any web
-cache; the record lives in SQLite. `add()` moves the finished files into place, writes the sidecar,
+Media live in `<STUDIO_HOME>/gallery/<owner's folder>/<id>/` (video.mp4, poster.png, meta.json),
+outside any web cache; items made before the per-user folders stay in `gallery/<id>/` and are found
+there. The record lives in SQLite. `add()` moves the finished files into place, writes the sidecar,
 then commits the record; on start, folders whose record is missing (a crash between the two) are
 re-registered from their sidecar, so no finished video is ever lost.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.inference.export import DISPLAY_FILE, META_FILE, POSTER_FILE, VIDEO_FILE, write_json
-from engine.paths import DataLayout
+from engine.paths import DataLayout, user_folder
 from engine.store.db import Database
 from engine.store.gallery import GalleryFilter, GalleryStore
 
@@ -123,8 +124,9 @@ class Gallery:
             seed=int(seed), width=int(params["width"]), height=int(params["height"]),
             num_frames=int(params["num_frames"]), fps=int(params["fps"]), loras=loras,
             params={**params, "seed": int(seed)}, timings=dict(timings or {}), digest=digest,
-            request_id=request_id, dir=self.root / item_id,
+            request_id=request_id, dir=self.root / user_folder(owner) / item_id,
         )
+        item.dir.parent.mkdir(parents=True, exist_ok=True)
         media_dir.replace(item.dir)
         write_json(item.to_meta(), item.meta_path)
         try:
@@ -148,7 +150,7 @@ class Gallery:
 
         self._drop_stale_staging()
         restored = 0
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in self._media_folders():
             meta_path = folder / META_FILE
             if self.records.exists(folder.name) or not meta_path.is_file() or not (folder / VIDEO_FILE).is_file():
                 continue
@@ -163,6 +165,19 @@ class Gallery:
         if restored:
             log.info("re-registered %d gallery item(s) from their sidecars", restored)
         return restored
+
+    def _media_folders(self) -> list[Path]:
+        """Item folders of both layouts: gallery/<id> (made before per-user folders) and gallery/<user>/<id>."""
+        found = []
+        for child in _visible_dirs(self.root):
+            found.extend([child] if (child / META_FILE).is_file() else _visible_dirs(child))
+        return found
+
+    def _item_dir(self, item_id: str, owner: str) -> Path:
+        # Looked up rather than recorded: old records need no migration, and a user's folder never
+        # holds a meta.json itself, so the two layouts cannot be confused.
+        old = self.root / item_id
+        return old if (old / META_FILE).is_file() else self.root / user_folder(owner) / item_id
 
     def _drop_stale_staging(self, max_age_s: float = 86400.0) -> None:
         # Another process (the CLI beside the app) may be writing into a fresh staging folder.
@@ -192,7 +207,8 @@ class Gallery:
 
     def _item(self, row: dict[str, Any]) -> GalleryItem:
         names = GalleryItem.__dataclass_fields__
-        return GalleryItem(**{k: v for k, v in row.items() if k in names and k != "dir"}, dir=self.root / row["id"])
+        return GalleryItem(**{k: v for k, v in row.items() if k in names and k != "dir"},
+                           dir=self._item_dir(row["id"], row["owner"]))
 
     # ---- changing ------------------------------------------------------------------------------
     def set_favorite(self, item_id: str, value: bool) -> GalleryItem:
@@ -201,11 +217,15 @@ class Gallery:
         return self.get(item_id)
 
     def delete(self, item_id: str) -> None:
-        """Remove the record and the media folder."""
-        folder = self.root / item_id
-        if not self.records.delete(item_id) and not folder.exists():
+        """Remove the record and the media folder (also a folder left without its record)."""
+        row = self.records.get(item_id)
+        folder = self._item_dir(item_id, row["owner"]) if row else self.root / item_id
+        parents = {self.root.resolve(), *([(self.root / user_folder(row["owner"])).resolve()] if row else [])}
+        # Never follow an id outside the gallery, nor take a user's whole folder for an orphan item's.
+        is_item = folder.is_dir() and folder.resolve().parent in parents and (row or (folder / META_FILE).is_file())
+        if not self.records.delete(item_id) and not is_item:
             raise GalleryError(f"gallery item {item_id!r} not found")
-        if folder.resolve().parent == self.root.resolve():  # never follow an id outside the gallery
+        if is_item:
             shutil.rmtree(folder, ignore_errors=True)
 
     def export_zip(self, ids: list[str]) -> Path:
@@ -225,3 +245,7 @@ class Gallery:
                         archive.write(path, f"{item.id}/{name}", compress_type=method)
         tmp.replace(target)
         return target
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -20,7 +20,7 @@ def launch_job(job: Job, store: JobStore, supervisor: Supervisor, layout: DataLa
                command_builder) -> bool:  # noqa: ANN001 - CommandBuilder (engine.scheduler)
     """Start `job` (claimed: devices and port assigned). False when it did not start: stopped
     meanwhile, or the launch itself failed (the job is then failed with the reason)."""
-    run_dir = Path(job.run_dir or layout.runs_dir / run_dir_name(job.id, job.name))
+    run_dir = Path(job.run_dir or layout.runs_dir / run_dir_name(job.id, job.name, job.owner))
     files = RunDir(run_dir)
     launched_at = time.time()  # control requests made from now on are for this launch
     current = store.get(job.id)

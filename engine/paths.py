@@ -1,10 +1,24 @@
 """Where everything lives inside the data directory (STUDIO_HOME)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(text: str, fallback: str = "dataset") -> str:
+    """A file or folder name made from user input: no separators, no leading dot, at most 80 characters."""
+    cleaned = _SAFE_NAME.sub("-", text.strip()).strip("-.")
+    return cleaned[:80] or fallback
+
+
+def user_folder(owner: str) -> str:
+    """The name of a user's own folder under uploads/, runs/ and gallery/ (never starts with a dot,
+    so it cannot clash with a hidden folder such as gallery/.staging)."""
+    return safe_name(owner, "user")
 
 
 @dataclass(frozen=True)

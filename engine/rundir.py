@@ -12,7 +12,7 @@ read and written, for the trainer, the scheduler, the launcher, the API and the 
     samples/<label>/       videos drawn with the LoRA at that save (k.mp4 + k.png; label start|epochN|stepN)
     global_stepN/          DeepSpeed checkpoints; complete.json is written last
 
-Stdlib only (the scheduler imports it); reading a save's step imports the LoRA module lazily.
+Stdlib only besides engine.paths (the scheduler imports it); reading a save's step imports the LoRA module lazily.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from engine.paths import user_folder
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +182,10 @@ def slugify(text: str, max_len: int = 40) -> str:
     return slug[:max_len].strip("-") or "job"
 
 
-def run_dir_name(job_id: int, name: str) -> str:
-    """A studio job's run directory under runs/: `<id>-<slug of its name>`."""
-    return f"{job_id}-{slugify(name)}"
+def run_dir_name(job_id: int, name: str, owner: str) -> Path:
+    """A studio job's run directory under runs/: `<owner's folder>/<id>-<slug of its name>`. Jobs
+    keep the run_dir recorded at submit, so runs made before the per-user folders stay where they are."""
+    return Path(user_folder(owner)) / f"{job_id}-{slugify(name)}"
 
 
 def new_run_dir(output_dir: Path) -> Path:

@@ -171,7 +171,7 @@ class Scheduler:
         job = self.store.insert(kind="train", name=job_name, owner=owner, status=JobStatus.QUEUED,
                                 config_toml=config_toml, gpus_requested=requested,
                                 gpus_explicit=explicit, priority=int(priority))
-        chosen = chosen or self.layout.runs_dir / run_dir_name(job.id, job_name)
+        chosen = chosen or self.layout.runs_dir / run_dir_name(job.id, job_name, owner)
         self.store.update(job.id, run_dir=str(chosen), log_path=str(train_log_path(chosen, self.nodes)))
         self.wake()
         return self.get(job.id)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.numbers import named_whole_number
+from engine.paths import user_folder
 from engine.rundir import RunDir
 from studio.auth import AccessDenied, User
 from studio.datasets import safe_name
@@ -36,7 +37,7 @@ def without_paths(value: Any) -> Any:
 class MediaApi:
     # ---- LoRAs ---------------------------------------------------------------------------------
     def user_uploads(self, user: User) -> Path:
-        return self.ctx.layout.uploads_dir / safe_name(user.name, "user")
+        return self.ctx.layout.uploads_dir / user_folder(user.name)
 
     def lora_choices(self, user: User, limit: int = 100) -> list[tuple[str, str]]:
         """(label, reference) of the LoRAs this user may stack: own trained saves and own uploads."""

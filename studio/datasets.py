@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import shutil
 import stat
 import tomllib
@@ -23,18 +22,13 @@ from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConf
 from engine.dataset import (CAPTIONS_JSON, IMAGE_EXTS, MEDIA_EXTS, METADATA_JSONL, CaptionReader, DatasetError,
                             DatasetPlan, plan_dataset)
 from engine.media import read_video
+from engine.paths import safe_name
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DatasetError", "MEDIA_EXTS", "confine", "dataset_target", "preview", "save_caption", "thumbnail"]
 MAX_ZIP_ENTRIES = 20_000
 CAPTION_FILES = {CAPTIONS_JSON, METADATA_JSONL}
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def safe_name(text: str, fallback: str = "dataset") -> str:
-    cleaned = _SAFE_NAME.sub("-", text.strip()).strip("-.")
-    return cleaned[:80] or fallback
 
 
 def confine(path: str | Path, roots: tuple[Path, ...]) -> Path:

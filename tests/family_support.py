@@ -40,7 +40,7 @@ def train_family(tmp: Path, model: Path, *, images: int = 2, video: bool = False
     if via_studio:
         home = tmp / "home"
         result = studio(home, "train", str(config), "--follow", "--owner", "tester")
-        runs = sorted((home / "runs").glob("*")) if (home / "runs").is_dir() else []
+        runs = sorted((home / "runs").glob("*/*")) if (home / "runs").is_dir() else []
         assert result.returncode == 0 and runs, result.stdout[-2000:] + result.stderr[-3000:]
         run_dir = runs[-1]
     else:

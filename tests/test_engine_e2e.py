@@ -65,7 +65,7 @@ def test_cli_train_stop_resume_with_the_real_trainer(studio_home: Path, training
     started = studio(studio_home, "train", str(training_config), "--owner", "alice")
     assert started.returncode == 0, started.stderr
     assert "job 1 queued" in started.stdout and "job 1: running" in started.stdout
-    run_dir = studio_home / "runs" / "1-out"
+    run_dir = studio_home / "runs" / "alice" / "1-out"
     assert (run_dir / "run.toml").is_file()
 
     deadline = time.monotonic() + 180

@@ -21,7 +21,7 @@ def gallery(studio_home: Path) -> Gallery:
 
 def test_add_moves_media_and_writes_sidecar(gallery: Gallery) -> None:
     item = add(gallery, "one", loras=[{"path": "/x/runs/7-cat/epoch3/adapter_model.safetensors", "weight": 0.8}])
-    assert item.dir == gallery.root / item.id and item.video_path.is_file() and item.poster_path.is_file()
+    assert item.dir == gallery.root / "alice" / item.id and item.video_path.is_file() and item.poster_path.is_file()
     assert not (gallery.root / ".staging" / "one").exists()
     meta = json.loads(item.meta_path.read_text())
     assert meta["seed"] == 1 and meta["params"]["steps"] == 2 and meta["loras"][0]["name"] == "7-cat/epoch3"
@@ -91,3 +91,24 @@ def test_lora_display_names() -> None:
     assert lora_display_name("/r/runs/3-cats/epoch4/adapter_model.safetensors") == "3-cats/epoch4"
     assert lora_display_name("/loras/neon.safetensors") == "neon"
     assert lora_display_name("/r/runs/3-cats/epoch4") == "3-cats/epoch4"
+
+
+def test_each_users_items_in_their_folder_and_an_old_layout_item_still_works(gallery: Gallery) -> None:
+    alice, bob = add(gallery, "a", owner="alice", seed=1), add(gallery, "b", owner="bob", seed=2)
+    assert (alice.dir.parent, bob.dir.parent) == (gallery.root / "alice", gallery.root / "bob")
+    old = add(gallery, "old", owner="alice", seed=3)
+    old.dir.replace(gallery.root / old.id)  # where items lived before per-user folders
+    listed = {item.id: item for item in gallery.list()[0]}
+    assert listed[old.id].dir == gallery.root / old.id and listed[old.id].display_path.is_file()
+    assert gallery.get(old.id).poster_path.is_file() and gallery.get(alice.id).dir == alice.dir
+    with zipfile.ZipFile(gallery.export_zip([old.id])) as archive:
+        assert f"{old.id}/video.mp4" in archive.namelist()
+    gallery.records.delete(old.id), gallery.records.delete(bob.id)  # a crash: one folder of each layout
+    reopened = Gallery(Database(gallery.layout.db_path), gallery.layout)
+    assert reopened.list()[1] == 3
+    assert (reopened.get(old.id).dir, reopened.get(bob.id).dir) == (gallery.root / old.id, bob.dir)
+    reopened.delete(old.id)
+    assert not (gallery.root / old.id).exists() and reopened.list()[1] == 2
+    with pytest.raises(GalleryError, match="not found"):  # a user's folder is no item
+        reopened.delete("alice")
+    assert alice.dir.is_dir()

@@ -87,7 +87,7 @@ def test_video_is_browser_mp4_with_requested_shape_and_full_record(service, asse
     assert read_video(item.video_path).shape == (9, 48, 64, 3) and info.frames == 9
     assert info.codec == "h264" and info.pix_fmt == "yuv420p"
     assert item.poster_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert item.meta_path.is_file() and item.dir.parent == service.layout.gallery_dir
+    assert item.meta_path.is_file() and item.dir.parent == service.layout.gallery_dir / "alice"
     assert item.owner == "alice" and item.prompt == "a purple star spins" and item.params["negative_prompt"] == "blurry"
     assert item.params["steps"] == 2 and item.params["guidance_scale"] == 4.0 and item.params["flow_shift"] == 3.0
     for key in ("load_s", "text_encode_s", "denoise_s", "decode_s", "encode_s"):

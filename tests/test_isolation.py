@@ -1,5 +1,5 @@
 """Two users on one studio (issue 16): every endpoint and every file URL of alice's objects, with
-names guessed from the patterns (runs/<id>-<slug>/..., gallery/<id>/...), answers "not found" or
+names guessed from the patterns (runs/<user>/<id>-<slug>/..., gallery/<user>/<id>/...), answers "not found" or
 403 to bob; alice's uploaded dataset is outside bob's roots; no error names the data directory.
 The file trees themselves are not served to anyone: files reach the browser through expiring links."""
 from __future__ import annotations
@@ -51,7 +51,7 @@ def alice_objects(server) -> dict:
 
     result = wait_for(generated, 240, "alice's generation", interval=1)
     assert result["state"] == "succeeded", (result, server.output())
-    run_dir = server.home / "runs" / f"{job['id']}-alice-secret-run"  # the guessable pattern
+    run_dir = server.home / "runs" / "alice" / f"{job['id']}-alice-secret-run"  # the guessable pattern
     (run_dir / "epoch1").mkdir(parents=True, exist_ok=True)
     (run_dir / "epoch1" / "adapter_model.safetensors").write_bytes(b"secret weights")
     (run_dir / "train.log").touch()
@@ -80,7 +80,7 @@ def test_bob_reaches_none_of_alices_objects_by_endpoint_or_url(server) -> None:
     assert bob.predict(50, 0, api_name="/list_generations") == []
     assert [g["id"] for g in client(server, "alice").predict(50, 0, api_name="/list_generations")] == [objects["request"]]
 
-    item_dir = server.home / "gallery" / objects["item"]
+    item_dir = server.home / "gallery" / "alice" / objects["item"]
     files = [objects["run_dir"] / "epoch1" / "adapter_model.safetensors", objects["run_dir"] / "train.log",
              objects["run_dir"] / "run.toml", item_dir / "video.mp4", item_dir / "poster.png",
              item_dir / "meta.json", server.home / "studio.db"]

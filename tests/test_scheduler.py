@@ -87,6 +87,9 @@ def test_three_jobs_on_two_slots_third_waits_then_runs(make_scheduler, tmp_path:
     ja, jb = sched.get(a.id), sched.get(b.id)
     assert sorted(ja.gpus_assigned + jb.gpus_assigned) == [-2, -1]  # never two jobs on one slot
     assert ja.master_port != jb.master_port  # two concurrent jobs, two ports
+    runs = sched.layout.runs_dir  # each user's runs under their own folder
+    assert Path(ja.run_dir) == runs / "alice" / f"{a.id}-slow"
+    assert Path(sched.get(c.id).run_dir) == runs / "bob" / f"{c.id}-ok"
     sched.stop(a.id)
     assert wait_status(sched, a.id, JobStatus.STOPPED).exit_code == 0
     done = wait_status(sched, c.id, JobStatus.SUCCEEDED)
