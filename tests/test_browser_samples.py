@@ -10,33 +10,19 @@ import pytest
 
 from tests.conftest import free_port
 from tests.test_browser_studio import LONG, page, shot  # noqa: F401 - the shared chromium page fixture
-from tests.ui_support import start_server, stop_server
+from tests.ui_support import start_server, stop_server, train_toml
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.heavy]
 
 
 def sampled_run_toml(dataset: Path) -> str:
-    """The demo model, one step per epoch, a save and one tiny sample (64x64x5, 2 steps) per epoch; long
+    """The demo model, one step per epoch, a save per epoch and one tiny sample (64x64x5, 2 steps) every second; long
     enough that the run is still training when the first sample shows."""
-    return f"""output_dir = "ignored"
-epochs = 400
-micro_batch_size_per_gpu = 4
-save_every_n_epochs = 1
-warmup_steps = 0
-[model]
-ckpt_path = "demo"
-dtype = "float32"
-[adapter]
-rank = 4
-[optimizer]
-lr = 1e-3
-[dataset]
-resolutions = [64]
-frame_buckets = [17]
-[[dataset.directory]]
-path = "{dataset}"
-num_repeats = 1
-[sample]
+    return train_toml("demo", dataset, epochs=400, frame_buckets="[17]", head="micro_batch_size_per_gpu = 4\n",
+                      tail=SAMPLE_TABLE)
+
+
+SAMPLE_TABLE = """[sample]
 prompts = ["a purple star moving right on a white background"]
 seeds = [0]
 width = 64

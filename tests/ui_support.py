@@ -56,10 +56,12 @@ def write_dataset(home: Path, count: int = 4) -> Path:
     return folder
 
 
-def train_toml(model: str, dataset: Path, epochs: int = 2) -> str:
+def train_toml(model: str, dataset: Path, epochs: int = 2, *, frame_buckets: str = "[1, 17]", head: str = "",
+               tail: str = "") -> str:
+    """A small LoRA run of `model` on 64-pixel clips; `head` adds top-level keys, `tail` whole tables."""
     return f"""output_dir = "ignored"
 epochs = {epochs}
-save_every_n_epochs = 1
+{head}save_every_n_epochs = 1
 warmup_steps = 0
 [model]
 ckpt_path = "{model}"
@@ -70,11 +72,11 @@ rank = 4
 lr = 1e-3
 [dataset]
 resolutions = [64]
-frame_buckets = [1, 17]
+frame_buckets = {frame_buckets}
 [[dataset.directory]]
 path = "{dataset}"
 num_repeats = 1
-"""
+{tail}"""
 
 
 def start_server(root: Path, port: int, *, auth: bool = True, extra_env: dict[str, str] | None = None) -> StudioServer:
