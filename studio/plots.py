@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,8 +80,9 @@ def smoothing_weight(points: int) -> float:
 
 
 def _empty(fig: go.Figure, text: str) -> go.Figure:
-    """A note and no axes: an empty chart must not show a made-up range."""
-    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+    """A note and no axes: an empty chart must not show a made-up range. Plotly does not wrap text: the
+    note comes in short lines, so it reads whole on a phone (one line was clipped at both ends)."""
+    fig.add_annotation(text="<br>".join(textwrap.wrap(text, 36)), showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
                        font=dict(size=14, color=INK))
     fig.update_layout(**{**_LAYOUT, "height": 160}, xaxis=dict(visible=False), yaxis=dict(visible=False))
     return fig
