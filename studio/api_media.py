@@ -3,8 +3,11 @@ the gallery and the machine's GPUs, authorised per user. A mixin: it uses the AP
 `own_job` and `_owner_filter`."""
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,37 @@ from studio.auth import AccessDenied, User
 from studio.datasets import safe_name
 
 log = logging.getLogger(__name__)
+
+MAX_IMAGE_MB = 20  # a start image sent as text (HTTP API, MCP); base64 makes it a third larger on the wire
+# Kinds told by their first bytes, not by a name the sender chose.
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"))
+
+
+def image_suffix(data: bytes) -> str:
+    """'.png', '.jpg' or '.webp' for the bytes of such an image; refuses any other kind."""
+    for magic, suffix in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return suffix
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    raise ValueError("a start image must be a png, jpg or webp image (base64 or a data URL)")
+
+
+def decode_image_data(text: str) -> bytes:
+    """The bytes of a start image given as base64 or a data URL ('data:image/png;base64,...')."""
+    payload = text.strip()
+    if payload.startswith("data:"):
+        head, _, payload = payload.partition(",")
+        if not head.endswith(";base64"):
+            raise ValueError("a start image data URL must be base64 ('data:image/png;base64,...')")
+    if len(payload) * 3 / 4 > MAX_IMAGE_MB * 2**20:  # before decoding it
+        raise ValueError(f"a start image must be at most {MAX_IMAGE_MB} MB")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a start image must be a png, jpg or webp image (base64 or a data URL)") from None
+    image_suffix(data)
+    return data
 
 
 def run_loras(run_dir: str | Path | None) -> list[tuple[str, Path]]:
@@ -107,6 +141,22 @@ class MediaApi:
         name = f"{safe_name(src.stem, 'image')}-{file_hash(src)[:10]}{src.suffix.lower()}"  # kept as generated from
         shutil.copyfile(src, target_dir / name)
         return f"image:{name}"
+
+    def upload_image_data(self, user: User, text: str, name: str = "image") -> str:
+        """Keep a start image sent as base64 or a data URL (HTTP API, MCP) among the user's uploads,
+        as `upload_image` keeps a file; returns its 'image:NAME' reference."""
+        data = decode_image_data(text)
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / (safe_name(Path(name).stem, "image") + image_suffix(data))
+            file.write_bytes(data)
+            return self.upload_image(user, file)
+
+    def image_reference(self, user: User, image: str | None) -> str | None:
+        """A start image as a request takes it: an 'image:NAME' reference as given, base64 or a data
+        URL stored as the user's upload first (MCP)."""
+        if not image or str(image).startswith("image:"):
+            return image or None
+        return self.upload_image_data(user, image)
 
     def start_image(self, user: User, reference: str) -> Path:
         """The file of an 'image:NAME' upload of this user (never another path on the server)."""

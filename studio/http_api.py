@@ -84,12 +84,17 @@ def register_api(api: StudioApi) -> None:
         """Queue a generation; loras: [{"lora": "job:ID/epochN" | "upload:NAME", "weight": 0.8}]; seed -1 =
         random. Sizes and sampling left out take the model's defaults (demo 64x64x17, 20 steps; Wan
         832x480x81, 30 steps; flow_shift the model's own), as in the UI and the CLI. image: the start image
-        of an image-to-video model, as 'image:NAME' (an image uploaded in the Infer tab)."""
+        of an image-to-video model, as 'image:NAME' (from /upload_image or the Infer tab)."""
         values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt,
                       width=width, height=height, num_frames=num_frames, steps=steps,
                       guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed,
                       fps=fps, num_videos=num_videos, fuse_loras=fuse_loras, image=image)
         return _wrap(api, api.generate)(values, request=request)
+
+    def upload_image(image: str, name: str = "image", request: gr.Request = None) -> dict:
+        """Keep a start image among the caller's uploads: image as base64 or a data URL of a png, jpg or
+        webp (at most 20 MB); returns {"image": "image:NAME"} for /generate."""
+        return {"image": _wrap(api, api.upload_image_data)(image, name, request=request)}
 
     def generation_status(request_id: str, request: gr.Request = None) -> dict:
         """State (queued, waiting, loading, running, succeeded, failed, cancelled, lost), step, ETA, error,
@@ -166,6 +171,7 @@ def register_api(api: StudioApi) -> None:
     for action in ("stop", "cancel", "resume", "save"):
         call(f"{action}_job", control(action))
     call("generate", generate)
+    call("upload_image", upload_image)
     call("generation_status", generation_status)
     call("cancel_generation", cancel_generation)
     call("list_generations", list_generations)

@@ -95,11 +95,14 @@ def build_server(api: StudioApi, user: User) -> MCPServer:
     @tool
     def generate(prompt: str, model: str = "demo", negative_prompt: str = "", width: int | None = None,
                  height: int | None = None, num_frames: int | None = None, steps: int | None = None,
-                 seed: int | None = None, loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 seed: int | None = None, loras: list[dict[str, Any]] | None = None,
+                 image: str | None = None) -> dict[str, Any]:
         """Queue a video. model: 'demo' or a local diffusers folder; sizes left out take the model's
-        defaults; loras: [{"lora": "job:ID/epochN" or "upload:NAME", "weight": 1.0}]."""
+        defaults; loras: [{"lora": "job:ID/epochN" or "upload:NAME", "weight": 1.0}]. image: the start
+        image of an image-to-video model: 'image:NAME' of an upload, or a png/jpg as base64 or a data URL."""
         request = {"prompt": prompt, "model": model, "negative_prompt": negative_prompt, "width": width,
-                   "height": height, "num_frames": num_frames, "steps": steps, "seed": seed, "loras": loras or []}
+                   "height": height, "num_frames": num_frames, "steps": steps, "seed": seed, "loras": loras or [],
+                   "image": api.image_reference(user, image)}
         return api.generate(user, request)
 
     @tool
