@@ -87,6 +87,8 @@ def test_mcp_generate_takes_a_start_image_and_refuses_other_kinds(tmp_path: Path
         await server.call_tool("generate", {"prompt": "a green square", "image": data_url(image)})
 
     asyncio.run(session())
+    with pytest.raises(ValueError, match="at most 20 MB"):  # refused before decoding
+        users_api.upload_image_data(alice, "iVBORw0K" * (4 * 2**20))
     assert len(users_api.list_generations(alice, 50, 0)) == 1  # the refused ones queued nothing
     stored = list((users_api.user_uploads(alice) / "images").glob("*.png"))
     assert [f.read_bytes() for f in stored] == [image.read_bytes()]
