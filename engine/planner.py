@@ -22,7 +22,7 @@ from engine.planner_shapes import Clip, ModelShape
 logger = logging.getLogger(__name__)
 
 __all__ = ["DeviceSet", "Workload", "Estimate", "Suggestion", "Plan", "plan_training", "estimate", "suggest",
-           "advice_after_oom"]
+           "advice_after_oom", "duration_text"]
 
 
 # ---- fitting: the cheapest change ---------------------------------------------------------------------
@@ -62,7 +62,7 @@ class Plan:
         peak = e.gpu_peak_gib if self.device.kind == "gpu" else e.host_ram_gib
         lines = [f"{'fits' if e.fits else 'does not fit'}: {where} peak ~{peak:.1f} GiB of {e.memory_gib:.1f} GiB usable "
                  f"on {self.device} (largest clip {self.clip}, {self.tokens:,} tokens)",
-                 f"~{e.s_per_step:.2f} s/step at that clip" + (f", ~{_duration(e.total_s)} for {e.steps} steps"
+                 f"~{e.s_per_step:.2f} s/step at that clip" + (f", ~{duration_text(e.total_s)} for {e.steps} steps"
                                                                 if e.total_s is not None else "")]
         if self.device.kind == "gpu":
             lines.append(f"host RAM ~{e.host_ram_gib:.1f} GiB")
@@ -75,7 +75,7 @@ class Plan:
         return lines + e.notes
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

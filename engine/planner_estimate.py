@@ -20,7 +20,7 @@ from engine.planner_shapes import Clip, ModelShape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceSet", "Workload", "Estimate", "estimate", "workload_for", "memory_cap_gib", "GIB"]
+__all__ = ["DeviceSet", "Workload", "Estimate", "estimate", "workload_for", "memory_cap_gib", "GIB", "block_forward_flops"]
 
 GIB = 2**30
 TEXT_TOKENS = 512  # Wan's cross-attention length
@@ -352,12 +352,20 @@ def _attention_kernel(cfg: TrainConfig, rates: CardRates) -> str:
     return name if name in rates.attention_tflops else next(iter(rates.attention_tflops))
 
 
+def block_forward_flops(shape: ModelShape, clip: Clip) -> tuple[float, float]:
+    """FLOPs of one block's forward on one sample: (linears, attention). Training and the inference
+    CPU estimate (engine.inference.estimate) both count from here."""
+    tokens, d, f = shape.tokens(clip), shape.width, shape.ffn
+    f_lin = 12 * tokens * d * d + 4 * tokens * d * f + 4 * TEXT_TOKENS * d * d
+    f_att = 4 * tokens * tokens * d + 4 * tokens * TEXT_TOKENS * d
+    return f_lin, f_att
+
+
 def _micro_seconds(cfg: TrainConfig, shape: ModelShape, clip: Clip, rates: CardRates, on_gpu: bool,
                    notes: list[str] | None = None) -> float:
     """One forward + backward of one micro-batch on one device."""
-    batch, tokens, d, f, layers = cfg.micro_batch_size_per_gpu, shape.tokens(clip), shape.width, shape.ffn, shape.layers
-    f_lin = 12 * tokens * d * d + 4 * tokens * d * f + 4 * TEXT_TOKENS * d * d
-    f_att = 4 * tokens * tokens * d + 4 * tokens * TEXT_TOKENS * d
+    batch, tokens, d, layers = cfg.micro_batch_size_per_gpu, shape.tokens(clip), shape.width, shape.layers
+    f_lin, f_att = block_forward_flops(shape, clip)
     ckpt = cfg.activation_checkpointing
     recompute_attention = 1 if _checkpointing(cfg) in ("full", "offload") else 0
     kernel = _attention_kernel(cfg, rates)

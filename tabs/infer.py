@@ -74,6 +74,14 @@ def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationVi
                           timings=status.get("timings"), item_id=item_id)
 
 
+def queued_notice(api: StudioApi, user: User, request_id: str) -> str:
+    """The notice under Generate: queued, with the request's warning (a long CPU estimate) when it has one."""
+    warning = api.generation_status(user, request_id).get("warning")
+    if warning:
+        return message(f"request {request_id} queued; {warning}", "info")
+    return message(f"request {request_id} queued", "ok")
+
+
 LORA_REFERENCE_PREFIXES = ("job:", "upload:")  # the picker's values (studio.api_media.lora_choices)
 
 
@@ -204,7 +212,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
             check_lora_picks(api, user, req["loras"])
             rid = api.generate(user, with_start_image(api, user, req))["request_id"]
         # The previous result goes: what shows belongs to this request.
-        return (rid, progress_bar(0.0, "queued"), "", message(f"request {rid} queued", "ok"), gr.update(visible=False),
+        return (rid, progress_bar(0.0, "queued"), "", queued_notice(api, user, rid), gr.update(visible=False),
                 None, "")
 
     # Queued: bring the progress and the coming video into sight.

@@ -64,3 +64,11 @@ def test_infer_rejects_bad_values_before_any_model_work(studio_home: Path, capsy
     code, _, err = cli(capsys, "--home", str(studio_home), "infer", "--model", str(studio_home / "none"),
                        "--prompt", "x", "--width", "64", "--height", "64", "--frames", "5")
     assert code == 2 and "model" in err
+
+
+@pytest.mark.slow
+def test_a_tiny_demo_request_on_cpu_does_not_warn(studio_home: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = cli(capsys, "--home", str(studio_home), "infer", "--model", "demo", "--prompt", "a star",
+                         "--width", "32", "--height", "32", "--frames", "5", "--steps", "2", "--owner", "carol")
+    assert code == 0 and "seed" in out, err[-2000:]
+    assert "warning:" not in err  # the long-request warning is for long requests only

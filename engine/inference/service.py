@@ -33,8 +33,9 @@ from typing import Any
 
 from engine.config import ConfigError
 from engine.gallery import Gallery
+from engine.inference.estimate import cpu_warning
 from engine.inference.request import SPATIAL_MULTIPLE, TEMPORAL_STRIDE, InferRequest, resolve_lora_path
-from engine.inference.slots import Slot
+from engine.inference.slots import Slot, _cuda_available
 from engine.inference.speed import InferenceSpeed
 from engine.inference.tracking import DURABLE_FIELDS, TERMINAL_STATES, DeviceScheduler, RequestState, Tracked
 from engine.launcher import is_same_process, process_identity
@@ -98,7 +99,10 @@ class InferenceService:
         if req.flow_shift is None:
             req = req.model_copy(update={"flow_shift": _model_flow_shift(Path(model_path))})
         tracked = Tracked(id=uuid.uuid4().hex[:12], owner=owner, request=req, model_path=str(model_path),
-                           lora_files=lora_files, total_steps=req.steps * req.num_videos)
+                           lora_files=lora_files, total_steps=req.steps * req.num_videos,
+                           warning=cpu_warning(Path(model_path), req) if self._on_cpu() else None)
+        if tracked.warning:
+            log.warning("inference %s: %s", tracked.id, tracked.warning)
         self.requests.insert(**tracked.row(), service_pid=self._identity[0], service_start_time=self._identity[1])
         with self._lock:
             self._requests[tracked.id] = tracked
@@ -252,6 +256,15 @@ class InferenceService:
             return path, info.spatial_multiple, info.temporal_stride
         except (ValueError, OSError) as exc:  # not a Wan pipeline, or its config files are unreadable
             raise ConfigError("model", f"{path}: {exc}") from None
+
+    def _on_cpu(self) -> bool:
+        """Whether requests run on CPU slots here (no GPUs), as the worker slots decide."""
+        if self.scheduler is None:
+            return not _cuda_available()
+        try:
+            return all(device < 0 for device in self.scheduler.device_pool())
+        except Exception:  # no inventory right now: say nothing rather than guess
+            return False
 
     def _check_loras(self, req: InferRequest) -> list[str]:
         from engine.lora import LoraError, validate_lora

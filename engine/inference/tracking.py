@@ -47,6 +47,7 @@ class Tracked:
     worker: str | None = None
     waiting_for: str | None = None  # while "waiting": what holds the devices
     cancel_requested: bool = False  # asked from another process; its service stops it within a second
+    warning: str | None = None  # said before it starts: a long CPU estimate (engine.inference.estimate)
     done: threading.Event = field(default_factory=threading.Event)
     persisted_at: float = 0.0  # monotonic time of the last progress write
 
@@ -74,4 +75,5 @@ class Tracked:
                 "seed": self.request.seed, "created_at": self.created_at, "started_at": self.started_at,
                 "ended_at": self.ended_at, "worker": self.worker, "request": self.request.to_dict(),
                 "waiting_for": self.waiting_for if self.state == "waiting" else None,
-                "cancel_requested": self.cancel_requested and self.state not in TERMINAL_STATES}
+                "cancel_requested": self.cancel_requested and self.state not in TERMINAL_STATES,
+                "warning": self.warning}

@@ -136,6 +136,9 @@ def run(args: argparse.Namespace, settings: StudioSettings) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        for warning in dict.fromkeys(service.status(rid).get("warning") for rid in request_ids):
+            if warning:  # a long CPU request says so before it runs; it is not refused
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         if store:
             _record(store, compare_id, owner, args.prompt, cells, request_ids)
         statuses = _follow(service, request_ids, TERMINAL_STATES)
