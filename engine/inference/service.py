@@ -33,9 +33,10 @@ from typing import Any
 
 from engine.config import ConfigError
 from engine.gallery import Gallery
+from engine.gpus import on_cpu
 from engine.inference.estimate import cpu_warning
 from engine.inference.request import SPATIAL_MULTIPLE, TEMPORAL_STRIDE, InferRequest, resolve_lora_path
-from engine.inference.slots import Slot, _cuda_available
+from engine.inference.slots import Slot, cuda_available
 from engine.inference.speed import InferenceSpeed
 from engine.inference.tracking import DURABLE_FIELDS, TERMINAL_STATES, DeviceScheduler, RequestState, Tracked
 from engine.launcher import is_same_process, process_identity
@@ -260,9 +261,9 @@ class InferenceService:
     def _on_cpu(self) -> bool:
         """Whether requests run on CPU slots here (no GPUs), as the worker slots decide."""
         if self.scheduler is None:
-            return not _cuda_available()
+            return not cuda_available()
         try:
-            return all(device < 0 for device in self.scheduler.device_pool())
+            return on_cpu(self.scheduler.device_pool())
         except Exception:  # no inventory right now: say nothing rather than guess
             return False
 

@@ -245,7 +245,7 @@ class Slot(threading.Thread):
     def _acquire(self, tracked: Tracked) -> list[int] | None:
         svc = self.service
         if svc.scheduler is None:
-            return [-1] if not _cuda_available() else [0]
+            return [-1] if not cuda_available() else [0]
         while not svc._stopping.is_set():
             with svc._lock:
                 if tracked.state in TERMINAL_STATES:
@@ -361,7 +361,7 @@ class Slot(threading.Thread):
                 log.warning("%s: could not release devices", self.holder, exc_info=True)
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
     try:
         import torch
 
