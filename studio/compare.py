@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.inference.tracking import TERMINAL_STATES
+
 log = logging.getLogger(__name__)
 
 __all__ = ["MAX_CELLS", "NO_LORA", "CompareAxes", "Cell", "CompareRecord", "CompareStore", "expand_cells",
@@ -32,7 +34,6 @@ __all__ = ["MAX_CELLS", "NO_LORA", "CompareAxes", "Cell", "CompareRecord", "Comp
 
 MAX_CELLS = 16  # videos per comparison: as many as one request may ask for (num_videos)
 NO_LORA = "none"  # a row without the compared LoRA: the base model (with the rest of the stack)
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "lost"})
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def compare_view(record: CompareRecord, status_of: Callable[[str], dict[str, Any
         cells.append({**cell, "state": status.get("state"), "gallery_ids": list(status.get("gallery_ids") or []),
                       "seed": (status.get("request") or {}).get("seed"), "error": status.get("error")})
     states = [c["state"] for c in cells]
-    if any(s not in TERMINAL for s in states):
+    if any(s not in TERMINAL_STATES for s in states):
         state = "running" if any(s in ("loading", "running") for s in states) else "queued"
     else:
         state = "succeeded" if all(s == "succeeded" for s in states) else (
