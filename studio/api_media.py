@@ -182,7 +182,8 @@ class MediaApi:
         req = InferRequest.from_dict({**values, "loras": specs}).validate()
         request_id = self.ctx.inference.submit(req, owner=user.name)
         log.info("user %s submitted generation %s", user.name, request_id)
-        return {"request_id": request_id}
+        # said at once, not only on the next status call: the service decided it when it queued the request
+        return {"request_id": request_id, "warning": self.ctx.inference.status(request_id).get("warning")}
 
     def _own_request(self, user: User, request_id: str) -> dict[str, Any]:
         try:

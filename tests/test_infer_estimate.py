@@ -1,6 +1,8 @@
 """A generation's CPU time, estimated before it starts: a long one warns, a demo-sized one does not."""
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -62,6 +64,15 @@ def test_cpu_service_status_carries_the_warning_of_a_long_request_only(tmp_path:
         assert svc.status(tiny)["warning"] is None
         warning = svc.status(long)["warning"]
         assert warning and "estimated at about" in warning and ("minutes" in warning or " h " in warning)
+        # A restart: this service's process is gone (another start time), a new one adopts the queued
+        # request from the database alone and still has its warning.
+        svc.requests.update(long, service_start_time=1.0)
+        later = InferenceService(Database(layout.db_path), layout, scheduler, Gallery(db, layout), idle_timeout_s=3)
+        try:
+            assert later.status(long)["warning"] == warning and later.status(tiny)["warning"] is None
+            assert later.list("alice")[0]["warning"] == warning
+        finally:
+            later.shutdown()
         for request_id in (tiny, long):
             svc.cancel(request_id)
         deadline = time.monotonic() + 10
@@ -75,18 +86,25 @@ def test_cpu_service_status_carries_the_warning_of_a_long_request_only(tmp_path:
 def test_api_status_and_infer_tab_notice_carry_the_warning(api) -> None:
     """Through the studio's API (as the HTTP API and the Infer tab use it); the only CPU slot is held."""
     from studio.auth import User
+    from studio.mcp_server import build_server
     from tabs import infer
 
     if api.ctx.scheduler.device_pool() != [-1]:
         pytest.skip("this machine has GPUs: requests do not run on CPU")
     assert api.ctx.scheduler.acquire_devices("training-job", 1) == [-1]
     alice = User("alice")
-    tiny = api.generate(alice, {"model": "demo", "prompt": "a star"})["request_id"]
-    long = api.generate(alice, {"model": "demo", "prompt": "a star", "width": 832, "height": 480,
-                                "num_frames": 81, "steps": 30})["request_id"]
+    tiny_answer = api.generate(alice, {"model": "demo", "prompt": "a star"})
+    long_answer = api.generate(alice, {"model": "demo", "prompt": "a star", "width": 832, "height": 480,
+                                       "num_frames": 81, "steps": 30})
+    tiny, long = tiny_answer["request_id"], long_answer["request_id"]
+    assert tiny_answer["warning"] is None and "estimated at about" in long_answer["warning"]  # said at once
     assert api.generation_status(alice, tiny)["warning"] is None
-    assert "estimated at about" in api.generation_status(alice, long)["warning"]
+    assert api.generation_status(alice, long)["warning"] == long_answer["warning"]
     assert "estimated" not in infer.queued_notice(api, alice, tiny) and "queued" in infer.queued_notice(api, alice, tiny)
     assert "runs on CPU and is estimated at about" in infer.queued_notice(api, alice, long)
-    for request_id in (tiny, long):
+    by_agent = asyncio.run(build_server(api, alice).call_tool("generate", {
+        "prompt": "a star", "width": 832, "height": 480, "num_frames": 81, "steps": 30}))
+    text = "".join(getattr(block, "text", "") for block in by_agent.content)  # what the agent reads
+    assert json.loads(text)["warning"] == long_answer["warning"]
+    for request_id in (tiny, long, json.loads(text)["request_id"]):
         api.cancel_generation(alice, request_id)

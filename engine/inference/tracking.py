@@ -55,7 +55,7 @@ class Tracked:
         """The database row of a new request (engine.store.requests)."""
         return {"id": self.id, "owner": self.owner, "request": self.request.to_dict(), "model_path": self.model_path,
                 "lora_files": list(self.lora_files), "total_steps": self.total_steps, "created_at": self.created_at,
-                **{name: getattr(self, name) for name in DURABLE_FIELDS}}
+                "warning": self.warning, **{name: getattr(self, name) for name in DURABLE_FIELDS}}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Tracked":
@@ -64,6 +64,7 @@ class Tracked:
         for name in ("step", "total_steps", "created_at", *DURABLE_FIELDS):
             setattr(tracked, name, row[name])
         tracked.cancel_requested = bool(row.get("cancel_requested"))
+        tracked.warning = row.get("warning")
         if tracked.state in TERMINAL_STATES:
             tracked.done.set()
         return tracked

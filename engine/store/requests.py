@@ -43,6 +43,8 @@ MIGRATIONS: list[str] = [
     """,
     # v2: a cancel asked by another process (CLI, API of another app); the owning service reads it
     "ALTER TABLE generation_requests ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;",
+    # v3: what the request said before it started (a long CPU estimate): a recovered request keeps it
+    "ALTER TABLE generation_requests ADD COLUMN warning TEXT;",
 ]
 
 _JSON_COLUMNS = {"request": "request_json", "lora_files": "lora_files_json", "gallery_ids": "gallery_ids_json",
