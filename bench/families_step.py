@@ -13,7 +13,7 @@ Cases (all by default; `--cases` or the FAMILY_CASES environment variable picks 
 Each case builds its model with random weights of the published shapes on the GPU
 (engine.families.wan_random.build_real_shape_family; the A14B experts share one 28 GB weight file on
 disk), writes one 832x480 clip (trained at 848x480, TI2V-5B at 832x480), runs
-`python -m studio train --gpus 0 --follow` for `--steps` optimizer steps (activation checkpointing,
+`python -m studio train --gpus N --follow` (N: `--gpu`, default 0) for `--steps` optimizer steps (activation checkpointing,
 rank 32, bf16), and records from the run's events the seconds of every step (the first includes
 warm-up; `s_per_step` is the median of the others), the peak GPU memory of the steps (torch's max
 allocated; with offload, counted from after DeepSpeed's start-up, which holds both experts a moment),
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per case (default 4)")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--gpu", type=int, default=0,
+                        help="nvidia-smi index of the GPU (to run cases on several GPUs at once)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
     args = parser.parse_args(argv)
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -80,13 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     for index, case in enumerate(wanted):
         family = CASES[case][0]
         model = work / f"model-{family}"
-        emit(run_case(case, work / case, model, args.frames, args.steps, args.smoke), args.out)
+        emit(run_case(case, work / case, model, args.frames, args.steps, args.smoke, args.gpu), args.out)
         if index + 1 == len(wanted) or CASES[wanted[index + 1]][0] != family:
             shutil.rmtree(model, ignore_errors=True)
     return 0
 
 
-def run_case(case: str, folder: Path, model: Path, frames: int, steps: int, smoke: bool = False) -> dict:
+def run_case(case: str, folder: Path, model: Path, frames: int, steps: int, smoke: bool = False,
+             gpu: int = 0) -> dict:
     family, model_overrides = CASES[case]
     size = (64, 64) if smoke else (WIDTH, HEIGHT)
     trained = size if smoke else (832 if family == "wan22_ti2v_5b" else 848, HEIGHT)  # the bucket (BUCKETS)
@@ -98,14 +101,14 @@ def run_case(case: str, folder: Path, model: Path, frames: int, steps: int, smok
         if not (model / "model_index.json").is_file():  # else built for the case before, same family
             builder = (f"build_tiny_family({str(model)!r}, {family!r})" if smoke else
                        f"build_real_shape_family({str(model)!r}, {family!r}, device='cuda')")
-            _python(f"from engine.families.wan_random import build_real_shape_family, build_tiny_family; {builder}")
+            _python(f"from engine.families.wan_random import build_real_shape_family, build_tiny_family; {builder}", gpu)
             record["build_s"] = round(time.monotonic() - started, 1)
         config = _write_config(folder, model, frames, steps, model_overrides, size, smoke)
         started = time.monotonic()
         home = folder / "home"
-        devices = [] if smoke else ["--gpus", "0"]
+        devices = [] if smoke else ["--gpus", str(gpu)]
         result = subprocess.run([sys.executable, "-m", "studio", "--home", str(home), "train", str(config), *devices,
-                                 "--follow", "--owner", "bench"], cwd=REPO_ROOT, env=_env(),
+                                 "--follow", "--owner", "bench"], cwd=REPO_ROOT, env=_env(gpu),
                                 capture_output=True, text=True, timeout=1800)
         record["job_s"] = round(time.monotonic() - started, 1)
         record.update(_read_run(home))
@@ -147,7 +150,7 @@ def _read_run(home: Path) -> dict:
     """Step times, peak memory, experts and switch times of the (only) run under the studio home."""
     import json
 
-    runs = sorted((home / "runs").glob("*"))
+    runs = sorted(path.parent for path in (home / "runs").rglob("metrics.jsonl"))  # runs/<user>/<run>/
     if not runs:
         return {"ended": None}
     run = runs[-1]
@@ -166,12 +169,13 @@ def _read_run(home: Path) -> dict:
     return out
 
 
-def _python(code: str) -> None:
-    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(), check=True, timeout=1200)
+def _python(code: str, gpu: int) -> None:
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(gpu), check=True, timeout=1200)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "0",
+def _env(gpu: int) -> dict[str, str]:
+    # The job itself is placed by `--gpus` (the launcher sets its CUDA_VISIBLE_DEVICES); this picks the builder's.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": str(gpu),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 

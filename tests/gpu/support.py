@@ -31,6 +31,9 @@ from tests.ui_support import wait_for  # noqa: F401 - one polling helper for all
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("STUDIO_GPU_ARTIFACTS", REPO_ROOT / "test-artifacts" / "gpu"))
 JOB_TIMEOUT_S = 900
+# The GPU (nvidia-smi index) of the one-GPU cases that name it: several such files can run at once on a
+# machine with more GPUs, one per card (STUDIO_TEST_GPU=2 python3 -m pytest ...).
+ONE_GPU = int(os.environ.get("STUDIO_TEST_GPU", "0"))
 
 
 def gpus() -> list:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu.support import (REPO_ROOT, events, explain, gpus, job, needs_gpus, of_kind, ok, queued_job_id, record,
-                               seconds_per_step, studio, studio_env, write_config)
+from tests.gpu.support import (ONE_GPU, REPO_ROOT, events, explain, gpus, job, needs_gpus, of_kind, ok, queued_job_id,
+                               record, seconds_per_step, studio, studio_env, write_config)
 from tests.gpu.test_real_shape import dataset, root  # noqa: F401 - fixtures: the real-shape 480x832 clips
 
-pytestmark = needs_gpus(1)
+pytestmark = needs_gpus(ONE_GPU + 1)
 
 CAP_GIB = {"1.3B": 8, "14B": 24}
 PLAN_TIME_RTOL, PLAN_MEMORY_RTOL = 0.20, 0.10  # the bounds
@@ -43,7 +43,7 @@ def test_base_weights_swap_offload_and_fp8_on_cuda_against_bf16() -> None:
     names = "swap,offload,fp8,fp8+swap" if fp8 else "swap,offload"
     result = subprocess.run([sys.executable, "bench/base_weights_check.py", "--device", "cuda", "--preset", "1.3B",
                              "--frames", "33", "--swap", "20", "--steps", "2", "--variants", names], cwd=REPO_ROOT,
-                            env=studio_env({"CUDA_VISIBLE_DEVICES": "0"}), capture_output=True, text=True, timeout=900)
+                            env=studio_env({"CUDA_VISIBLE_DEVICES": str(ONE_GPU)}), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     for row in rows:
@@ -76,7 +76,7 @@ def models(root: Path):  # noqa: F811 - the imported fixture
             code = ("import sys; from engine.families.wan_random import build_real_shape_wan; "
                     "build_real_shape_wan(sys.argv[1], sys.argv[2], device='cuda')")
             subprocess.run([sys.executable, "-c", code, str(path), preset], cwd=REPO_ROOT, check=True, timeout=1200,
-                           env=studio_env({"CUDA_VISIBLE_DEVICES": "0"}))
+                           env=studio_env({"CUDA_VISIBLE_DEVICES": str(ONE_GPU)}))
             built[preset] = path
         return built[preset]
 
@@ -96,7 +96,7 @@ def _planned_config(home: Path, name: str, model: Path, dataset: Path, cache: Pa
                         "frame_buckets": [81], "directory": [{"path": str(dataset), "num_repeats": 4}]}}
     path = write_config(home / "configs" / f"{name}.toml", base)
     cfg = TrainConfig.from_toml_file(path)
-    card = gpus()[0]
+    card = gpus()[ONE_GPU]
     devices = DeviceSet.gpus(card.name, cap_gib or (card.memory_total_mib or 0) / 1024)  # this card's rates
     first = plan_training(cfg, devices)
     if first.suggestion:
@@ -119,7 +119,7 @@ def test_run_through_a_studio_job_matches_the_plan(preset: str, capped: bool, tm
     home = tmp_path / "home"
     config, plan = _planned_config(home, name, models(preset), dataset, root / "cache", cap)
     env = {"STUDIO_GPU_MEMORY_CAP_GIB": str(cap)} if cap else {}
-    job_id = queued_job_id(ok(studio(home, "train", str(config), "--gpus", "0", "--name", name, "--follow",
+    job_id = queued_job_id(ok(studio(home, "train", str(config), "--gpus", str(ONE_GPU), "--name", name, "--follow",
                                      env=studio_env(env))))
     done = job(home, job_id)
     assert done.status.value == "succeeded", explain(home, job_id)
