@@ -1,7 +1,8 @@
 """The gallery: every generated video with exactly the settings that made it.
 
-Media live in `<STUDIO_HOME>/gallery/<owner's folder>/<id>/` (video.mp4, poster.png, meta.json),
-outside any web cache; items made before the per-user folders stay in `gallery/<id>/` and are found
+Media live in `<STUDIO_HOME>/gallery/<owner's folder>/<id>/` (video.mp4, poster.png, meta.json, and
+start_image.<png|jpg|...>, a copy of the start image of an image-to-video generation, so the item can be
+made again after the upload is gone), outside any web cache; items made before the per-user folders stay in `gallery/<id>/` and are found
 there. The record lives in SQLite. `add()` moves the finished files into place, writes the sidecar,
 then commits the record; on start, folders whose record is missing (a crash between the two) are
 re-registered from their sidecar, so no finished video is ever lost.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.inference.export import DISPLAY_FILE, META_FILE, POSTER_FILE, VIDEO_FILE, write_json
+from engine.inference.export import DISPLAY_FILE, META_FILE, POSTER_FILE, START_IMAGE_STEM, VIDEO_FILE, write_json
 from engine.paths import DataLayout, user_folder
 from engine.store.db import Database
 from engine.store.gallery import GalleryFilter, GalleryStore
@@ -73,6 +74,18 @@ class GalleryItem:
     def meta_path(self) -> Path:
         return self.dir / META_FILE
 
+    @property
+    def start_image(self) -> Path | None:
+        """The start image this video was made from: the item's own copy, else (an item made before
+        copies were kept) the file the request named while it is still there; None for text-to-video."""
+        if not self.params.get("image"):
+            return None
+        kept = sorted(self.dir.glob(f"{START_IMAGE_STEM}.*"))
+        if kept:
+            return kept[0]
+        named = Path(self.params["image"])
+        return named if named.is_file() else None
+
     def to_meta(self) -> dict[str, Any]:
         """The JSON sidecar: everything needed to regenerate this video."""
         return {"id": self.id, "owner": self.owner, "created_at": self.created_at, "model": self.model,
@@ -115,6 +128,7 @@ class Gallery:
         media_dir = Path(media_dir)
         if not (media_dir / VIDEO_FILE).is_file():
             raise GalleryError(f"{media_dir}: no {VIDEO_FILE} to add")
+        _keep_start_image(params.get("image"), media_dir)
         item_id = f"{time.strftime('%Y%m%d')}-{uuid.uuid4().hex[:10]}"
         loras = [{"path": str(l["path"]), "name": lora_display_name(str(l["path"])), "weight": float(l["weight"])}
                  for l in params.get("loras", [])]
@@ -229,7 +243,8 @@ class Gallery:
             shutil.rmtree(folder, ignore_errors=True)
 
     def export_zip(self, ids: list[str]) -> Path:
-        """A zip of the selected items (`<id>/video.mp4`, `poster.png`, `meta.json`) under exports/."""
+        """A zip of the selected items (`<id>/video.mp4`, `poster.png`, `meta.json`, the start image if any)
+        under exports/."""
         if not ids:
             raise GalleryError("nothing selected to export")
         items = [self.get(item_id) for item_id in dict.fromkeys(ids)]
@@ -238,13 +253,27 @@ class Gallery:
         tmp = target.with_name(target.name + ".tmp")
         with zipfile.ZipFile(tmp, "w") as archive:
             for item in items:
-                for name in (VIDEO_FILE, POSTER_FILE, META_FILE):
-                    path = item.dir / name
-                    if path.is_file():  # mp4/png are already compressed: store them as they are
+                files = [(item.dir / name, name) for name in (VIDEO_FILE, POSTER_FILE, META_FILE)]
+                image = item.start_image
+                if image is not None:
+                    files.append((image, START_IMAGE_STEM + image.suffix.lower()))
+                for path, name in files:
+                    if path.is_file():  # mp4/png/jpg are already compressed: store them as they are
                         method = zipfile.ZIP_DEFLATED if name == META_FILE else zipfile.ZIP_STORED
                         archive.write(path, f"{item.id}/{name}", compress_type=method)
         tmp.replace(target)
         return target
+
+
+def _keep_start_image(image: str | None, media_dir: Path) -> None:
+    """Copy a request's start image beside its video: the item keeps it when the upload is deleted."""
+    if not image:
+        return
+    source = Path(image)
+    try:
+        shutil.copyfile(source, media_dir / f"{START_IMAGE_STEM}{source.suffix.lower() or '.png'}")
+    except OSError as exc:  # the video is what matters; reuse falls back to the request's own file
+        log.warning("could not keep the start image %s with the video: %s", source.name, exc)
 
 
 def _visible_dirs(folder: Path) -> list[Path]:

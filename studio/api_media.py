@@ -20,6 +20,7 @@ from studio.datasets import safe_name
 
 log = logging.getLogger(__name__)
 
+IMAGE_REFERENCES = ("image:", "gallery:")  # an upload of the user's; the start image of a gallery item of theirs
 MAX_IMAGE_MB = 20  # a start image sent as text (HTTP API, MCP); base64 makes it a third larger on the wire
 # Kinds told by their first bytes, not by a name the sender chose.
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"))
@@ -137,6 +138,8 @@ class MediaApi:
         if src.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
             raise ValueError(f"{src.name}: a start image must be a png, jpg, webp or bmp file")
         target_dir = self.user_uploads(user) / "images"
+        if src.parent.resolve() == target_dir.resolve():  # already one of theirs (a gallery item's named upload)
+            return f"image:{src.name}"
         target_dir.mkdir(parents=True, exist_ok=True)
         name = f"{safe_name(src.stem, 'image')}-{file_hash(src)[:10]}{src.suffix.lower()}"  # kept as generated from
         shutil.copyfile(src, target_dir / name)
@@ -152,16 +155,24 @@ class MediaApi:
             return self.upload_image(user, file)
 
     def image_reference(self, user: User, image: str | None) -> str | None:
-        """A start image as a request takes it: an 'image:NAME' reference as given, base64 or a data
-        URL stored as the user's upload first (MCP)."""
-        if not image or str(image).startswith("image:"):
+        """A start image as a request takes it: an 'image:NAME' or 'gallery:ID' reference as given, base64
+        or a data URL stored as the user's upload first (MCP)."""
+        if not image or str(image).startswith(IMAGE_REFERENCES):
             return image or None
         return self.upload_image_data(user, image)
 
     def start_image(self, user: User, reference: str) -> Path:
-        """The file of an 'image:NAME' upload of this user (never another path on the server)."""
+        """The file of an 'image:NAME' upload of this user, or the start image a gallery item of theirs was
+        made from ('gallery:ID', kept among their uploads again so a queued request does not depend on the
+        item); never another path on the server."""
+        if str(reference).startswith("gallery:"):
+            image = self.own_item(user, str(reference)[8:]).start_image
+            if image is None:
+                raise FileNotFoundError(f"{reference}: that video was made without a start image, or it is gone")
+            reference = self.upload_image(user, image)
         if not str(reference).startswith("image:"):
-            raise ValueError(f"image {reference!r}: upload the start image first and give its 'image:NAME'")
+            raise ValueError(f"image {reference!r}: upload the start image first and give its 'image:NAME' "
+                             "(or 'gallery:ID' of a video made from one)")
         file = self.user_uploads(user) / "images" / safe_name(str(reference)[6:], "image.png")
         if not file.is_file():
             raise FileNotFoundError(f"{reference}: no such uploaded image")
@@ -234,9 +245,12 @@ class MediaApi:
 
     @staticmethod
     def item_dict(item: Any) -> dict[str, Any]:
-        """JSON of a gallery item without server paths (LoRAs are named, not located)."""
+        """JSON of a gallery item without server paths (LoRAs are named, not located; a start image is
+        'gallery:ID', which /generate takes to make the video again from it)."""
         data = asdict(item)
         data.pop("dir", None)
+        if data["params"].get("image"):
+            data["params"]["image"] = f"gallery:{item.id}"
         return without_paths(data)
 
     def gallery_item(self, user: User, item_id: str) -> dict[str, Any]:

@@ -84,7 +84,8 @@ def register_api(api: StudioApi) -> None:
         """Queue a generation; loras: [{"lora": "job:ID/epochN" | "upload:NAME", "weight": 0.8}]; seed -1 =
         random. Sizes and sampling left out take the model's defaults (demo 64x64x17, 20 steps; Wan
         832x480x81, 30 steps; flow_shift the model's own), as in the UI and the CLI. image: the start image
-        of an image-to-video model, as 'image:NAME' (from /upload_image or the Infer tab)."""
+        of an image-to-video model, as 'image:NAME' (from /upload_image or the Infer tab), or 'gallery:ID' (the
+        start image a gallery item was made from, as /gallery_item's params.image names it)."""
         values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt,
                       width=width, height=height, num_frames=num_frames, steps=steps,
                       guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed,
@@ -114,15 +115,16 @@ def register_api(api: StudioApi) -> None:
                 seeds: list[int] | None = None, model: str = "demo", loras: list[dict] | None = None,
                 negative_prompt: str = "", width: int | None = None, height: int | None = None,
                 num_frames: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                flow_shift: float | None = None, seed: int = -1, fps: int | None = None,
+                flow_shift: float | None = None, seed: int = -1, fps: int | None = None, image: str | None = None,
                 request: gr.Request = None) -> dict:
         """Queue a comparison: one prompt and seed over LoRAs (rows: 'job:ID/epochN', 'job:ID/*' = every save
         of a run, 'upload:NAME', 'none' = without), weights of the compared LoRA and seeds (columns), at most
-        16 videos, queued whole or not at all. loras: the rest of the stack, as /generate takes it. Returns
+        16 videos, queued whole or not at all. loras: the rest of the stack, and image (every cell's start
+        image), as /generate takes them. Returns
         {compare_id, state, rows, columns, cells: [{row, column, request_id, state, gallery_ids}]}."""
         values = dict(prompt=prompt, model=model, loras=loras or [], negative_prompt=negative_prompt, width=width,
                       height=height, num_frames=num_frames, steps=steps, guidance_scale=guidance_scale,
-                      flow_shift=flow_shift, seed=seed, fps=fps)
+                      flow_shift=flow_shift, seed=seed, fps=fps, image=image)
         return _wrap(api, api.compare)(values, compare_loras or [], weights or [], seeds or [], request=request)
 
     def compare_status(compare_id: str, request: gr.Request = None) -> dict:

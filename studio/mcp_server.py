@@ -99,7 +99,8 @@ def build_server(api: StudioApi, user: User) -> MCPServer:
                  image: str | None = None) -> dict[str, Any]:
         """Queue a video. model: 'demo' or a local diffusers folder; sizes left out take the model's
         defaults; loras: [{"lora": "job:ID/epochN" or "upload:NAME", "weight": 1.0}]. image: the start
-        image of an image-to-video model: 'image:NAME' of an upload, or a png/jpg as base64 or a data URL."""
+        image of an image-to-video model: 'image:NAME' of an upload, 'gallery:ID' (the one a gallery video
+        was made from), or a png/jpg as base64 or a data URL."""
         request = {"prompt": prompt, "model": model, "negative_prompt": negative_prompt, "width": width,
                    "height": height, "num_frames": num_frames, "steps": steps, "seed": seed, "loras": loras or [],
                    "image": api.image_reference(user, image)}
@@ -113,10 +114,12 @@ def build_server(api: StudioApi, user: User) -> MCPServer:
     @tool
     def compare(prompt: str, compare_loras: list[str] | None = None, weights: list[float] | None = None,
                 seeds: list[int] | None = None, model: str = "demo", seed: int | None = None,
-                loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                loras: list[dict[str, Any]] | None = None, image: str | None = None) -> dict[str, Any]:
         """Queue a comparison of one prompt and seed over LoRAs ('job:ID/epochN', 'job:ID/*' = every save
-        of a run, 'none' = without), weights and seeds: at most 16 videos, shown as rows x columns."""
-        request = {"prompt": prompt, "model": model, "seed": seed, "loras": loras or []}
+        of a run, 'none' = without), weights and seeds: at most 16 videos, shown as rows x columns. image:
+        the start image every cell starts from, as generate takes it."""
+        request = {"prompt": prompt, "model": model, "seed": seed, "loras": loras or [],
+                   "image": api.image_reference(user, image)}
         return api.compare(user, request, compare_loras or [], weights or [], seeds or [])
 
     @tool

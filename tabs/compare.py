@@ -19,7 +19,7 @@ from studio.compare import MAX_CELLS, NO_LORA, parse_axis
 from studio.files import link_epoch, served_url
 from studio.http_api import request_user, user_errors
 from studio.widgets import LoraStack, message, progress_bar
-from tabs.infer import InferHandles, form_request
+from tabs.infer import InferHandles, form_request, with_start_image
 
 
 # ---- handlers ----------------------------------------------------------------------------------------
@@ -32,8 +32,9 @@ def compare_lora_choices(api: StudioApi, user: User) -> list[tuple[str, str]]:
 
 def start_compare(api: StudioApi, user: User, request: dict[str, Any], loras: list[str] | None, weights: str,
                   seeds: str) -> tuple[str, str]:
-    """Queue the comparison; (its id, a note for the form)."""
-    view = api.compare(user, request, loras or [], parse_axis(weights, float, "weights"),
+    """Queue the comparison (the form's start image, if any, kept once: every cell starts from it);
+    (its id, a note for the form)."""
+    view = api.compare(user, with_start_image(api, user, request), loras or [], parse_axis(weights, float, "weights"),
                        parse_axis(seeds, int, "seeds"))
     cells = len(view["cells"])
     return view["compare_id"], message(f"comparison {view['compare_id']} queued: {cells} videos "
@@ -117,12 +118,13 @@ def build(api: StudioApi, infer: InferHandles, timer: gr.Timer) -> None:
         user = request_user(api, request)
         req = form_request({name: values[c] for c, name in by_component.items() if name != "num_videos"})
         req["loras"] = LoraStack.read(values[stack.visible], [values[c] for c in (*stack.refs, *stack.weights)])
+        req["image"] = values[infer.start_image]
         with user_errors(api):
             cid, text = start_compare(api, user, req, values[loras], values[weights], values[seeds])
         return cid, text, progress_bar(0.0, "queued"), "", ""
 
-    start.click(on_start, {*params.values(), stack.visible, *stack.refs, *stack.weights, loras, weights, seeds},
-                [compare_id, note, bar, grid, sig], api_visibility="private")
+    start.click(on_start, {*params.values(), stack.visible, *stack.refs, *stack.weights, infer.start_image, loras,
+                           weights, seeds}, [compare_id, note, bar, grid, sig], api_visibility="private")
 
     def on_cancel(cid: str | None, request: gr.Request):
         user = request_user(api, request)

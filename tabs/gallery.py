@@ -98,9 +98,18 @@ def delete_item(api: StudioApi, user: User, item_id: str | None) -> str:
     return message(f"deleted {item_id}", "ok")
 
 
-def reuse_values(api: StudioApi, user: User, item_id: str | None,
-                 names: list[str]) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
-    """An item's settings for the Infer form: (values of `names`, LoRA stack, LoRAs no longer there)."""
+@dataclass
+class Reuse:
+    """An item's settings for the Infer form."""
+
+    values: list[Any]  # of the form's fields, in the order asked
+    loras: list[dict[str, Any]]  # the LoRA stack, by the picker's references
+    missing: list[str]  # LoRAs no longer there
+    start_image: str | None  # a link to the start image it was made from (image-to-video), else None
+
+
+def reuse_values(api: StudioApi, user: User, item_id: str | None, names: list[str]) -> Reuse:
+    """An item's settings for the Infer form, its start image included (None clears the form's)."""
     record = api.own_item(user, _selected(item_id))
     params = dict(record.params or {})
     values = [record.seed if name == "seed" else params.get(name, getattr(record, name, None)) for name in names]
@@ -111,7 +120,8 @@ def reuse_values(api: StudioApi, user: User, item_id: str | None,
             loras.append({"lora": reference, "weight": lora.get("weight", 1.0)})
         else:
             missing.append(str(lora.get("name")))
-    return values, loras, missing
+    image = record.start_image
+    return Reuse(values, loras, missing, api.file_link(image) if image is not None else None)
 
 
 def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs) -> None:
@@ -219,13 +229,14 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
     def on_reuse(item_id: str | None, request: gr.Request):
         user = request_user(api, request)
         with user_errors(api):
-            values, loras, missing = reuse_values(api, user, item_id, list(infer_params))
-        filled = LoraStack.fill(loras)
+            reused = reuse_values(api, user, item_id, list(infer_params))
+        filled = LoraStack.fill(reused.loras)
         n = len(stack.refs)
         refs = [gr.update(choices=api.lora_choices(user), value=v) for v in filled[1:1 + n]]
-        notice = message(f"LoRA no longer available: {', '.join(missing)}", "error") if missing else ""
-        return [*values, filled[0], *refs, *filled[1 + n:], gr.Tabs(selected=infer.tab_id), notice]
+        notice = message(f"LoRA no longer available: {', '.join(reused.missing)}", "error") if reused.missing else ""
+        return [*reused.values, filled[0], *refs, *filled[1 + n:], reused.start_image, gr.Tabs(selected=infer.tab_id),
+                notice]
 
     reuse.click(on_reuse, selected,
-                [*infer_params.values(), stack.visible, *stack.refs, *stack.weights, *stack.rows, tabs, note],
-                api_visibility="private")
+                [*infer_params.values(), stack.visible, *stack.refs, *stack.weights, *stack.rows, infer.start_image,
+                 tabs, note], api_visibility="private")

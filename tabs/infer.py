@@ -43,8 +43,8 @@ class GenerationView:
 
 
 def with_start_image(api: StudioApi, user: User, req: dict[str, Any]) -> dict[str, Any]:
-    """An uploaded start image (a temporary file of the form) kept among the user's uploads, by reference
-    (the Compare and Reuse paths leave it out: `params` holds the text-to-video fields)."""
+    """The form's start image (a temporary file of the upload, or the link a reused gallery item put there)
+    kept among the user's uploads, by reference; Generate and Compare both send it this way."""
     if req.get("image"):
         req = {**req, "image": api.upload_image(user, req["image"])}
     return req
@@ -109,10 +109,11 @@ def stack_with_upload(api: StudioApi, user: User, file: str, loras: list[dict[st
 
 @dataclass
 class InferHandles:
-    """Components other tabs fill ("reuse in Infer" from the Gallery)."""
+    """Components other tabs fill ("reuse in Infer" from the Gallery) or read (Compare)."""
 
     params: dict[str, gr.components.Component]
     loras: LoraStack
+    start_image: gr.Image
     open_in_gallery: gr.Button
     last_item: gr.State
     tab_id: str = "infer"
@@ -242,4 +243,5 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
     timer.tick(poll, [request_id, shown],
                [progress, video, gallery_link, timings, shown, last_item, open_in_gallery], queue=False,
                show_progress="hidden", api_visibility="private")
-    return InferHandles(params=params, loras=stack, open_in_gallery=open_in_gallery, last_item=last_item)
+    return InferHandles(params=params, loras=stack, start_image=start_image, open_in_gallery=open_in_gallery,
+                        last_item=last_item)

@@ -112,3 +112,22 @@ def test_each_users_items_in_their_folder_and_an_old_layout_item_still_works(gal
     with pytest.raises(GalleryError, match="not found"):  # a user's folder is no item
         reopened.delete("alice")
     assert alice.dir.is_dir()
+
+
+def test_an_image_to_video_item_keeps_its_start_image(gallery: Gallery, tmp_path: Path) -> None:
+    """A copy beside the video (the upload may be deleted), exported with it, gone with the item."""
+    from tests.family_support import start_image
+
+    upload = start_image(tmp_path / "start-0a1b.jpg")  # the copy keeps its kind (suffix)
+    item = add(gallery, "i2v", image=str(upload))
+    assert item.start_image == item.dir / "start_image.jpg" and item.start_image.read_bytes() == upload.read_bytes()
+    upload.unlink()
+    assert gallery.get(item.id).start_image.read_bytes() == item.start_image.read_bytes()
+    with zipfile.ZipFile(gallery.export_zip([item.id])) as archive:
+        assert archive.read(f"{item.id}/start_image.jpg") == item.start_image.read_bytes()
+    assert add(gallery, "t2v").start_image is None  # text-to-video: none
+    older = add(gallery, "older", image=str(start_image(tmp_path / "older.png")))
+    (older.dir / "start_image.png").unlink()  # made before copies were kept: the request's own file
+    assert gallery.get(older.id).start_image == tmp_path / "older.png"
+    gallery.delete(item.id)
+    assert not item.dir.exists()

@@ -60,6 +60,10 @@ def test_an_api_only_user_uploads_a_start_image_and_generates_from_it(tmp_path: 
                                 reference, api_name="/generate")
         queued = users_api.ctx.inference.status(started["request_id"])["request"]
         assert queued["image"] == str(users_api.start_image(owner, reference))
+        compared = alice.predict("a green square", seeds=[1, 2], width=32, height=32, num_frames=5, steps=2,
+                                 image=reference, api_name="/compare")  # every cell from the same start image
+        assert {users_api.ctx.inference.status(c["request_id"])["request"]["image"]
+                for c in compared["cells"]} == {queued["image"]} and len(compared["cells"]) == 2
         with pytest.raises(Exception, match="png, jpg or webp"):
             alice.predict(GIF, "anim", api_name="/upload_image")
         bob = Client(url, auth=("bob", PASSWORDS["bob"]), verbose=False)

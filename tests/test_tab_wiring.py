@@ -61,3 +61,23 @@ def test_the_lora_upload_adds_the_file_to_the_stack(app: gr.Blocks, api: StudioA
         (v, v) for _, v in outputs[1]["choices"])
     stored = api.ctx.layout.home / "uploads"
     assert list(stored.rglob("*.safetensors"))  # kept in the user's uploads
+
+
+def test_reuse_fills_the_start_image_and_compare_sends_it(app: gr.Blocks, api: StudioApi, tmp_path: Path) -> None:
+    """Gallery "Reuse in Infer" puts an image-to-video item's start image into the Infer form's image input
+    (and clears it for a text-to-video item); Compare reads that input."""
+    from tests.family_support import start_image
+    from tests.gallery_support import add
+
+    image = start_image(tmp_path / "start.png")
+    (reuse,) = [fn for fn in handlers(app) if fn.name == "on_reuse"]
+    image_output = [getattr(block, "elem_id", None) for block in reuse.outputs].index("infer-image")
+    for item, expected in ((add(api.ctx.gallery, "i2v", image=str(image)), image.read_bytes()),
+                           (add(api.ctx.gallery, "t2v"), None)):
+        outputs = reuse.fn(*gradio_inputs(reuse, [item.id]))
+        assert len(outputs) == len(reuse.outputs)
+        filled = outputs[image_output]
+        assert (Path(filled).read_bytes() if filled else None) == expected
+    (start,) = [fn for fn in handlers(app) if fn.name == "on_start" and any(
+        getattr(block, "elem_id", None) == "compare-loras" for block in fn.inputs)]
+    assert "infer-image" in [getattr(block, "elem_id", None) for block in start.inputs]

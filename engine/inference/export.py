@@ -20,13 +20,14 @@ import numpy as np
 
 from engine.media import display_scale, upscale_nearest, write_video
 
-__all__ = ["VIDEO_FILE", "DISPLAY_FILE", "POSTER_FILE", "META_FILE", "to_uint8", "frames_digest", "write_mp4",
+__all__ = ["VIDEO_FILE", "DISPLAY_FILE", "POSTER_FILE", "META_FILE", "START_IMAGE_STEM", "to_uint8", "frames_digest", "write_mp4",
            "write_display_mp4", "write_poster", "write_json"]
 
 VIDEO_FILE = "video.mp4"
 DISPLAY_FILE = "display.mp4"  # only for small videos: the same frames, enlarged for the browser
 POSTER_FILE = "poster.png"
 META_FILE = "meta.json"
+START_IMAGE_STEM = "start_image"  # + the image's own suffix: the start image of an image-to-video generation
 CRF = 17  # visually lossless for these clips, a few MB per 81-frame 480p video
 
 

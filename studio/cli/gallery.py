@@ -82,8 +82,10 @@ def cmd_list(gallery, args: argparse.Namespace) -> int:
 @_errors
 def cmd_show(gallery, args: argparse.Namespace) -> int:
     item = gallery.get(args.id)
+    image = item.start_image
     data = {**item.to_meta(), "favorite": item.favorite, "video": str(item.video_path),
-            "poster": str(item.poster_path), "sidecar": str(item.meta_path)}
+            "poster": str(item.poster_path), "sidecar": str(item.meta_path),
+            "start_image": str(image) if image else None}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0
@@ -99,6 +101,10 @@ def cmd_show(gallery, args: argparse.Namespace) -> int:
           f"flow shift {params.get('flow_shift')}{', fused' if params.get('fuse_loras') else ''}")
     print("timings   " + ", ".join(f"{k} {v:.2f}s" for k, v in item.timings.items()))
     print(f"video     {item.video_path}")
+    if image:  # `infer --image` with it makes the video again
+        print(f"start     {image}")
+    elif params.get("image"):
+        print("start     (made from a start image that is no longer kept)")
     return 0
 
 
