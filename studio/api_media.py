@@ -206,7 +206,13 @@ class MediaApi:
         return status
 
     def _generation_view(self, status: dict[str, Any]) -> dict[str, Any]:
-        return without_paths({**status, "error": self.redact(status.get("error"))})
+        view = {**status, "error": self.redact(status.get("error"))}
+        image = (status.get("request") or {}).get("image")
+        if image:  # no server path: an upload by the 'image:NAME' /generate takes again, else the file's name
+            uploads = self.ctx.layout.uploads_dir / user_folder(str(status.get("owner"))) / "images"
+            named = f"image:{Path(image).name}" if Path(image).parent == uploads else Path(image).name
+            view["request"] = {**status["request"], "image": named}
+        return without_paths(view)
 
     def generation_status(self, user: User, request_id: str) -> dict[str, Any]:
         return self._generation_view(self._own_request(user, request_id))

@@ -60,6 +60,8 @@ def test_an_api_only_user_uploads_a_start_image_and_generates_from_it(tmp_path: 
                                 reference, api_name="/generate")
         queued = users_api.ctx.inference.status(started["request_id"])["request"]
         assert queued["image"] == str(users_api.start_image(owner, reference))
+        shown = alice.predict(started["request_id"], api_name="/generation_status")["request"]
+        assert shown["image"] == reference  # as /generate takes it again, not the server's path
         compared = alice.predict("a green square", seeds=[1, 2], width=32, height=32, num_frames=5, steps=2,
                                  image=reference, api_name="/compare")  # every cell from the same start image
         assert {users_api.ctx.inference.status(c["request_id"])["request"]["image"]
