@@ -23,12 +23,11 @@ follow each other (a14b_offload, a14b_resident) and is deleted after them (disk)
 recorded with `ok: false` and its log tail; the others still run. `--smoke` runs the same path on a
 CPU with tiny models (checks the script, measures nothing).
 
-Expected on one 80 GB H100 at 33 frames (estimates, not measured): 14B cases 4-7 s/step; peak about
-35-40 GB with one expert on the GPU, about 62-66 GB resident (two 28.6 GB experts); a switch copies
-28.6 GB from pinned memory (about 1-2 s), the first also pins it (tens of seconds); Wan2.1 I2V 14B
-(16.4B parameters) about 40 GB; TI2V-5B about 1 s/step, about 15 GB. Each 14B case takes 4-6 minutes
-(building and writing 28-33 GB of weights, loading them, caching, 4 steps), TI2V-5B about 2; host
-memory: the offload cases pin both experts (about 57 GB).
+Measured on H200s at 33 frames (bench/RESULTS.md, "Model families"): 14B cases 4.2-4.8 s/step; peak 38 GiB
+with one expert on the GPU, 65 GiB with both resident; an expert switch 0.5 s, the first of each expert
+about a minute (it also pins the host copy); Wan2.1 I2V 14B 42 GiB; TI2V-5B 0.7 s/step, 12 GiB. A case
+takes 2-6 minutes (building and writing up to 33 GB of weights, loading, caching, 4 steps); host memory:
+the offload cases pin both experts (about 57 GB). `--gpu N` runs cases on several GPUs at once.
 """
 from __future__ import annotations
 
