@@ -84,8 +84,9 @@ def test_step_cache_skips_transformer_blocks_and_still_generates() -> None:
         hooks = [block.ffn.register_forward_hook(lambda *_: calls.append(1)) for block in blocks]
         positive, negative, _ = encode_text(loaded, "a red square moving up on a black background", "", 5.0,
                                             torch.device("cpu"))
-        frames = generate(loaded, prompt_embeds=positive, negative_embeds=negative, width=64, height=64,
-                          num_frames=17, steps=12, guidance_scale=5.0, flow_shift=2.0, seed=3,
+        # Small and short (seconds, not a minute), yet the late steps change little enough to skip blocks.
+        frames = generate(loaded, prompt_embeds=positive, negative_embeds=negative, width=32, height=32,
+                          num_frames=5, steps=8, guidance_scale=5.0, flow_shift=2.0, seed=3,
                           device=torch.device("cpu")).frames
         for hook in hooks:
             hook.remove()
@@ -95,8 +96,8 @@ def test_step_cache_skips_transformer_blocks_and_still_generates() -> None:
     cached = PipelineCache("cpu", speed=InferenceSpeed(step_cache=0.3))
     fast, fast_calls = run(cached)
     again, _ = run(cached)
-    assert exact_calls == 12 * 2 * 6  # steps x (cond, uncond) x blocks
-    assert fast.shape == exact.shape == (17, 64, 64, 3)
+    assert exact_calls == 8 * 2 * 6  # steps x (cond, uncond) x blocks
+    assert fast.shape == exact.shape == (5, 32, 32, 3)
     assert fast_calls < exact_calls, f"no block was skipped ({fast_calls} of {exact_calls} calls)"
     np.testing.assert_allclose(again, fast, atol=1e-6)
 
@@ -110,12 +111,11 @@ def test_worker_takes_speed_flags_and_refuses_a_bad_threshold(tmp_path: Path) ->
         out, _ = proc.communicate(json.dumps({"op": "shutdown"}).encode() + b"\n", timeout=240)
         return [json.loads(line) for line in out.decode().splitlines()], proc.returncode
 
-    events, code = start("--compile-blocks", "--step-cache", "0.1")
+    # flash3 is accepted here: the kernel choice happens at model load.
+    events, code = start("--compile-blocks", "--step-cache", "0.1", "--attention", "flash3")
     assert [e["event"] for e in events] == ["ready"] and code == 0
     events, code = start("--step-cache", "1.5")
     assert events[0]["event"] == "fatal" and "step_cache" in events[0]["message"] and code == 1
-    events, code = start("--attention", "flash3")  # accepted here; the kernel choice happens at model load
-    assert [e["event"] for e in events] == ["ready"] and code == 0
     events, code = start("--attention", "flash9")
     assert events[0]["event"] == "fatal" and "attention" in events[0]["message"] and code == 1
 
