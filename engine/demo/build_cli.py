@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(flag, type=kind, dest=field, help=text or "override the preset")
     parser.add_argument("--keep-latent-stats", action="store_true",
                         help="keep the VAE's latents_mean/std (continuing from --init weights)")
+    parser.add_argument("--vae-decoder-only", action="store_true",
+                        help="vae stage: train the decoder alone (the latents, and the transformer's training on "
+                             "them, stay valid)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = {field: getattr(args, field) for field, _, _ in overrides.values() if getattr(args, field) is not None}
-    settings = replace(PRESETS[args.preset], **chosen, keep_latent_stats=args.keep_latent_stats)
+    settings = replace(PRESETS[args.preset], **chosen, keep_latent_stats=args.keep_latent_stats,
+                       vae_decoder_only=args.vae_decoder_only)
     frames = settings.vae_clip_frames
     if frames % 4 != 1 or not 1 <= frames <= world.NUM_FRAMES:
         parser.error(f"--vae-clip-frames: must be 4k+1 and at most {world.NUM_FRAMES}, got {frames}")

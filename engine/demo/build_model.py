@@ -88,6 +88,9 @@ class BuildSettings:
     vae_minutes: float = 0.0  # wall-clock budget per stage; 0 = none (stops early, saves what it has)
     transformer_minutes: float = 0.0
     keep_latent_stats: bool = False
+    # Train only the VAE's decoder: the latents (and so the transformer trained on them) stay valid, while
+    # the decoder learns to draw sharper shapes from them.
+    vae_decoder_only: bool = False
     init: str = ""  # a built demo model folder whose vae/transformer weights the stages start from
 
 
@@ -134,7 +137,11 @@ def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None
     pool = torch.from_numpy(np.ascontiguousarray(coverage)).to(device)
     torch.manual_seed(settings.seed + 1)
     vae = _initial(AutoencoderKLWan, work, "vae", VAE_CONFIG, settings).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    if settings.vae_decoder_only:
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=settings.vae_lr, weight_decay=0.0)
     ckpt_path = work / "vae_ckpt.pt"
     start = _resume(ckpt_path, vae, optimizer)
     started, deadline = time.time(), time_budget_end(settings.vae_minutes)
@@ -145,7 +152,8 @@ def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None
         for group in optimizer.param_groups:
             group["lr"] = settings.vae_lr * lr_factor(step, settings.vae_steps, started, settings.vae_minutes)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            latents = vae.encode(video).latent_dist.mode()
+            with torch.set_grad_enabled(not settings.vae_decoder_only):
+                latents = vae.encode(video).latent_dist.mode()
             recon = vae.decode(latents).sample.float()
         # A deterministic autoencoder: decoding the posterior mean is what the pipeline does, and sampling
         # from a still-wide posterior early in training taught the decoder to blur and mix colors.
@@ -156,7 +164,7 @@ def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None
         loss = error.abs().mean() + error.pow(2).mean() + 1e-4 * latents.float().pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         if (step + 1) % 50 == 0:
             log.info("vae step %d/%d loss %.4f", step + 1, settings.vae_steps, loss.item())
