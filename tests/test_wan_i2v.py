@@ -2,7 +2,7 @@
 (first-frame latents + mask channels, CLIP image tokens in cross-attention), Wan2.2 I2V A14B (both
 experts, no image encoder) and Wan2.2 TI2V-5B's image mode (a clean first latent frame at t = 0).
 Each trains with the real trainer (with samples) and generates from a start image with the real worker;
-Wan2.1 I2V also through a studio job and `studio infer --image`."""
+Wan2.1 I2V does both through the studio (a studio job, then `studio infer --image`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -88,8 +88,11 @@ def test_ti2v_image_mode_gives_the_first_frame_clean_at_t_zero(models: dict[str,
     assert family.given_frames(condition) == 1
 
 
-def test_wan21_i2v_trains_and_generates_from_a_start_image(tmp_path: Path, models: dict[str, Path]) -> None:
-    run = train_family(tmp_path, models["wan21_i2v"], video=True, **{
+# About 30 s on a quiet 2-core machine: the studio's own start-up (job launcher, service, worker) is most of it.
+def test_wan21_i2v_trains_through_a_studio_job_and_generates_with_studio_infer_image(
+        tmp_path: Path, models: dict[str, Path]) -> None:
+    """The real trainer (under the studio's launcher) and the real worker (under the studio's service)."""
+    run = train_family(tmp_path, models["wan21_i2v"], video=True, via_studio=True, **{
         "dataset.frame_buckets": [1, 5], "sample.prompts": ["a green square"], "sample.steps": 2,
         "sample.width": 32, "sample.num_frames": 5, "sample.guidance_scale": 1.0})
     assert (run.run_dir / "samples" / run.save.name / "0.mp4").is_file()  # from the first clip's first frame
@@ -97,7 +100,8 @@ def test_wan21_i2v_trains_and_generates_from_a_start_image(tmp_path: Path, model
 
     keys = load_lora_state_dict(run.save / "adapter_model.safetensors")
     assert any(".cross_attn.k_img.lora_B" in k and v.abs().max() > 0 for k, v in keys.items())
-    generate_family(tmp_path, models["wan21_i2v"], run.save, frames=5, image=start_image(tmp_path / "start.png"))
+    generate_family(tmp_path, models["wan21_i2v"], run.save, frames=5, image=start_image(tmp_path / "start.png"),
+                    via_studio=True)
 
 
 def test_wan22_i2v_a14b_trains_both_experts_and_generates_from_a_start_image(
@@ -121,13 +125,6 @@ def test_ti2v_5b_trains_its_image_mode_and_generates_from_a_start_image(
                                                                 "sample.num_frames": 5, "sample.guidance_scale": 1.0})
     assert (run.run_dir / "samples" / run.save.name / "0.mp4").is_file()
     generate_family(tmp_path, models["ti2v"], run.save, size=64, frames=5, image=start_image(tmp_path / "start.png", 64))
-
-
-# About 25 s on a quiet 2-core machine: the studio's own start-up (job launcher, service, worker) is most of it.
-def test_image_to_video_through_a_studio_job_and_studio_infer_image(tmp_path: Path, models: dict[str, Path]) -> None:
-    run = train_family(tmp_path, models["wan21_i2v"], via_studio=True)
-    generate_family(tmp_path, models["wan21_i2v"], run.save, image=start_image(tmp_path / "start.png"),
-                    via_studio=True)
 
 
 def test_a_text_to_video_model_refuses_a_start_image_and_an_i2v_model_needs_one(
