@@ -41,9 +41,11 @@ def alice_objects(server) -> dict:
     alice = client(server, "alice")
     private = server.home / "uploads" / "alice" / "datasets" / "alice_private"
     write_dataset(private, sample_specs(2, seed=5))
-    job = alice.predict(train_toml(server.model, private), "", 1, "alice secret run", api_name="/start_training")
+    # The generation first: it takes the CPU slot at once, and the job (which nothing here needs running)
+    # waits for it instead of the generation waiting for a whole training run.
     started = alice.predict("a red circle moving right", "demo", [], "", 32, 32, 5, 2, 4.0, 3.0, 7, 8, 1, False,
                             api_name="/generate")
+    job = alice.predict(train_toml(server.model, private), "", 1, "alice secret run", api_name="/start_training")
 
     def generated():
         status = alice.predict(started["request_id"], api_name="/generation_status")
@@ -54,7 +56,8 @@ def alice_objects(server) -> dict:
     run_dir = server.home / "runs" / "alice" / f"{job['id']}-alice-secret-run"  # the guessable pattern
     (run_dir / "epoch1").mkdir(parents=True, exist_ok=True)
     (run_dir / "epoch1" / "adapter_model.safetensors").write_bytes(b"secret weights")
-    (run_dir / "train.log").touch()
+    for name in ("train.log", "run.toml"):  # the job may still wait for the slot: its files as a launch writes them
+        (run_dir / name).touch()
     return {"job": job["id"], "request": started["request_id"], "item": result["gallery_ids"][0],
             "run_dir": run_dir, "dataset": private}
 
