@@ -6,7 +6,7 @@
 GPU cases are the numbers already recorded, each with its card and source; "fit" cases were used to
 fit the constants of engine/planner_rates.py, "check" cases were not. The CPU run trains the demo
 LoRA through `python -m engine.trainer` for a few steps at two clip sizes and records the trainer's
-own s/step and the peak RSS of its process tree, with the machine's load average at the end: CPU step
+own s/step and the peak memory of its process tree (PSS: shared pages counted once), with the machine's load average at the end: CPU step
 times swing with other work, and the plan states the band they were seen in (CPU_RATES.time_band).
 """
 from __future__ import annotations
@@ -141,10 +141,10 @@ def cpu_run(frames: int, batch: int, steps: int) -> dict:
         while process.poll() is None:
             try:
                 tree = [root] + root.children(recursive=True)
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                peak = max(peak, sum(_proportional_bytes(p) for p in tree))
             except psutil.Error:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.25)
         events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         step_events = [e for e in events if e.get("event") == "step"]
         times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(step_events, step_events[1:])]
@@ -161,6 +161,15 @@ def cpu_run(frames: int, batch: int, steps: int) -> dict:
                 "host_gib_measured": round(peak / 2**30, 2), "host_gib_planned": round(plan.estimate.host_ram_gib, 2),
                 "host_error": error(plan.estimate.host_ram_gib, peak / 2**30),
                 "cache_mib_measured": round(cache / 2**20, 2), "cache_mib_planned": round(cache_planned / 2**20, 2)}
+
+
+def _proportional_bytes(process) -> int:
+    """A process's share of the memory it touches (PSS, Linux): summing RSS over a process tree counts
+    the pages that forked children share with their parent (the model, torch's code) once per child."""
+    try:
+        return process.memory_full_info().pss
+    except AttributeError:  # no PSS on this platform
+        return process.memory_info().rss
 
 
 def main() -> None:
