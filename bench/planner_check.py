@@ -6,8 +6,9 @@
 GPU cases are the numbers already recorded, each with its card and source; "fit" cases were used to
 fit the constants of engine/planner_rates.py, "check" cases were not. The CPU run trains the demo
 LoRA through `python -m engine.trainer` for a few steps at two clip sizes and records the trainer's
-own s/step and the peak memory of its process tree (PSS: shared pages counted once), with the machine's load average at the end: CPU step
-times swing with other work, and the plan states the band they were seen in (CPU_RATES.time_band).
+own s/step and the peak memory of its process tree (PSS: shared pages counted once), with the machine's
+load average at the end: CPU step times swing with other work, and the plan states the band they were
+seen in (CPU_RATES.time_band).
 """
 from __future__ import annotations
 
