@@ -33,14 +33,15 @@ sys.path.insert(0, str(REPO_ROOT))  # first, always: bench/engine.py must not sh
 import torch  # noqa: E402
 
 from engine.inference.random_lora import random_lora  # noqa: E402
-from engine.inference.request import InferRequest, LoraSpec  # noqa: E402
+from engine.inference.request import DEMO_DEFAULTS, InferRequest, LoraSpec  # noqa: E402
 from engine.demo import world  # noqa: E402
 from engine.inference.speed import InferenceSpeed  # noqa: E402
 from engine.threads import apply_thread_policy, cpu_threads  # noqa: E402
 
 GPU_DEFAULTS = dict(width=832, height=480, frames=81, steps=50, guidance=5.0, lora_rank=32)
-# The demo's own settings (request_defaults("demo"), what the Infer tab sends and `demo --generate` uses).
-CPU_DEFAULTS = dict(width=64, height=64, frames=17, steps=20, guidance=5.0, lora_rank=4)
+# The demo's own settings (what the Infer tab sends and `demo --generate` uses).
+CPU_DEFAULTS = dict(width=DEMO_DEFAULTS["width"], height=DEMO_DEFAULTS["height"], frames=DEMO_DEFAULTS["num_frames"],
+                    steps=DEMO_DEFAULTS["steps"], guidance=DEMO_DEFAULTS["guidance_scale"], lora_rank=4)
 CPU_PROMPT = "a red circle moving left on a black background"
 
 

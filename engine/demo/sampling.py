@@ -19,12 +19,13 @@ import torch
 
 from engine.demo import world
 from engine.demo.evaluate import ClipScore, accuracy, evaluate_clip
+from engine.inference.request import DEMO_DEFAULTS
 from engine.inference.speed import set_step_cache
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 5.0
+DEFAULT_STEPS = DEMO_DEFAULTS["steps"]
+DEFAULT_GUIDANCE = DEMO_DEFAULTS["guidance_scale"]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from engine.config_types import ConfigTable
 from engine.numbers import whole_number
 from engine.rundir import EXPERT_LORA_FILES, LORA_FILE, RunDir
 
-__all__ = ["LoraSpec", "InferRequest", "LIMITS", "request_defaults", "resolve_lora_path", "random_seed"]
+__all__ = ["LoraSpec", "InferRequest", "LIMITS", "DEMO_DEFAULTS", "request_defaults", "resolve_lora_path", "random_seed"]
 
 # Inclusive (low, high) bounds per numeric field; the UI reads these for its sliders.
 LIMITS: dict[str, tuple[float, float]] = {
@@ -219,14 +219,16 @@ class InferRequest(ConfigTable):
 # clips; the class defaults are Wan's 480p81. flow_shift is not here: None means the model's own
 # (its scheduler config), everywhere.
 MODEL_DEFAULT_FIELDS = ("width", "height", "num_frames", "steps", "guidance_scale", "fps")
-_DEMO_DEFAULTS = {"width": 64, "height": 64, "num_frames": 17, "steps": 20}
+# The demo's own settings, also `studio demo --generate`'s and the demo benches' (engine.demo.sampling).
+# Guidance 3 reads the demo's shapes better than Wan's 5 at the same color and motion (docs/demo.md).
+DEMO_DEFAULTS = {"width": 64, "height": 64, "num_frames": 17, "steps": 20, "guidance_scale": 3.0}
 
 
 def request_defaults(model: str) -> dict[str, Any]:
     base = InferRequest()
     values = {name: getattr(base, name) for name in MODEL_DEFAULT_FIELDS}
     if model.strip() == "demo":
-        values.update(_DEMO_DEFAULTS)
+        values.update(DEMO_DEFAULTS)
     return values
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine.inference.request import DEMO_DEFAULTS
 from studio.settings import StudioSettings
 
 
@@ -25,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo.mp4"), help="mp4 written by --generate")
     parser.add_argument("--lora", type=Path, help="LoRA .safetensors applied by --generate")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of --generate")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps of --generate")
-    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of --generate")
+    parser.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"], help="denoising steps of --generate")
+    parser.add_argument("--guidance", type=float, default=DEMO_DEFAULTS["guidance_scale"],
+                        help="guidance scale of --generate")
     parser.set_defaults(func=run)
 
 
