@@ -45,12 +45,29 @@ def workers_of(home: Path) -> list[int]:
     return found
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_cli_left_behind():
+    """A failed test must not leave its minutes-long generation running: the next tests would share the cores
+    with it (its worker dies with it)."""
+    yield
+    while STARTED:
+        cli = STARTED.pop()
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+
+
 def start_cli(home: Path, *size: str) -> subprocess.Popen:
     """A long generation on the demo model (8 videos of 200 steps: minutes), through the CLI."""
     env = {**os.environ, "STUDIO_HOME": str(home)}
-    return subprocess.Popen([sys.executable, "-m", "studio", "infer", "--prompt", "a red circle moving right",
-                             "--steps", "200", "--num-videos", "8", *(size or ("--frames", "33"))], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "studio", "infer", "--prompt", "a red circle moving right",
+                                     "--steps", "200", "--num-videos", "8", *(size or ("--frames", "33"))],
+                                    cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True))
+    return STARTED[-1]
 
 
 def running_row(home: Path, with_steps: bool = True) -> dict:
