@@ -122,15 +122,16 @@ CARDS: tuple[CardRates, ...] = (
 )
 
 # The CPU "card": the demo LoRA (64x64, 17 and 9 frames, batch 1 and 4) on the shared 2-core x86_64 dev
-# machine, fitted by `bench/planner_check.py --cpu-run` (bench/RESULTS.md "Planner"). The demo step is
-# mostly fixed cost (host_s); attention and linears share one rate. Only the demo model was measured.
+# machine, fitted by `bench/planner_check.py --cpu-run` on two quiet runs (bench/RESULTS.md "Planner"):
+# s/step = host_s + the FLOP-and-elementwise terms at these rates (attention and linears share one rate).
+# Only the demo model was measured. The band: how far runs with other work on the machine strayed.
 CPU_RATES = CardRates(
-    name="CPU", match=[], memory_gib=0.0, peak_tflops=0.1,
-    attention_tflops={"default": 0.1, "cudnn": 0.1, "flash": 0.1, "efficient": 0.1, "flash3": 0.1},
-    gemm_tflops=0.1, elementwise_ns=2.0, elementwise_uncompiled_ns=2.0, fp32_lora_ns=0.0, host_s=0.5,
-    h2d_gb_s=0.0, measured=True, time_band=[0.6, 2.0],
-    source="demo LoRA on the 2-core x86_64 dev machine (bench/RESULTS.md 'Planner'); the band: measured/planned "
-           "of the eight CPU runs there, 0.65-1.99, all with other work on the machine (load 3-7 on 2 cores)")
+    name="CPU", match=[], memory_gib=0.0, peak_tflops=0.041,
+    attention_tflops={"default": 0.041, "cudnn": 0.041, "flash": 0.041, "efficient": 0.041, "flash3": 0.041},
+    gemm_tflops=0.041, elementwise_ns=4.9, elementwise_uncompiled_ns=4.9, fp32_lora_ns=0.0, host_s=0.03,
+    h2d_gb_s=0.0, measured=True, time_band=[0.8, 2.1],
+    source="demo LoRA on the 2-core x86_64 dev machine, two quiet runs (bench/RESULTS.md 'Planner'); the band: "
+           "measured/planned of the runs with other work on the machine (load 3-4 on 2 cores) and the quiet ones")
 
 
 def card_for_name(name: str) -> CardRates | None:

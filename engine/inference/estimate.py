@@ -24,7 +24,8 @@ from engine.planner_shapes import Clip, ModelShape
 __all__ = ["CpuEstimate", "cpu_estimate", "cpu_warning", "long_request_warning", "WARN_AFTER_S"]
 
 WARN_AFTER_S = 120.0  # a CPU request estimated longer than this says so before it starts
-FORWARD_FIXED_S = 0.0385  # demo: (2.30 s - 40 forwards x 1.9 GFLOP at the CPU rate) / 40
+# demo: 2.30 s for 40 forwards of 1.9 GFLOP each; what the CPU rate does not explain is a forward's fixed cost
+FORWARD_FIXED_S = 2.30 / 40 - 1.9e9 / (CPU_RATES.gemm_tflops * 1e12)
 DECODE_S_PER_PIXEL = 2.18 / (64 * 64 * 17)  # demo VAE decode, per output pixel
 PER_VIDEO_S = 0.44  # demo: text encode, mp4, display copy and poster
 
