@@ -15,11 +15,12 @@ from engine.config import ConfigError, DatasetConfig, DirectoryConfig, TrainConf
 from engine.dataset import plan_dataset, require_trainable
 from engine.jobs import ACTIVE_STATUSES, RESUMABLE_STATUSES, Job, JobError, JobStatus, parse_job_id
 from engine.numbers import named_whole_number, whole_number
+from engine.paths import safe_name
 from engine.rundir import SAMPLES_DIR, RunDir, read_log_tail
 from studio.api_media import MediaApi, run_loras, without_paths
 from studio.auth import AccessDenied, User
 from studio.compare import CompareApi
-from studio.datasets import DatasetError, confine, safe_name
+from studio.datasets import DatasetError, confine
 
 if TYPE_CHECKING:
     from studio.context import StudioContext

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.numbers import named_whole_number
-from engine.paths import user_folder
+from engine.paths import safe_name, user_folder
 from engine.rundir import RunDir
 from studio.auth import AccessDenied, User
-from studio.datasets import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,10 @@ class MediaApi:
     # ---- LoRAs ---------------------------------------------------------------------------------
     def user_uploads(self, user: User) -> Path:
         return self.ctx.layout.uploads_dir / user_folder(user.name)
+
+    def user_images(self, owner: str) -> Path:
+        """Where a user's start images are kept (by name: a request's status knows only its owner's)."""
+        return self.ctx.layout.uploads_dir / user_folder(owner) / "images"
 
     def lora_choices(self, user: User, limit: int = 100) -> list[tuple[str, str]]:
         """(label, reference) of the LoRAs this user may stack: own trained saves and own uploads."""
@@ -137,7 +140,7 @@ class MediaApi:
         src = Path(file)
         if src.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
             raise ValueError(f"{src.name}: a start image must be a png, jpg, webp or bmp file")
-        target_dir = self.user_uploads(user) / "images"
+        target_dir = self.user_images(user.name)
         if src.parent.resolve() == target_dir.resolve():  # already one of theirs (a gallery item's named upload)
             return f"image:{src.name}"
         target_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +176,7 @@ class MediaApi:
         if not str(reference).startswith("image:"):
             raise ValueError(f"image {reference!r}: upload the start image first and give its 'image:NAME' "
                              "(or 'gallery:ID' of a video made from one)")
-        file = self.user_uploads(user) / "images" / safe_name(str(reference)[6:], "image.png")
+        file = self.user_images(user.name) / safe_name(str(reference)[6:], "image.png")
         if not file.is_file():
             raise FileNotFoundError(f"{reference}: no such uploaded image")
         return file
@@ -209,7 +212,7 @@ class MediaApi:
         view = {**status, "error": self.redact(status.get("error"))}
         image = (status.get("request") or {}).get("image")
         if image:  # no server path: an upload by the 'image:NAME' /generate takes again, else the file's name
-            uploads = self.ctx.layout.uploads_dir / user_folder(str(status.get("owner"))) / "images"
+            uploads = self.user_images(str(status.get("owner")))
             named = f"image:{Path(image).name}" if Path(image).parent == uploads else Path(image).name
             view["request"] = {**status["request"], "image": named}
         return without_paths(view)

@@ -74,9 +74,10 @@ def generation_view(api: StudioApi, user: User, request_id: str) -> GenerationVi
                           timings=status.get("timings"), item_id=item_id)
 
 
-def queued_notice(api: StudioApi, user: User, request_id: str) -> str:
-    """The notice under Generate: queued, with the request's warning (a long CPU estimate) when it has one."""
-    warning = api.generation_status(user, request_id).get("warning")
+def queued_notice(answer: dict[str, Any]) -> str:
+    """The notice under Generate from the generate answer: queued, with its warning (a long CPU estimate)
+    when it has one."""
+    request_id, warning = answer["request_id"], answer.get("warning")
     if warning:
         return message(f"request {request_id} queued; {warning}", "info")
     return message(f"request {request_id} queued", "ok")
@@ -211,9 +212,9 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
         req["image"] = values[start_image]
         with user_errors(api):
             check_lora_picks(api, user, req["loras"])
-            rid = api.generate(user, with_start_image(api, user, req))["request_id"]
+            answer = api.generate(user, with_start_image(api, user, req))
         # The previous result goes: what shows belongs to this request.
-        return (rid, progress_bar(0.0, "queued"), "", queued_notice(api, user, rid), gr.update(visible=False),
+        return (answer["request_id"], progress_bar(0.0, "queued"), "", queued_notice(answer), gr.update(visible=False),
                 None, "")
 
     # Queued: bring the progress and the coming video into sight.

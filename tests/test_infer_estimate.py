@@ -100,8 +100,8 @@ def test_api_status_and_infer_tab_notice_carry_the_warning(api) -> None:
     assert tiny_answer["warning"] is None and "estimated at about" in long_answer["warning"]  # said at once
     assert api.generation_status(alice, tiny)["warning"] is None
     assert api.generation_status(alice, long)["warning"] == long_answer["warning"]
-    assert "estimated" not in infer.queued_notice(api, alice, tiny) and "queued" in infer.queued_notice(api, alice, tiny)
-    assert "runs on CPU and is estimated at about" in infer.queued_notice(api, alice, long)
+    assert "estimated" not in infer.queued_notice(tiny_answer) and "queued" in infer.queued_notice(tiny_answer)
+    assert "runs on CPU and is estimated at about" in infer.queued_notice(long_answer)
     by_agent = asyncio.run(build_server(api, alice).call_tool("generate", {
         "prompt": "a star", "width": 832, "height": 480, "num_frames": 81, "steps": 30}))
     text = "".join(getattr(block, "text", "") for block in by_agent.content)  # what the agent reads
