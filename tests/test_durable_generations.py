@@ -106,6 +106,9 @@ def test_ctrl_c_cancels_within_a_step_and_a_second_stops_at_once(tmp_path: Path,
     else:  # a step of minutes (512x512x81): a second press must not wait for it
         cli = start_cli(home, "--frames", "81", "--width", "512", "--height", "512")
         row = running_row(home, with_steps=False)
+        # "running" comes before the prompt is encoded, and a cancel before the first step ends the request at
+        # once: give the encoding (well under a second here) time so both presses land inside step 1.
+        time.sleep(4)
     pressed = time.monotonic()
     for _ in range(presses):
         cli.send_signal(signal.SIGINT)

@@ -205,9 +205,9 @@ def _follow(service, request_ids: list[str], terminal: frozenset[str]) -> list[d
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         print("cancelling at the next step (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
-        for request_id in request_ids:
-            service.cancel(request_id)
-        try:
+        try:  # a second press may land while the cancels are still being sent
+            for request_id in request_ids:
+                service.cancel(request_id)
             return [service.wait(request_id) for request_id in request_ids]
         except KeyboardInterrupt:
             print("stopping now", file=sys.stderr, flush=True)
