@@ -110,6 +110,8 @@ class OptimizerConfig(ConfigTable):
     betas: list[Float] = Field([0.9, 0.99], description="Adam betas.")
     weight_decay: Float = Field(0.01, description="Decoupled weight decay.")
     eps: Float = Field(1e-8, description="Adam epsilon.")
+    loraplus_lr_ratio: Float | None = Field(
+        None, description="LoRA+: the LoRA B matrices learn this many times faster than lr (e.g. 16; none: same lr).")
 
 
 class PerformanceConfig(ConfigTable):
@@ -342,6 +344,7 @@ class TrainConfig(ConfigTable):
         check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", "need two values in [0, 1)")
         check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
         check(o.eps > 0, "optimizer.eps", "must be > 0")
+        check(o.loraplus_lr_ratio is None or o.loraplus_lr_ratio >= 1, "optimizer.loraplus_lr_ratio", "must be >= 1")
 
         try:
             optimizers.choose(o.type)

@@ -122,11 +122,22 @@ class _LoraLoader:
         return transformer, params
 
 
+def _param_groups(cfg: TrainConfig, module: torch.nn.Module, params: list[torch.nn.Parameter]) -> list:
+    """The LoRA weights as one group, or with LoRA+ (arXiv 2402.12354) two: the B matrices (zero at the start,
+    they carry what the adapter adds) at `loraplus_lr_ratio` times the A matrices' lr."""
+    ratio = cfg.optimizer.loraplus_lr_ratio
+    if not ratio or ratio == 1:
+        return params
+    b_ids = {id(p) for name, p in module.named_parameters() if ".lora_B." in name}
+    return [{"params": [p for p in params if id(p) not in b_ids]},
+            {"params": [p for p in params if id(p) in b_ids], "lr": cfg.optimizer.lr * ratio}]
+
+
 def build_engine(cfg: TrainConfig, module: torch.nn.Module, params: list[torch.nn.Parameter], total_steps: int,
                  on_cpu: bool) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR]:
     import deepspeed
 
-    optimizer = optimizers.build(cfg.optimizer, params, on_cpu=on_cpu)
+    optimizer = optimizers.build(cfg.optimizer, _param_groups(cfg, module, params), on_cpu=on_cpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
