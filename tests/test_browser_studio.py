@@ -32,7 +32,11 @@ CONTROLS = ("job-stop", "job-save", "job-resume", "job-cancel")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = start_server(tmp_path_factory.mktemp("browser"), free_port(), auth=False)
+    # Polls every 2 s, not 1 (tabs/*.py derive every timer from this setting): each of a page's timer
+    # events (six a second at 1 s) walks Gradio's whole component tree in the browser; at 1 s a page
+    # watching a run took most of a core of 2, and every click of the walk waited for it.
+    srv = start_server(tmp_path_factory.mktemp("browser"), free_port(), auth=False,
+                       extra_env={"STUDIO_POLL_INTERVAL_S": "2"})
     yield srv
     stop_server(srv)
 
@@ -106,17 +110,14 @@ def wait_controls(page, expected: set[str], timeout_s: float = 30) -> None:
         time.sleep(0.3)
 
 
-def page_widths(page) -> dict[str, float]:
-    """The page's width on each tab, and whether any tab scrolls sideways."""
-    widths = {}
-    for tab in ("Train", "Infer", "Gallery", "GPUs"):
-        page.get_by_role("tab", name=tab).click()
-        page.wait_for_timeout(400)
-        width, scroll, client = page.evaluate("""() => [document.querySelector('.gradio-container')
-            .getBoundingClientRect().width, document.documentElement.scrollWidth, document.documentElement.clientWidth]""")
-        assert scroll <= client, f"{tab}: the page scrolls sideways ({scroll} > {client} px)"
-        widths[tab] = round(width)
-    return widths
+def tab_width(page, tab: str) -> int:
+    """The page's width on `tab`, the tab in sight (read where the walk visits it, with what it shows
+    there, rather than in a round of extra tab clicks); the tab must not scroll sideways."""
+    assert page.get_by_role("tab", name=tab).get_attribute("aria-selected") == "true", tab
+    width, scroll, client = page.evaluate("""() => [document.querySelector('.gradio-container')
+        .getBoundingClientRect().width, document.documentElement.scrollWidth, document.documentElement.clientWidth]""")
+    assert scroll <= client, f"{tab}: the page scrolls sideways ({scroll} > {client} px)"
+    return round(width)
 
 
 def test_train_watch_generate_and_find(server, page, tmp_path: Path) -> None:
@@ -190,6 +191,7 @@ def walk_through(server, page, phone, tmp_path: Path) -> None:
     page.wait_for_function("""() => { const t = document.querySelector('#train-log textarea');
         return t && t.value.length > 0 && t.scrollTop + t.clientHeight >= t.scrollHeight - 4; }""", timeout=30_000)
     shot(page, "1-train")
+    widths = {"Train": tab_width(page, "Train")}
 
     # ---- Infer: the trained LoRA, small size, Generate, the video plays
     page.get_by_role("tab", name="Infer").click()
@@ -224,6 +226,7 @@ def walk_through(server, page, phone, tmp_path: Path) -> None:
     timings = page.locator("#infer-timings").inner_text()
     assert "total" in timings and "denoise" in timings and not re.search(r"\d\.\d{4}", timings), timings
     shot(page, "2-infer")
+    widths["Infer"] = tab_width(page, "Infer")
     # Generate again: the earlier video and timings go with the new request, the new ones come.
     page.locator("#infer-generate").click()
     page.wait_for_function("() => !document.querySelector('#infer-video video')", timeout=10_000)
@@ -244,6 +247,7 @@ def walk_through(server, page, phone, tmp_path: Path) -> None:
     page.wait_for_selector("#gallery-details >> text=seed", timeout=60_000)
     assert saved in page.locator("#gallery-details").inner_text()
     shot(page, "3-gallery")
+    widths["Gallery"] = tab_width(page, "Gallery")
     # "Reuse in Infer" fills the Infer tab with the same settings and LoRA stack
     page.get_by_role("tab", name="Infer").click()
     page.locator("#infer-seed input").fill("99")
@@ -263,20 +267,18 @@ def walk_through(server, page, phone, tmp_path: Path) -> None:
     page.wait_for_selector("#gpus-slots >> text=CPU slot 1 >> visible=true")
     page.wait_for_function("() => document.querySelector('#gpus-history .js-plotly-plot')?.data?.length >= 2")
     shot(page, "4-gpus")
-    widths = page_widths(page)
+    widths["GPUs"] = tab_width(page, "GPUs")
     assert len(set(widths.values())) == 1, f"the page width changes between tabs: {widths}"
 
 
 def phone_train(server, page, toml_file: Path) -> None:
-    """390x844, dark theme, while the desktop's run holds the CPU slot: no tab scrolls sideways, the run
-    view comes first on Train and is in sight after Start; the queued run can be stopped or cancelled
+    """390x844, dark theme, while the desktop's run holds the CPU slot: Train does not scroll sideways, the run
+    view comes first on it and is in sight after Start; the queued run can be stopped or cancelled
     (with a confirm), then only resumed."""
     page.bring_to_front()
     page.goto(server.url + "?__theme=dark")
     page.wait_for_selector("#train-start")
     assert page.evaluate("() => document.body.classList.contains('dark')")
-    page_widths(page)
-    page.get_by_role("tab", name="Train").click()
     assert page.locator("#train-runs").bounding_box()["y"] < page.locator("#train-start").bounding_box()["y"]
     page.locator("input[type=file][accept*='.toml']").set_input_files(str(toml_file))
     page.wait_for_function("() => document.querySelector('#cfg-epochs input')?.value === '5000'")
@@ -291,21 +293,28 @@ def phone_train(server, page, toml_file: Path) -> None:
     page.wait_for_selector("#train-job-status >> text=Cancelled before it started", timeout=60_000)
     wait_controls(page, {"job-resume"})
     shot(page, "5-phone-dark-train")
+    tab_width(page, "Train")
 
 
 def phone_gallery_and_infer(server, page) -> None:
-    """On the phone, the studio opened again: the gallery shows at once; after Generate the progress is in sight."""
+    """On the phone, the studio opened again: no tab scrolls sideways (Train: phone_train); the gallery
+    shows at once; after Generate the progress is in sight."""
     page.bring_to_front()
     page.goto(server.url + "?__theme=dark")
     page.wait_for_selector("#train-start")
+    page.get_by_role("tab", name="GPUs").click()
+    page.wait_for_selector("#gpus-host >> text=Host RAM")
+    tab_width(page, "GPUs")
     page.get_by_role("tab", name="Gallery").click()
-    page.wait_for_selector("#gallery-grid .gallery-item img", timeout=2_500)  # before the 3 s timer
+    page.wait_for_selector("#gallery-grid .gallery-item img", timeout=2_500)  # before its timer (6 s here)
     shot(page, "6-phone-dark-gallery")
+    tab_width(page, "Gallery")
     page.locator("#gallery-grid .gallery-item button").first.click()
     page.wait_for_selector("#gallery-details >> text=seed")
     page.locator("#gallery-reuse").click()
     page.wait_for_function("() => document.querySelector('#infer-seed input')?.value === '5'", timeout=60_000)
     shot(page, "7-phone-dark-infer-form")
+    tab_width(page, "Infer")
     page.locator("#infer-generate").scroll_into_view_if_needed()
     page.locator("#infer-generate").click()
     wait_in_view(page, "#infer-progress")  # the progress, then the video, in sight
