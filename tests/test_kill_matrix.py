@@ -1,6 +1,11 @@
 """kill -9 anywhere in a job's process tree (runner, DeepSpeed's launcher, one rank, every rank; 1 and 2
 CPU ranks under the real `deepspeed` launcher, stand-in trainer module): the job fails, never succeeds;
-no process of it is alive when its status is written; a resume runs alone and writes one `done`."""
+no process of it is alive when its status is written; a resume runs alone and writes one `done`.
+
+The default suite runs the one-rank cases; the two-rank ones (each job costs two launcher start-ups on
+2 cores, the cases at once about 50 s) run with `make test-heavy`: the GPU suite kills the same four
+targets of two-rank jobs of the real trainer (tests/gpu/test_kill_matrix_gpus.py), and a rank killed
+under two CPU ranks fails its job in tests/test_engine_deepspeed.py."""
 from __future__ import annotations
 
 import functools
@@ -23,6 +28,8 @@ from tests.scheduler_support import STANDIN_MODULE, config_toml, processes_namin
 # (ranks, which processes get SIGKILL); with one rank, "one rank" and "every rank" are the same.
 CASES = [(1, "runner"), (1, "launcher"), (1, "every rank"),
          (2, "runner"), (2, "launcher"), (2, "one rank"), (2, "every rank")]
+MATRICES = [pytest.param([case for case in CASES if case[0] == 1], id="one-rank"),
+            pytest.param([case for case in CASES if case[0] == 2], id="two-ranks", marks=pytest.mark.heavy)]
 TIMEOUT_S = 240
 
 
@@ -50,9 +57,12 @@ def events(job: Job) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_kill_9_anywhere_fails_the_job_and_leaves_no_process(scheduler: Scheduler, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cases", MATRICES)
+def test_kill_9_anywhere_fails_the_job_and_leaves_no_process(scheduler: Scheduler, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             cases: list[tuple[int, str]]) -> None:
     jobs = {case: scheduler.submit_training(config_toml(tmp_path), "alice", num_gpus=case[0], name=f"k{i}")
-            for i, case in enumerate(CASES)}
+            for i, case in enumerate(cases)}
     alive = dict(jobs)
 
     def kill_those_training() -> bool:  # each job as soon as it trains with all its ranks
@@ -76,6 +86,10 @@ def test_kill_9_anywhere_fails_the_job_and_leaves_no_process(scheduler: Schedule
         reasons = ("signal 9", "without saying it finished", "launcher ended while")
         assert any(r in ended.failure_reason for r in reasons), (ranks, target, ended.failure_reason)
         assert not any(e["event"] == "done" for e in events(ended)), (ranks, target)
+    # The resumes only have to run to their end: 10 steps, not the 80 that left the kill loop time to
+    # catch every job training (a job killed past step 10 resumes straight to `done`).
+    monkeypatch.setenv("STANDIN_STEPS", "10")
+    for job in jobs.values():
         scheduler.resume(job.id)
 
     for (ranks, target), job in jobs.items():
