@@ -1,6 +1,10 @@
 """Two "nodes" on this machine: two studio homes, one `python -m studio train --follow` each, joined
 into ONE training run by DeepSpeed's --no_ssh mode (one launcher per node), then stopped and
-resumed from its checkpoint the same way. What a Slurm job (examples/slurm_multinode.sbatch) does."""
+resumed from its checkpoint the same way. What a Slurm job (examples/slurm_multinode.sbatch) does.
+
+Heavy (`make test-heavy`): two launches over both nodes, about 45 s of a 2-core machine; the GPU
+suite runs this same test on two GPUs (tests/gpu/test_multinode_gpus.py), and the default suite stops
+and resumes two CPU ranks under one launcher (tests/test_trainer_deepspeed.py, tests/test_engine_deepspeed.py)."""
 from __future__ import annotations
 
 import os
@@ -59,6 +63,7 @@ def kill_trainers(homes: list[Path]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_nodes_without_ssh_train_one_run_stop_and_resume(tmp_path: Path, port: int) -> None:
     model = build_random_wan(tmp_path / "tiny_wan", preset="tiny", seed=1)
     data = make_dataset(tmp_path / "data", images=8, video=False, corrupt_video=False, uncaptioned=False)
