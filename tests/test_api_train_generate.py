@@ -41,7 +41,7 @@ def test_train_generate_and_find_in_gallery(server) -> None:
         status = alice.predict(job["id"], api_name="/job_status")
         return status if status["terminal"] else None
 
-    done = wait_for(finished, 420, "the training job to finish", interval=2)
+    done = wait_for(finished, 420, "the training job to finish", interval=0.5)
     assert done["status"] == "succeeded", (done, alice.predict(job["id"], api_name="/job_log"), server.output())
     assert "epoch2" in done["loras"]
     series = alice.predict(job["id"], 2000, api_name="/job_metrics")
@@ -57,7 +57,7 @@ def test_train_generate_and_find_in_gallery(server) -> None:
         status = alice.predict(started["request_id"], api_name="/generation_status")
         return status if status["state"] in {"succeeded", "failed", "cancelled"} else None
 
-    result = wait_for(generated, 300, "the generation", interval=1)
+    result = wait_for(generated, 300, "the generation", interval=0.5)
     assert result["state"] == "succeeded", (result, server.output())
     item_id = result["gallery_ids"][0]
     listing = alice.predict("purple star", "", "", False, 1, 24, api_name="/gallery_list")
@@ -96,7 +96,7 @@ def test_compare_every_save_of_the_run_and_the_base_model(server) -> None:
         status = alice.predict(queued["compare_id"], api_name="/compare_status")
         return status if status["state"] not in ("queued", "running") else None
 
-    done = wait_for(compared, 300, "the comparison", interval=1)
+    done = wait_for(compared, 300, "the comparison", interval=0.5)
     assert done["state"] == "succeeded", (done, server.output())
     items = [alice.predict(c["gallery_ids"][0], api_name="/gallery_item") for c in done["cells"]]
     assert {i["params"]["compare_id"] for i in items} == {queued["compare_id"]} and {i["seed"] for i in items} == {5}

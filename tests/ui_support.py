@@ -107,7 +107,7 @@ def start_server(root: Path, port: int, *, auth: bool = True, extra_env: dict[st
         except OSError:
             return False
 
-    wait_for(up, 180, "the studio to serve its page")
+    wait_for(up, 180, "the studio to serve its page", interval=0.25)
     return server
 
 
