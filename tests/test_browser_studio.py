@@ -164,6 +164,12 @@ def walk_through(server, page, phone, tmp_path: Path) -> None:
     page.wait_for_selector("#train-job-status >> text=browser-run")
     wait_in_view(page, "#train-job-status", "#train-job-progress")
     shot(page, "1-train-after-start", full_page=False)  # what the screen shows
+    # The phone's turn while the trainer starts up (its run holds the CPU slot from now on).
+    phone_train(server, phone, toml_file)
+    # Until its turn comes again the phone shows nothing: an idle studio page still takes a good part of
+    # a core (its timers redraw), which the desktop's walk on 2 cores would wait for.
+    phone.goto("about:blank")
+    page.bring_to_front()
     page.wait_for_function("() => document.querySelector('#train-loss .js-plotly-plot')?.data?.[0]?.x?.length >= 1",
                            timeout=LONG)
     first = loss_points(page)
@@ -175,11 +181,6 @@ def walk_through(server, page, phone, tmp_path: Path) -> None:
     assert all(word in progress for word in ("epoch", "s/step", "elapsed", "ETA")), progress
     wait_controls(page, {"job-stop", "job-save"})  # running: no resume, nothing to cancel
     shot(page, "1-train-running")
-    phone_train(server, phone, toml_file)
-    # Until its turn comes again the phone shows nothing: an idle studio page still takes a good part of
-    # a core (its timers redraw), which the desktop's walk on 2 cores would wait for.
-    phone.goto("about:blank")
-    page.bring_to_front()
     page.locator("#job-stop").click()
     page.wait_for_selector("#train-job-status .status-badge:text('stopped')", timeout=LONG)
     wait_controls(page, {"job-resume"})
