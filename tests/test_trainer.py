@@ -107,22 +107,24 @@ def test_sigterm_stops_then_resume_reproduces_the_uninterrupted_run(tmp_path: Pa
                           gradient_accumulation_steps=2, **{"adapter.dropout": 0.1,
                                                             "model.timestep_sample_method": "logit_normal"})
     # 4 samples, accumulation 2 -> 2 steps per epoch, 12 steps.
-    full = tmp_path / "full"
-    result = run_trainer(trainer_cmd(config, full))
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = {e["step"]: e for e in of_kind(read_events(full), "step")}
-    assert len(reference) == 12
-
-    run = tmp_path / "interrupted"
-    proc = subprocess.Popen(trainer_cmd(config, run), cwd=REPO_ROOT, env=trainer_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    full, run = tmp_path / "full", tmp_path / "interrupted"
+    # The uninterrupted reference trains beside the run that gets stopped: one CPU thread each
+    # (engine/threads.py), and the cache they share takes concurrent writers (per-process temp files).
+    reference_proc, proc = (subprocess.Popen(trainer_cmd(config, run_dir), cwd=REPO_ROOT, env=trainer_env(),
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            for run_dir in (full, run))
     try:
         wait_for_step(run, 3, proc)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
+        _, reference_stderr = reference_proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for started in (proc, reference_proc):
+            if started.poll() is None:
+                started.kill()
+    assert reference_proc.returncode == 0, reference_stderr[-3000:]
+    reference = {e["step"]: e for e in of_kind(read_events(full), "step")}
+    assert len(reference) == 12
     assert proc.returncode == 0, stderr[-3000:]
     events = read_events(run)
     stopped = of_kind(events, "stopped")
