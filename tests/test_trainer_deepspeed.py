@@ -68,18 +68,12 @@ def test_two_ranks_zero2_save_stop_and_resume(tmp_path: Path, tiny_model: Path) 
     config = write_config(tmp_path, tiny_model, data, epochs=5, zero_stage=2, lr_scheduler="linear",
                           warmup_steps=2)
 
-    full = tmp_path / "full"
-    result = run_trainer(deepspeed_cmd(2, config, full))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    events = read_events(full)
-    start = of_kind(events, "start")[0]
-    assert start["world_size"] == 2 and start["steps_per_epoch"] == 4 and start["total_steps"] == 20
-    reference = {e["step"]: e for e in of_kind(events, "step")}
-    assert sorted(reference) == list(range(1, 21)) and reference[20]["lr"] < reference[3]["lr"]
-
-    run = tmp_path / "interrupted"
-    proc = subprocess.Popen(deepspeed_cmd(2, config, run), cwd=REPO_ROOT, env=trainer_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    full, run = tmp_path / "full", tmp_path / "interrupted"
+    # The uninterrupted reference trains beside the run that gets stopped (the shared cache takes
+    # concurrent writers: per-process temp files).
+    reference_proc, proc = (subprocess.Popen(deepspeed_cmd(2, config, run_dir), cwd=REPO_ROOT, env=trainer_env(),
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            for run_dir in (full, run))
     try:
         wait_for_step(run, 2, proc)
         (run / "save").touch()
@@ -88,9 +82,17 @@ def test_two_ranks_zero2_save_stop_and_resume(tmp_path: Path, tiny_model: Path) 
             time.sleep(0.02)
         (run / "stop").touch()
         _, stderr = proc.communicate(timeout=180)
+        _, reference_stderr = reference_proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for started in (proc, reference_proc):
+            if started.poll() is None:
+                started.kill()
+    assert reference_proc.returncode == 0, reference_stderr[-3000:]
+    events = read_events(full)
+    start = of_kind(events, "start")[0]
+    assert start["world_size"] == 2 and start["steps_per_epoch"] == 4 and start["total_steps"] == 20
+    reference = {e["step"]: e for e in of_kind(events, "step")}
+    assert sorted(reference) == list(range(1, 21)) and reference[20]["lr"] < reference[3]["lr"]
     assert proc.returncode == 0, stderr[-3000:]
     events = read_events(run)
     save_step = of_kind(events, "save")[0]["step"]
