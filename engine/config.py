@@ -159,6 +159,9 @@ class TrainConfig(ConfigTable):
     micro_batch_size_per_gpu: Int = Field(1, description="Samples per rank per forward.")
     gradient_accumulation_steps: Int = Field(1, description="Micro-batches per optimizer step.")
     gradient_clipping: Float = Field(1.0, description="Max gradient norm (0 = off).")
+    caption_dropout_rate: Float | None = Field(
+        None, description="Share of training samples given the empty caption, so that classifier-free guidance "
+                         "(the empty prompt's prediction) follows what the adapter learns.")
     warmup_steps: Int = Field(0, description="Linear lr warmup steps.")
     lr_scheduler: LrScheduler = Field("constant", description="Schedule after warmup.")
     save_every_n_epochs: Int | None = Field(
@@ -313,6 +316,8 @@ class TrainConfig(ConfigTable):
             check(getattr(self, key) >= 1, key, "must be >= 1")
             check(getattr(self, key) <= MAX_BATCH, key, f"must be <= {MAX_BATCH}")
         check(self.gradient_clipping >= 0, "gradient_clipping", "must be >= 0")
+        check(self.caption_dropout_rate is None or 0 <= self.caption_dropout_rate < 1, "caption_dropout_rate",
+              "must be in [0, 1)")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         for key in ("save_every_n_epochs", "save_every_n_steps", "checkpoint_every_n_epochs"):
             value = getattr(self, key)

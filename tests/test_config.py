@@ -84,6 +84,7 @@ def test_unknown_key_suggests_the_right_one() -> None:
         ('output_dir="o"\nzero_stage = 3\n', "zero_stage"),
         ('output_dir="o"\n[model]\nmin_t = 0.9\nmax_t = 0.1\n', "model.min_t"),
         ('output_dir="o"\n[adapter]\nrank = 0\n', "adapter.rank"),
+        ('output_dir="o"\ncaption_dropout_rate = 1.0\n', "caption_dropout_rate"),
         ('epochs = 1\n', "output_dir"),
     ],
 )

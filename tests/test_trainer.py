@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.trainer import cache as cache_mod
 from tests.trainer_support import (
     REPO_ROOT,
     make_dataset,
@@ -104,9 +105,9 @@ def test_single_process_run_learns_and_writes_the_run_directory(tmp_path: Path, 
 def test_sigterm_stops_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model: Path) -> None:
     data = make_dataset(tmp_path / "data", video=False, corrupt_video=False, uncaptioned=False)
     config = write_config(tmp_path, tiny_model, data, epochs=6, lr_scheduler="cosine", warmup_steps=3,
-                          gradient_accumulation_steps=2, **{"adapter.dropout": 0.1,
-                                                            "model.timestep_sample_method": "logit_normal"})
-    # 4 samples, accumulation 2 -> 2 steps per epoch, 12 steps.
+                          gradient_accumulation_steps=2, caption_dropout_rate=0.5,
+                          **{"adapter.dropout": 0.1, "model.timestep_sample_method": "logit_normal"})
+    # 4 samples, accumulation 2 -> 2 steps per epoch, 12 steps. Caption dropout: its draws replay on resume too.
     full, run = tmp_path / "full", tmp_path / "interrupted"
     # The uninterrupted reference trains beside the run that gets stopped: one CPU thread each
     # (engine/threads.py), and the cache they share takes concurrent writers (per-process temp files).
@@ -157,6 +158,8 @@ def test_sigterm_stops_then_resume_reproduces_the_uninterrupted_run(tmp_path: Pa
         assert e["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5), e["step"]
         assert e["lr"] == pytest.approx(ref["lr"], rel=1e-6)
     assert events[-1]["event"] == "done"
+    fingerprint = cache_mod.model_fingerprint(tiny_model)
+    assert cache_mod.text_path(tmp_path / "cache", "wan", fingerprint, "").is_file()  # the dropped captions' embedding
 
     from safetensors.torch import load_file
 

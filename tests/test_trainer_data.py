@@ -173,3 +173,42 @@ def test_cache_is_reused_and_invalidated_by_content_and_settings(tmp_path: Path)
     assert "decoded 2 frames, expected 5" in cache_mod.failure_reason(bad)
     assert not bad.latent_path.exists()
     assert fill([bad]) == 0  # the failure is remembered, not retried every run
+
+
+def test_extra_captions_are_encoded_once_on_rank_0(tmp_path: Path) -> None:
+    model = build_random_wan(tmp_path / "model", preset="tiny")
+    family = get_family("wan")
+    empty = cache_mod.text_path(tmp_path / "cache", "wan", cache_mod.model_fingerprint(model), "")
+
+    def fill(rank: int) -> None:
+        cache_mod.fill_cache([], family, model, rank=rank, world_size=2, device=torch.device("cpu"),
+                             dtype=torch.float32, captions={"": empty})
+
+    fill(1)
+    assert not empty.exists()  # rank 0 writes it (the ranks share the cache)
+    fill(0)
+    first = empty.stat().st_mtime_ns
+    assert cache_mod.load_text(empty).shape[-1] == 32
+    fill(0)
+    assert empty.stat().st_mtime_ns == first  # cached: not encoded again
+
+
+def test_caption_dropout_replaces_captions_at_its_rate_and_draws_nothing_when_off() -> None:
+    from engine.trainer.loop import dropped_captions
+
+    samples = samples_for([Bucket(32, 32, 1)] * 8, [1] * 8)
+    empty = Path("empty.safetensors")
+    generator = torch.Generator().manual_seed(3)
+    before = generator.get_state()
+    assert dropped_captions(samples, list(range(8)), None, 0.5, generator) is None
+    assert dropped_captions(samples, list(range(8)), empty, 0.0, generator) is None
+    assert torch.equal(generator.get_state(), before)  # runs without dropout keep their noise
+
+    drawn = [dropped_captions(samples, list(range(8)), empty, 0.25, torch.Generator().manual_seed(seed))
+             for seed in range(200)]
+    share = sum(path == empty for paths in drawn for path in paths) / (200 * 8)
+    assert 0.2 < share < 0.3
+    kept = [path for paths in drawn for path in paths if path != empty]
+    assert set(kept) <= {s.text_path for s in samples}
+    again = dropped_captions(samples, list(range(8)), empty, 0.25, torch.Generator().manual_seed(0))
+    assert again == drawn[0]  # the same seed (micro-batch position) drops the same captions

@@ -74,6 +74,11 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
 
 
+def text_path(cache_root: Path, family: str, fingerprint: str, caption: str) -> Path:
+    """Where a caption's embedding is cached."""
+    return cache_root / f"{family}-{fingerprint}" / "text" / f"{_key(caption)}.safetensors"
+
+
 def plan_cache(cache_root: Path, family: str, fingerprint: str, samples: list[PlannedSample],
                clip_mode: str) -> list[CachePlan]:
     base = cache_root / f"{family}-{fingerprint}"
@@ -83,7 +88,7 @@ def plan_cache(cache_root: Path, family: str, fingerprint: str, samples: list[Pl
         item = sample.item
         content = hashes.get(item.path) or hashes.setdefault(item.path, file_hash(item.path))
         latent = base / "latents" / f"{_key(content, sample.bucket, clip_mode if item.is_video else '')}.safetensors"
-        text = base / "text" / f"{_key(sample.caption)}.safetensors"
+        text = text_path(cache_root, family, fingerprint, sample.caption)
         plans.append(CachePlan(item, sample.bucket, latent, text, sample.caption, clip_mode))
     return plans
 
@@ -112,16 +117,22 @@ def fill_cache(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     image_mode: str = "none",
+    captions: dict[str, Path] | None = None,
 ) -> int:
-    """Encode this rank's share of missing entries (until `should_stop()` says so).
-    Returns the number encoded by this rank."""
+    """Encode this rank's share of missing entries (until `should_stop()` says so), and on rank 0 the
+    `captions` not yet cached (caption -> text path; e.g. the empty one of caption dropout).
+    Returns the number of entries encoded by this rank."""
     todo = [p for i, p in enumerate(plans) if i % world_size == rank and not _is_done(p)]
+    texts = {c: path for c, path in (captions or {}).items() if rank == 0 and not path.is_file()}
     total = len(plans)
     if progress:
         progress(sum(_is_done(p) for p in plans), total, "start")
-    if not todo or (should_stop is not None and should_stop()):
+    if not (todo or texts) or (should_stop is not None and should_stop()):
         return 0
     encoders = family.load_encoders(model_dir, device, dtype)
+    for caption, path in texts.items():
+        (embed,) = family.encode_text(encoders, [caption])
+        _atomic_save({"text": embed.contiguous()}, path)
     last_report = 0.0
     encoded = 0
     for plan in todo:
@@ -158,12 +169,13 @@ def load_text(path: Path) -> torch.Tensor:
     return load_file(str(path))["text"]
 
 
-def load_batch(family: ModelFamily, samples: list, indices: list[int],
-               image_mode: str = "none") -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
-    """A micro-batch from the cache: (latents, padded text, image conditioning or None)."""
+def load_batch(family: ModelFamily, samples: list, indices: list[int], image_mode: str = "none",
+               text_paths: list[Path] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """A micro-batch from the cache: (latents, padded text, image conditioning or None); `text_paths`
+    replaces the samples' own captions (caption dropout)."""
     cached = [load_file(str(samples[i].latent_path)) for i in indices]
     latents = torch.stack([c["latents"] for c in cached])
-    text = family.pad_text([load_text(samples[i].text_path) for i in indices])
+    text = family.pad_text([load_text(path) for path in text_paths or [samples[i].text_path for i in indices]])
     return latents, text, family.condition_batch(image_mode, latents, cached)
 
 

@@ -23,7 +23,7 @@ from engine.trainer.order import Sample, epoch_microbatches, microbatch_for, mic
 from engine.rundir import EXPERT_LORA_FILES, LORA_FILE, ResumeError, RunDir
 from engine.trainer.experts import HIGH_NOISE, LOW_NOISE, ExpertSchedule
 from engine.trainer.runfiles import MetricsWriter
-from engine.trainer.samples import CacheContext, StopRequested, prepare_samples
+from engine.trainer.samples import CacheContext, StopRequested, caption_path, prepare_samples
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, [], self.family, dist, events)  # eval sets come with the samples
         self.experts: ExpertSchedule | None = None  # Wan2.2 A14B with model.experts = "both"
         self.image_mode = "none"  # image-to-video conditioning (family.image_mode), set from the model folder
+        self.empty_caption: Path | None = None  # the cached empty caption, with caption dropout
 
     # -- setup ----------------------------------------------------------------------------------
     def prepare_samples(self, model_dir: Path) -> tuple[list[Sample], list[tuple[str, list[Sample]]]]:
@@ -65,7 +66,9 @@ class Trainer:
         self.image_mode = self.family.image_mode(model_dir, cfg.model.image_to_video)
         ctx = CacheContext(self.family, model_dir, cfg.resolved_cache_dir(), self.dist, self.events,
                            self.model_dtype, self._stop_requested_while_caching, self.image_mode)
-        samples = prepare_samples(cfg.dataset, ctx)
+        dropout = bool(cfg.caption_dropout_rate)
+        samples = prepare_samples(cfg.dataset, ctx, captions=("",) if dropout else ())
+        self.empty_caption = caption_path(ctx, "") if dropout else None
         evals = [(e.name, prepare_samples(e.dataset, ctx, label=f"eval dataset {e.name!r}"))
                  for e in cfg.eval_datasets or []]
         return samples, evals
@@ -287,12 +290,13 @@ class Trainer:
                     accum: int) -> tuple[float, float | None]:
         """One forward/backward (+ optimizer step at the accumulation boundary): (loss, grad norm)."""
         cfg, dist = self.cfg, self.dist
-        latents, text, condition = cache_mod.load_batch(self.family, samples, indices, self.image_mode)
         # Noise, timesteps and dropout depend only on (seed, the micro-batch's global position): resume
         # replays them, and N GPUs draw what one GPU accumulating N micro-batches draws.
         position = microbatch_position(step, accum, dist.rank, dist.world_size, cfg.gradient_accumulation_steps)
         seed = (cfg.seed * 1_000_003 + position * 10_007) % (2**63)
         generator = torch.Generator().manual_seed(seed)
+        texts = dropped_captions(samples, indices, self.empty_caption, cfg.caption_dropout_rate or 0.0, generator)
+        latents, text, condition = cache_mod.load_batch(self.family, samples, indices, self.image_mode, texts)
         device = dist.device
         if device.type == "cpu":
             noise = torch.randn(latents.shape, generator=generator)
@@ -334,6 +338,16 @@ class Trainer:
         if self.experts is None:
             return (self.transformer,)
         return (self.saved_transformers[HIGH_NOISE], self.saved_transformers[LOW_NOISE], self.experts.boundary)
+
+
+def dropped_captions(samples: list[Sample], indices: list[int], empty: Path | None, rate: float,
+                     generator: torch.Generator) -> list[Path] | None:
+    """The micro-batch's text paths with caption dropout (each sample's caption replaced by the empty one
+    with probability `rate`), or None without it (no draw: the noise of runs without dropout is unchanged)."""
+    if empty is None or rate <= 0:
+        return None
+    drop = (torch.rand(len(indices), generator=generator) < rate).tolist()
+    return [empty if dropped else samples[i].text_path for i, dropped in zip(indices, drop)]
 
 
 def _process_start_time() -> float:

@@ -35,8 +35,16 @@ class CacheContext:
     image_mode: str = "none"  # image-to-video conditioning the cache stores with each clip (family.image_mode)
 
 
-def prepare_samples(dataset: DatasetConfig, ctx: CacheContext, label: str = "dataset") -> list[Sample]:
-    """Cached samples of one dataset table; DatasetError when nothing is trainable."""
+def caption_path(ctx: CacheContext, caption: str) -> Path:
+    """The cached embedding of a caption of no dataset file (the empty one of caption dropout)."""
+    fingerprint = cache_mod.model_fingerprint(ctx.model_dir, ctx.image_mode)
+    return cache_mod.text_path(ctx.cache_root, ctx.family.name, fingerprint, caption)
+
+
+def prepare_samples(dataset: DatasetConfig, ctx: CacheContext, label: str = "dataset",
+                    captions: tuple[str, ...] = ()) -> list[Sample]:
+    """Cached samples of one dataset table (and `captions` encoded alongside); DatasetError when nothing
+    is trainable."""
     dist = ctx.dist
     plan = plan_dataset(dataset, ctx.family.describe(ctx.model_dir).spatial_multiple)
     if dist.is_main:
@@ -48,7 +56,8 @@ def prepare_samples(dataset: DatasetConfig, ctx: CacheContext, label: str = "dat
     progress = _progress(ctx.events) if dist.is_main else None
     encoded = cache_mod.fill_cache(plans, ctx.family, ctx.model_dir, rank=dist.rank, world_size=dist.world_size,
                                    device=dist.device, dtype=ctx.dtype, progress=progress,
-                                   should_stop=ctx.should_stop, image_mode=ctx.image_mode)
+                                   should_stop=ctx.should_stop, image_mode=ctx.image_mode,
+                                   captions={c: caption_path(ctx, c) for c in captions})
     if encoded and dist.device.type == "cuda":
         torch.cuda.empty_cache()  # hand the encoders' memory back before the transformer loads
     barrier(dist)
