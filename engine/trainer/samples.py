@@ -5,6 +5,7 @@ samples whose latents exist. Used for the training set and for each eval set."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -34,11 +35,15 @@ class CacheContext:
     should_stop: Callable[[], bool]
     image_mode: str = "none"  # image-to-video conditioning the cache stores with each clip (family.image_mode)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """The encoders' hash naming this model's cache folder (read once for the training and eval sets)."""
+        return cache_mod.model_fingerprint(self.model_dir, self.image_mode)
+
 
 def caption_path(ctx: CacheContext, caption: str) -> Path:
     """The cached embedding of a caption of no dataset file (the empty one of caption dropout)."""
-    fingerprint = cache_mod.model_fingerprint(ctx.model_dir, ctx.image_mode)
-    return cache_mod.text_path(ctx.cache_root, ctx.family.name, fingerprint, caption)
+    return cache_mod.text_path(ctx.cache_root, ctx.family.name, ctx.fingerprint, caption)
 
 
 def prepare_samples(dataset: DatasetConfig, ctx: CacheContext, label: str = "dataset",
@@ -51,8 +56,8 @@ def prepare_samples(dataset: DatasetConfig, ctx: CacheContext, label: str = "dat
         for message in plan.warnings:
             ctx.events.emit("warning", message=f"{label}: {message}" if label != "dataset" else message)
     require_trainable(plan, ", ".join(d.path for d in dataset.directory))
-    fingerprint = cache_mod.model_fingerprint(ctx.model_dir, ctx.image_mode)
-    plans = cache_mod.plan_cache(ctx.cache_root, ctx.family.name, fingerprint, plan.samples, dataset.video_clip_mode)
+    plans = cache_mod.plan_cache(ctx.cache_root, ctx.family.name, ctx.fingerprint, plan.samples,
+                                 dataset.video_clip_mode)
     progress = _progress(ctx.events) if dist.is_main else None
     encoded = cache_mod.fill_cache(plans, ctx.family, ctx.model_dir, rank=dist.rank, world_size=dist.world_size,
                                    device=dist.device, dtype=ctx.dtype, progress=progress,
