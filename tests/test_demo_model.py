@@ -146,3 +146,12 @@ def test_demo_vae_reconstructs_the_held_out_star():
     scores = _reconstructions(held_out=True, count=12)
     assert all(s.color_ok and s.motion_ok and s.observed.presence == 1.0 for s in scores)
     assert sum(s.shape_ok for s in scores) >= 7, [s.observed.shape for s in scores]
+
+
+def test_first_frames_weight_scales_latent_frames_0_and_1_and_keeps_the_loss_scale():
+    from engine.demo.build_model import _frame_weights
+
+    weights = _frame_weights(5, 3.0, torch.device("cpu")).flatten()
+    assert torch.allclose(weights.mean(), torch.tensor(1.0))
+    assert torch.allclose(weights[:2], 3 * weights[2:].mean()) and torch.equal(weights[2:], weights[2:].flip(0))
+    assert torch.equal(_frame_weights(5, 1.0, torch.device("cpu")).flatten(), torch.ones(5))

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "--transformer-batch": ("transformer_batch", int, None),
         "--transformer-lr": ("transformer_lr", float, "lower when continuing from --init"),
         "--transformer-minutes": ("transformer_minutes", float, "wall-clock budget of the transformer stage"),
+        "--first-frames-weight": ("first_frames_weight", float, "transformer loss weight of latent frames 0-1"),
         "--vae-steps": ("vae_steps", int, None),
         "--vae-batch": ("vae_batch", int, None),
         "--vae-lr": ("vae_lr", float, None),

@@ -82,6 +82,9 @@ class BuildSettings:
     transformer_batch: int = 16
     transformer_lr: float = 5e-4
     caption_dropout: float = 0.1
+    # Loss weight of the first two latent frames (video frames 0-4): their normalized latents are smaller
+    # (std 0.80 / 0.84 against 0.95-1.11 later) and held-in shapes failed there most (docs/demo.md).
+    first_frames_weight: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 200
     workers: int = 1
@@ -303,7 +306,8 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
             )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             prediction = model(noisy, timestep=sigma * 1000, encoder_hidden_states=embeds[text], return_dict=False)[0]
-        loss = (prediction.float() - (noise - x0)).pow(2).mean()
+        loss = (_frame_weights(x0.shape[2], settings.first_frames_weight, device)
+                * (prediction.float() - (noise - x0)).pow(2)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -321,6 +325,14 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
             log.info("transformer: time budget reached at step %d", step + 1)
             break
     ema.module.eval().to("cpu").save_pretrained(work / "transformer")
+
+
+def _frame_weights(frames: int, first_two: float, device: torch.device) -> torch.Tensor:
+    """Per-latent-frame loss weights, shaped to broadcast over (batch, channel, frame, h, w) and
+    normalized to mean 1 so the loss scale (and the learning rate that suits it) stays the same."""
+    weights = torch.ones(frames, device=device)
+    weights[:2] = first_two
+    return (weights / weights.mean()).view(1, 1, frames, 1, 1)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
