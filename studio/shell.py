@@ -11,6 +11,8 @@ from studio.http_api import register_api, request_user
 from studio.context import StudioContext
 from studio.files import serve_links_in_place
 from tabs import compare, gallery, gpus, infer, train
+from tabs.infer import InferHandles
+from tabs.timers import TabTimers
 
 TITLE = "Video LoRA Studio"
 CSS_FILE = REPO_ROOT / "assets" / "studio.css"
@@ -25,16 +27,19 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
         with gr.Row(equal_height=True):
             gr.Markdown(f"# {TITLE}\nTrain Wan video LoRAs with DeepSpeed, generate, compare.", elem_id="studio-title")
             who = gr.Markdown(elem_id="studio-user")
+        timers = TabTimers(first_tab=train.TAB_ID)
         with gr.Tabs() as tabs:
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
-                train.build(ctx, api)
-            with gr.Tab("Infer", id="infer", elem_id="tab-infer"):
-                infer_handles = infer.build(ctx, api)
-                compare.build(api, infer_handles, gr.Timer(ctx.settings.poll_interval_s))
-            with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
-                gallery.build(ctx, api, infer_handles, tabs)
-            with gr.Tab("GPUs", id="gpus", elem_id="tab-gpus"):
-                gpus.build(ctx, api, tabs)
+            with gr.Tab("Train", id=train.TAB_ID, elem_id="tab-train") as train_tab:
+                train.build(ctx, api, timers)
+            with gr.Tab("Infer", id=InferHandles.tab_id, elem_id="tab-infer") as infer_tab:
+                infer_handles = infer.build(ctx, api, timers)
+                compare.build(api, infer_handles, timers.new(InferHandles.tab_id, ctx.settings.poll_interval_s))
+            with gr.Tab(gallery.TAB_LABEL, id=gallery.TAB_ID, elem_id="tab-gallery") as gallery_tab:
+                switches = gallery.build(ctx, api, infer_handles, tabs, timers)
+            with gr.Tab(gpus.TAB_LABEL, id=gpus.TAB_ID, elem_id="tab-gpus") as gpus_tab:
+                gpus.build(ctx, api, timers, tabs)
+        timers.wire({train.TAB_ID: train_tab, InferHandles.tab_id: infer_tab, gallery.TAB_ID: gallery_tab,
+                     gpus.TAB_ID: gpus_tab}, switches)
         register_api(api)
 
         def whoami(request: gr.Request) -> str:

@@ -15,9 +15,11 @@ from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
 from studio.widgets import LoraStack, message, timing_parts
 from tabs.infer import InferHandles
+from tabs.timers import TabTimers
 
 PAGE_SIZE = 24
 TAB_LABEL = "Gallery"  # the tab's label in studio.shell
+TAB_ID = "gallery"
 
 
 def _caption(item: dict[str, Any]) -> str:
@@ -124,7 +126,8 @@ def reuse_values(api: StudioApi, user: User, item_id: str | None, names: list[st
     return Reuse(values, loras, missing, api.file_link(image) if image is not None else None)
 
 
-def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs) -> None:
+def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs,
+          timers: TabTimers) -> dict[str, list]:
     with gr.Row(equal_height=True):
         query = gr.Textbox(label="Search prompts", placeholder="e.g. purple star", scale=4, elem_id="gallery-search")
         model_filter = gr.Textbox(label="Model", placeholder="any", scale=2)
@@ -153,7 +156,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
     ids = gr.State([])
     selected = gr.State(None)
     listing_sig = gr.State("")
-    timer = gr.Timer(max(3.0, ctx.settings.poll_interval_s * 3))
+    timer = timers.new(TAB_ID, max(3.0, ctx.settings.poll_interval_s * 3))
     filters = [query, model_filter, lora_filter, favorites, mine, page]
 
     def load(q: str, m: str, l: str, fav: bool, only_mine: bool, pg: int, last_sig: str, request: gr.Request):
@@ -200,8 +203,9 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
     grid.select(pick, ids, selected, queue=False, api_visibility="private").then(
         show, selected, [video, details, favorite, download], api_visibility="private")
     # "Open in Gallery" under a finished generation in the Infer tab.
-    infer.open_in_gallery.click(lambda item_id: (item_id, gr.Tabs(selected="gallery")), infer.last_item,
-                                [selected, tabs], queue=False, api_visibility="private").then(
+    to_gallery = infer.open_in_gallery.click(lambda item_id: (item_id, gr.Tabs(selected=TAB_ID)), infer.last_item,
+                                             [selected, tabs], queue=False, api_visibility="private")
+    to_gallery.then(
         show, selected, [video, details, favorite, download], api_visibility="private")
 
     def on_favorite(item_id: str | None, request: gr.Request):
@@ -237,6 +241,7 @@ def build(ctx: StudioContext, api: StudioApi, infer: InferHandles, tabs: gr.Tabs
         return [*reused.values, filled[0], *refs, *filled[1 + n:], reused.start_image, gr.Tabs(selected=infer.tab_id),
                 notice]
 
-    reuse.click(on_reuse, selected,
-                [*infer_params.values(), stack.visible, *stack.refs, *stack.weights, *stack.rows, infer.start_image,
-                 tabs, note], api_visibility="private")
+    to_infer = reuse.click(on_reuse, selected,
+                           [*infer_params.values(), stack.visible, *stack.refs, *stack.weights, *stack.rows,
+                            infer.start_image, tabs, note], api_visibility="private")
+    return {TAB_ID: [to_gallery], infer.tab_id: [to_infer]}  # events that switch tabs (their timers follow)

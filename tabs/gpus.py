@@ -10,10 +10,12 @@ from studio.api import StudioApi
 from studio.http_api import request_user
 from studio.context import StudioContext
 from studio.plots import gpu_history_figure, host_history_figure
+from tabs.timers import TabTimers
 
 GPU_COLUMNS = ["GPU", "Name", "Memory (GiB)", "Utilization %", "Temp °C", "Power W", "Job or worker"]
 SLOT_COLUMNS = ["CPU slot", "Job or worker"]
 TAB_LABEL = "GPUs"  # the tab's label in studio.shell
+TAB_ID = "gpus"
 
 
 def _num(value: float | None, fmt: str = "{:.0f}") -> str:
@@ -49,14 +51,14 @@ def machine_view(ctx: StudioContext, status: dict[str, Any]) -> tuple[str, list[
     return _host_line(status), [_gpu_row(g) for g in status["gpus"]], _slot_rows(status), history
 
 
-def build(ctx: StudioContext, api: StudioApi, tabs: gr.Tabs | None = None) -> None:
+def build(ctx: StudioContext, api: StudioApi, timers: TabTimers, tabs: gr.Tabs | None = None) -> None:
     host = gr.Markdown(elem_id="gpus-host")
     no_gpu = gr.Markdown("No GPU found on this machine (no `nvidia-smi`): training and generation run on "
                          "CPU slots, one job per slot.", visible=False, elem_id="gpus-none")
     table = gr.Dataframe(headers=GPU_COLUMNS, interactive=False, elem_id="gpus-table")
     slots = gr.Dataframe(headers=SLOT_COLUMNS, interactive=False, visible=False, elem_id="gpus-slots")
     history = gr.Plot(label="Last minutes", elem_id="gpus-history")
-    timer = gr.Timer(max(2.0, ctx.settings.poll_interval_s * 2))
+    timer = timers.new(TAB_ID, max(2.0, ctx.settings.poll_interval_s * 2))
 
     def refresh(request: gr.Request):
         status = api.gpu_status(request_user(api, request))

@@ -13,6 +13,7 @@ from studio.auth import AccessDenied, User
 from studio.context import StudioContext
 from studio.http_api import request_user, user_errors
 from studio.widgets import LoraStack, message, progress_bar, scroll_into_sight, timings_table
+from tabs.timers import TabTimers
 
 TERMINAL = TERMINAL_STATES  # "lost" included: a request the studio lost ends the polling too
 DEMO = request_defaults("demo")  # the form starts on the demo model
@@ -120,7 +121,7 @@ class InferHandles:
     tab_id: str = "infer"
 
 
-def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
+def build(ctx: StudioContext, api: StudioApi, timers: TabTimers) -> InferHandles:
     def limits(name: str) -> dict[str, float]:
         low, high = LIMITS[name]
         return {"minimum": low, "maximum": high}
@@ -175,7 +176,7 @@ def build(ctx: StudioContext, api: StudioApi) -> InferHandles:
     request_id = gr.State(None)
     shown = gr.State(None)
     last_item = gr.State(None)
-    timer = gr.Timer(ctx.settings.poll_interval_s)
+    timer = timers.new(InferHandles.tab_id, ctx.settings.poll_interval_s)
 
     params = {"model": model, "prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
               "num_frames": frames, "fps": fps, "steps": steps, "guidance_scale": guidance, "flow_shift": shift,

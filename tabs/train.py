@@ -21,7 +21,9 @@ from studio.presets import DEMO_PRESET, PRESET_NAMES, load_preset
 from studio.widgets import ConfigForm, message, progress_bar, scroll_into_sight, scroll_to_end
 from tabs import run_charts
 from tabs.runs import CONTROLS, JOB_COLUMNS, control_job, job_list, job_panel
+from tabs.timers import TabTimers
 
+TAB_ID = "train"
 FILE_COLUMNS = ["file", "kind", "frames", "size", "bucket", "caption"]
 NOT_CONFIRMED = -1  # what the Cancel button's confirm dialog hands the handler when the user says no
 
@@ -165,7 +167,7 @@ def gpu_choices(api: StudioApi, user: User) -> tuple[list[tuple[str, str]], str]
     return choices, label
 
 
-def build(ctx: StudioContext, api: StudioApi) -> None:
+def build(ctx: StudioContext, api: StudioApi, timers: TabTimers) -> None:
     roots = ctx.settings.shared_dataset_roots  # the page as built: no user's uploads (filled per user on focus)
     try:
         start_cfg = load_preset(DEMO_PRESET, ctx.layout.runs_dir, ctx.layout.home)
@@ -238,8 +240,8 @@ def build(ctx: StudioContext, api: StudioApi) -> None:
             with gr.Accordion("Log (the end, following)", open=False) as log_box:
                 log_view = gr.Textbox(lines=14, max_lines=14, interactive=False, show_label=False,
                                       elem_id="train-log")
-    timer = gr.Timer(ctx.settings.poll_interval_s)
-    slow_timer = gr.Timer(max(3.0, ctx.settings.poll_interval_s * 3))
+    timer = timers.new(TAB_ID, ctx.settings.poll_interval_s)
+    slow_timer = timers.new(TAB_ID, max(3.0, ctx.settings.poll_interval_s * 3))
     files_sig = gr.State("")
     gpu_sig = gr.State("")
 

@@ -269,6 +269,18 @@ def walk_through(server, page, phone, tmp_path: Path) -> None:
     page.wait_for_function("() => document.querySelector('#gpus-history .js-plotly-plot')?.data?.length >= 2")
     shot(page, "4-gpus")
     widths["GPUs"] = tab_width(page, "GPUs")
+    # Only the shown tab's timers tick: with every tab's running (before) the page sent 25 events
+    # in 8 s at the test's 2 s poll; the GPUs tab's own timer ticks every 4 s.
+    events = []
+
+    def count(request) -> None:
+        if request.method == "POST" and re.search(r"/run/|/queue/join", request.url):
+            events.append(request.url)
+
+    page.on("request", count)
+    page.wait_for_timeout(8_000)
+    page.remove_listener("request", count)
+    assert 1 <= len(events) <= 3, events
     assert len(set(widths.values())) == 1, f"the page width changes between tabs: {widths}"
 
 

@@ -81,3 +81,35 @@ def test_reuse_fills_the_start_image_and_compare_sends_it(app: gr.Blocks, api: S
     (start,) = [fn for fn in handlers(app) if fn.name == "on_start" and any(
         getattr(block, "elem_id", None) == "compare-loras" for block in fn.inputs)]
     assert "infer-image" in [getattr(block, "elem_id", None) for block in start.inputs]
+
+
+def owning_tab(block: Any) -> gr.Tab | None:
+    while block is not None and not isinstance(block, gr.Tab):
+        block = block.parent
+    return block
+
+
+def test_only_the_shown_tabs_timers_tick(app: gr.Blocks) -> None:
+    """Each tick is a request Gradio answers by walking the page; hidden tabs' timers must stay still.
+    Selecting a tab, by a click or by an event (Reuse in Infer, Open in Gallery), starts its timers
+    and stops every other tab's."""
+    timers = [b for b in app.blocks.values() if isinstance(b, gr.Timer)]
+    tab_of = {t._id: owning_tab(t) for t in timers}
+    tabs = {tab._id: tab for tab in tab_of.values() if tab is not None}
+    assert len(tabs) == 4 and None not in tab_of.values()  # every tab has a timer, every timer a tab
+    first = next(b for b in app.blocks.values() if isinstance(b, gr.Tab))
+    assert {t._id for t in timers if t.active} == {t._id for t in timers if tab_of[t._id] is first}
+
+    shows = [fn for fn in handlers(app) if fn.name == "show_tab_timers"]
+    assert len(shows) == 6  # a click on each of the four tabs, and the two events that switch tabs
+    selected_by_click = set()
+    for fn in shows:
+        assert [o._id for o in fn.outputs] == [t._id for t in timers]  # every timer, each time
+        active = {t._id for t, state in zip(timers, fn.fn(), strict=True) if state.active}
+        (shown,) = {tab_of[i]._id for i in active}  # one tab's timers, and all of them
+        assert active == {t._id for t in timers if tab_of[t._id]._id == shown}
+        clicked = [block_id for block_id, event in fn.targets if event == "select" and block_id in tabs]
+        if clicked:
+            assert clicked == [shown]
+            selected_by_click.add(shown)
+    assert selected_by_click == set(tabs)
