@@ -24,8 +24,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 test-heavy: $(STAMP)
 	$(PY) -m pytest -m heavy $(PYTEST_ARGS)
 
-# The GPU acceptance suite (tests/gpu): real studio jobs on this machine's GPUs (2 needed; about
-# 15 minutes on two H100s). Results and frames of the generated videos land in test-artifacts/gpu/.
+# The GPU acceptance suite (tests/gpu): real studio jobs on this machine's GPUs (2 needed; over
+# 20 minutes on two H100s). Results and frames of the generated videos land in test-artifacts/gpu/.
 test-gpu: $(STAMP)
 	$(PY) -m pytest tests/gpu -m gpu -v $(PYTEST_ARGS)
 
