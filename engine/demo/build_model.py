@@ -292,6 +292,7 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
     started, deadline = time.time(), time_budget_end(settings.transformer_minutes)
     generator = torch.Generator(device=device).manual_seed(settings.seed + 4 + start)
     batch = settings.transformer_batch
+    frame_weights = _frame_weights(latents.shape[2], settings.first_frames_weight, device)
     for step in range(start, settings.transformer_steps):
         index = torch.randint(len(latents), (batch,), generator=generator, device=device)
         x0 = latents[index]
@@ -306,8 +307,7 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
             )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             prediction = model(noisy, timestep=sigma * 1000, encoder_hidden_states=embeds[text], return_dict=False)[0]
-        loss = (_frame_weights(x0.shape[2], settings.first_frames_weight, device)
-                * (prediction.float() - (noise - x0)).pow(2)).mean()
+        loss = (frame_weights * (prediction.float() - (noise - x0)).pow(2)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
