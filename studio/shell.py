@@ -38,8 +38,7 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
                 switches = gallery.build(ctx, api, infer_handles, tabs, timers)
             with gr.Tab(gpus.TAB_LABEL, id=gpus.TAB_ID, elem_id="tab-gpus") as gpus_tab:
                 gpus.build(ctx, api, timers, tabs)
-        timers.wire({train.TAB_ID: train_tab, InferHandles.tab_id: infer_tab, gallery.TAB_ID: gallery_tab,
-                     gpus.TAB_ID: gpus_tab}, switches)
+        timers.wire([train_tab, infer_tab, gallery_tab, gpus_tab], switches)
         register_api(api)
 
         def whoami(request: gr.Request) -> str:

@@ -3,8 +3,8 @@
 Every tick is a request that Gradio answers by walking the whole page's component tree; with every
 tab's timers running, one open page sent about six a second whatever it showed. Tabs create their
 timers here; the shell switches them when a tab is selected by the user or by an event (Gallery's
-"Reuse in Infer", Infer's "Open in Gallery"). A tab that opens refreshes at once (its own select
-handler), so nothing waits a whole interval for the first tick.
+"Reuse in Infer", Infer's "Open in Gallery"). Gallery and GPUs also refresh the moment their tab opens
+(their own select handlers); Train and Infer at their next tick, within one poll interval.
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ class TabTimers:
 
         return show_tab_timers
 
-    def wire(self, tabs: dict[str, gr.Tab], switches: dict[str, list]) -> None:
-        """`tabs`: tab id -> Tab; `switches`: tab id -> event dependencies that select that tab."""
-        for tab_id, tab in tabs.items():
-            tab.select(self.show_handler(tab_id), None, self.timers, queue=False, show_progress="hidden",
+    def wire(self, tabs: list[gr.Tab], switches: dict[str, list]) -> None:
+        """`tabs`: the page's tabs (each by its id); `switches`: tab id -> event dependencies that select it."""
+        for tab in tabs:
+            tab.select(self.show_handler(tab.id), None, self.timers, queue=False, show_progress="hidden",
                        api_visibility="private")
         for tab_id, dependencies in switches.items():
             for dependency in dependencies:
