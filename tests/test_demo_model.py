@@ -155,3 +155,16 @@ def test_first_frames_weight_scales_latent_frames_0_and_1_and_keeps_the_loss_sca
     assert torch.allclose(weights.mean(), torch.tensor(1.0))
     assert torch.allclose(weights[:2], 3 * weights[2:].mean()) and torch.equal(weights[2:], weights[2:].flip(0))
     assert torch.equal(_frame_weights(5, 1.0, torch.device("cpu")).flatten(), torch.ones(5))
+
+
+def test_equal_contrast_weighs_a_faint_shape_up_to_the_floor_and_leaves_a_strong_one():
+    from engine.demo import world
+    from engine.demo.build_model import _contrast_scale
+
+    def rgb(*names):
+        return torch.tensor([{**world.COLORS, **world.BACKGROUNDS}[n] for n in names], dtype=torch.float32)
+
+    scale = _contrast_scale(rgb("purple", "purple", "red"), rgb("white", "gray", "red"))
+    assert scale[0] == 1.0  # purple on white: 232 apart
+    assert 1.7 < scale[1] < 1.9  # purple on gray: 110 apart
+    assert torch.isclose(scale[2], torch.tensor(1 / 0.3))  # no contrast: capped

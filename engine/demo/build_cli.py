@@ -73,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-decoder-only", action="store_true",
                         help="vae stage: train the decoder alone (the latents, and the transformer's training on "
                              "them, stay valid)")
+    parser.add_argument("--vae-equal-contrast", action="store_true",
+                        help="vae stage: scale each clip's error by its inverse shape/background contrast")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = {field: getattr(args, field) for field, _, _ in overrides.values() if getattr(args, field) is not None}
     settings = replace(PRESETS[args.preset], **chosen, keep_latent_stats=args.keep_latent_stats,
-                       vae_decoder_only=args.vae_decoder_only)
+                       vae_decoder_only=args.vae_decoder_only, vae_equal_contrast=args.vae_equal_contrast)
     frames = settings.vae_clip_frames
     if frames % 4 != 1 or not 1 <= frames <= world.NUM_FRAMES:
         parser.error(f"--vae-clip-frames: must be 4k+1 and at most {world.NUM_FRAMES}, got {frames}")

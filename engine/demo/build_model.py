@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Z_DIM = 16
 FLOW_SHIFT = 2.0
 SILHOUETTE_WEIGHT = 4.0  # extra reconstruction weight on the shape and the pixels around it
+FULL_CONTRAST = 200.0  # RGB distance between shape and background from which a clip's error counts as is
 
 VAE_CONFIG = dict(
     base_dim=32,
@@ -94,6 +95,10 @@ class BuildSettings:
     # Train only the VAE's decoder: the latents (and so the transformer trained on them) stay valid, while
     # the decoder learns to draw sharper shapes from them.
     vae_decoder_only: bool = False
+    # Scale each clip's reconstruction error by its inverse shape/background contrast (down to 0.3 of
+    # FULL_CONTRAST): the error of a lost star point grows with the contrast, so a purple star on gray
+    # (110 apart) lost its points first while the same star on white (230 apart) kept them.
+    vae_equal_contrast: bool = False
     init: str = ""  # a built demo model folder whose vae/transformer weights the stages start from
 
 
@@ -192,7 +197,17 @@ def _vae_batch(pool: torch.Tensor, fg_palette: torch.Tensor, bg_palette: torch.T
     bg[random_colors] = torch.rand(int(random_colors.sum()), 3, generator=generator) * 255
     first = int(torch.randint(pool.shape[1] - settings.vae_clip_frames + 1, (1,), generator=generator))
     crop = pool[index.to(pool.device), first : first + settings.vae_clip_frames]
-    return compose(crop, fg.to(pool.device), bg.to(pool.device)), _silhouette_weight(crop)
+    weight = _silhouette_weight(crop)
+    if settings.vae_equal_contrast:
+        weight = weight * _contrast_scale(fg, bg).to(pool.device).view(-1, 1, 1, 1, 1)
+    return compose(crop, fg.to(pool.device), bg.to(pool.device)), weight
+
+
+def _contrast_scale(fg: torch.Tensor, bg: torch.Tensor, floor: float = 0.3) -> torch.Tensor:
+    """Per clip: 1 at FULL_CONTRAST or more, up to 1 / floor for a faint shape (a shape in nearly the
+    background's color gets no more than that: there is little to see)."""
+    contrast = (fg - bg).norm(dim=1) / FULL_CONTRAST
+    return 1.0 / contrast.clamp(min=floor, max=1.0)
 
 
 def _silhouette_weight(coverage: torch.Tensor) -> torch.Tensor:
