@@ -106,6 +106,17 @@ def test_demo_build_refuses_a_wrong_init_folder_or_clip_length(tmp_path: Path, c
     assert not (tmp_path / "work").exists()  # refused before any stage ran
 
 
+def test_demo_build_flags_override_the_preset(tmp_path: Path, monkeypatch):
+    """--seed gives a continued build fresh clips (the pool is rendered from it); flags reach the stages."""
+    from engine.demo import build_cli
+
+    seen = {}
+    monkeypatch.setattr(build_cli, "run", lambda stages, work, out, settings, device: seen.update(settings=settings))
+    build_cli.main(["--preset", "smoke", "--work-dir", str(tmp_path), "--stages", "text", "--seed", "9",
+                    "--pool-clips", "32"])
+    assert (seen["settings"].seed, seen["settings"].pool_clips) == (9, 32)
+
+
 def test_demo_build_trains_the_vae_on_every_shape_and_the_transformer_on_the_base_split(tmp_path: Path):
     """The VAE is the codec: trained without stars it rounded their points, so no LoRA could draw one.
     The transformer's pool must still hold nothing of the held-out concept."""

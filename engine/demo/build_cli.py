@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--vae-clip-frames": ("vae_clip_frames", int, "4k+1; train on the length you generate (see docs/demo.md)"),
         "--vae-minutes": ("vae_minutes", float, "wall-clock budget of the vae stage"),
         "--pool-clips": ("pool_clips", int, "number of rendered clips"),
+        "--seed": ("seed", int, "the rendered pool, new weights and training noise (a new seed: fresh clips)"),
         "--init": ("init", str, "a built demo model folder: its vae/transformer weights are the starting point"),
     }
     for flag, (field, kind, text) in overrides.items():
