@@ -1,6 +1,7 @@
 """Deliberately broken shapes-world clips, made by code: each fails the way generated clips have failed
 (fading, vanishing after a few frames, color drift, shapeless blobs, empty frames, no motion). The
-evaluator must fail every one of them (tests/test_demo_evaluate.py)."""
+evaluator must fail every one of them (tests/test_demo_evaluate.py). `rough_star` is the other side: an
+imperfect star that a person still reads as a star, and so must the evaluator."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +53,21 @@ def lumpy_blob(spec: world.ClipSpec, seed: int = 0) -> np.ndarray:
     """Sharp edges, right color and motion, but an irregular potato of the shape's size."""
     rng = np.random.default_rng(seed)
     angles = np.linspace(0, 2 * np.pi, 7, endpoint=False)
-    radii = spec.radius * rng.uniform(0.35, 1.4, size=angles.size)
+    return _polygon_clip(spec, angles, spec.radius * rng.uniform(0.35, 1.4, size=angles.size))
+
+
+def rough_star(spec: world.ClipSpec, seed: int = 0) -> np.ndarray:
+    """Not broken: a star as a generator draws one, tilted, with uneven points and shallow notches. A
+    person reads it as a star at once, though it overlaps the world's star at a soft IoU below 0.8."""
+    rng = np.random.default_rng(seed)
+    angles = np.deg2rad(-90 + 12 + 36 * np.arange(10))
+    outer = spec.radius * 1.15 * rng.uniform(0.8, 1.15, size=5)
+    radii = np.stack([outer, outer * 0.5], axis=1).ravel()
+    return _polygon_clip(spec, angles, radii)
+
+
+def _polygon_clip(spec: world.ClipSpec, angles: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """The spec's clip with its shape replaced by a polygon (vertex angles and radii about the centre)."""
     scale = 4
     coverage = []
     for index in range(spec.num_frames):

@@ -4,7 +4,7 @@ clips break (tests/demo_broken_clips.py) fail."""
 import numpy as np
 import pytest
 
-from demo_broken_clips import BROKEN
+from demo_broken_clips import BROKEN, lumpy_blob, rough_star
 from engine.demo.evaluate import accuracy, evaluate_clip, read_clip
 from engine.demo.world import render_clip, sample_specs
 
@@ -28,6 +28,21 @@ def test_broken_clips_fail_what_they_break_and_never_pass_as_a_whole(name: str):
     result = accuracy(scores)
     assert result[broken_attribute] == 0.0, (name, result)
     assert result["all"] == 0.0, (name, result)
+
+
+def test_a_rough_star_reads_as_a_star_and_no_potato_does():
+    """Generated stars come tilted, with uneven points and shallow notches; overlap with the world's star
+    (soft IoU) misses them, their five points do not. Potatoes and blurred stars have no five points."""
+    stars = [s for s in GROUND_TRUTH if s.shape == "star"]
+    for seed, spec in enumerate(stars):
+        score = evaluate_clip(rough_star(spec, seed), spec.caption.text())
+        assert score.shape_ok and all(f.shape == "star" for f in score.frames), seed
+        assert min(f.shape_fit for f in score.frames) < 0.8  # read by its points, not by the overlap
+    potatoes = [f for seed in range(20) for spec in GROUND_TRUTH[::8]
+                for f in evaluate_clip(lumpy_blob(spec, seed), spec.caption.text()).frames]
+    assert not any(f.shape == "star" for f in potatoes)
+    blurred = evaluate_clip(BROKEN["blurred_blob"][0](stars[0]), stars[0].caption.text())
+    assert max(f.five_fold for f in blurred.frames) < 1.2
 
 
 def test_each_frame_is_read_on_its_own():

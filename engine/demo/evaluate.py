@@ -8,7 +8,8 @@ frames, fades or changes color, is a shapeless blob, or wanders. So every frame 
   no color at all);
 - shape: the silhouette is matched against the world's own shapes, scaled to the same area and
   centred on the same point; the best match counts only when it overlaps well (soft IoU), so a
-  blurred or lumpy blob reads as no shape;
+  blurred or lumpy blob reads as no shape. A star also counts when its outline has five clear points
+  (see `_five_pointed`): its thin points make overlap a harsh judge of a star a person reads at once;
 - motion: the centroid's steps between frames go the prompted way.
 A clip shows an attribute only when it holds in nearly every frame (`NEARLY_EVERY`). Tested on
 ground-truth clips (all read) and on deliberately broken ones (all fail): tests/test_demo_evaluate.py.
@@ -35,6 +36,11 @@ _SHAPE_FIT = 0.8  # soft IoU with the best-matching shape: ground truth fits at 
 _MIN_TRAVEL = 8.0  # pixels over the clip along the direction; the world moves shapes 22-32 pixels
 _BACKWARD_SLACK = 1.0  # pixels a single step may go against the direction (centroid jitter)
 _NOISE_ALPHA = 0.15
+# Five points: the outline's radius around the centroid, as a function of angle, has a strong 5-fold
+# harmonic (relative to the mean radius; the world's star 0.33-0.35, a blurred star 0.01-0.02) that
+# dominates every other harmonic 1-9 (an irregular potato's low harmonics dominate: 0.2 against 0.04).
+_FIVE_FOLD_MIN = 0.15
+_FIVE_FOLD_DOMINANCE = 1.2
 _TEMPLATE_RADIUS = 12.0
 
 
@@ -48,6 +54,7 @@ class FrameReading:
     color_error: float = float("inf")  # RGB distance of the core to the nearest palette color
     shape: str | None = None
     shape_fit: float = 0.0  # soft IoU with the best-matching shape
+    five_fold: float = 0.0  # the outline's 5-fold harmonic over its strongest other one (a star: > 1.2)
     centroid: tuple[float, float] | None = None  # (x, y) in pixels
 
 
@@ -145,13 +152,17 @@ def _read_frame(frame: np.ndarray, background: np.ndarray) -> FrameReading:
     alpha = _coverage(frame, background, core)
     name, error = _nearest_with_distance(core, COLORS)
     shape, fit = _match_shape(alpha)
+    five_fold = _five_fold(alpha)
+    if fit < _SHAPE_FIT:
+        shape = "star" if five_fold >= _FIVE_FOLD_DOMINANCE else None
     return FrameReading(
         present=True,
         rgb=(float(core[0]), float(core[1]), float(core[2])),
         color=name if error <= _COLOR_TOLERANCE else None,
         color_error=error,
-        shape=shape if fit >= _SHAPE_FIT else None,
+        shape=shape,
         shape_fit=fit,
+        five_fold=five_fold,
         centroid=_centroid(alpha),
     )
 
@@ -197,6 +208,33 @@ def _match_shape(alpha: np.ndarray) -> tuple[str | None, float]:
         if fit > best_fit:
             best, best_fit = shape, fit
     return best, best_fit
+
+
+def _five_fold(alpha: np.ndarray) -> float:
+    """How clearly the outline has five points: its radius profile's 5-fold harmonic divided by the
+    strongest of harmonics 1-9 otherwise, 0 when that harmonic is too weak to be a point at all."""
+    radius = _radius_profile(alpha, *_centroid(alpha))
+    harmonics = np.abs(np.fft.rfft(radius))[1:10] * 2 / radius.size / max(float(radius.mean()), 1e-6)
+    five, others = float(harmonics[4]), float(np.delete(harmonics, 4).max())
+    return five / max(others, 1e-6) if five >= _FIVE_FOLD_MIN else 0.0
+
+
+def _radius_profile(alpha: np.ndarray, cx: float, cy: float, rays: int = 120, step: float = 0.25) -> np.ndarray:
+    """The object's extent along rays from (cx, cy): its coverage summed along each ray (bilinear)."""
+    angles = 2 * np.pi * np.arange(rays) / rays
+    distances = np.arange(0.0, max(alpha.shape), step)
+    xs = cx + distances[None] * np.cos(angles)[:, None]
+    ys = cy + distances[None] * np.sin(angles)[:, None]
+    padded = np.pad(alpha, 1)  # zero outside the frame
+    x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
+    fx, fy = xs - x0, ys - y0
+
+    def at(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return padded[np.clip(y + 1, 0, padded.shape[0] - 1), np.clip(x + 1, 0, padded.shape[1] - 1)]
+
+    samples = (at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x0 + 1) * fx * (1 - fy)
+               + at(y0 + 1, x0) * (1 - fx) * fy + at(y0 + 1, x0 + 1) * fx * fy)
+    return samples.sum(axis=1) * step
 
 
 @lru_cache(maxsize=None)
