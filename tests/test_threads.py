@@ -29,3 +29,47 @@ def test_a_training_job_and_a_generation_at_once_stay_within_the_cores():
 def test_an_explicit_omp_setting_wins(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads("inference", cores=2) == 3 and cpu_threads("trainer", ranks=2, cores=64) == 3
+
+
+def test_a_trainer_alone_takes_every_core_and_shares_the_machine_otherwise():
+    assert cpu_threads("trainer", cores=2, alone=True) == 2
+    assert cpu_threads("trainer", ranks=2, cores=2, alone=True) == 1
+    assert cpu_threads("trainer", cores=16, alone=True) == 16 and cpu_threads("trainer", ranks=4, cores=16, alone=True) == 4
+
+
+def test_compute_marks_count_other_live_processes_and_drop_dead_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from engine.threads import ComputeMark, others_computing
+
+    with ComputeMark("trainer", group="job1", directory=tmp_path):
+        assert others_computing("job1", tmp_path) == 0  # a job's own ranks are not others
+        assert others_computing("job2", tmp_path) == 1
+        with ComputeMark("inference", directory=tmp_path):
+            assert others_computing("job1", tmp_path) == 1
+    assert others_computing("job2", tmp_path) == 0 and not list(tmp_path.iterdir())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"inference-{dead.stdout.strip()}-{dead.stdout.strip()}"
+    stale.touch()  # a worker killed mid-generation leaves its mark behind
+    assert others_computing("job1", tmp_path) == 0 and not stale.exists()
+
+
+def test_a_trainer_gives_back_its_extra_cores_while_a_generation_runs(tmp_path):
+    import torch
+
+    from engine.threads import ComputeMark, TrainerThreads
+
+    before = torch.get_num_threads()
+    threads = TrainerThreads(ranks=1, group="job1", directory=tmp_path)
+    try:
+        alone = threads.threads
+        assert torch.get_num_threads() == alone == cpu_threads("trainer", alone=True)
+        with ComputeMark("inference", directory=tmp_path):
+            assert threads.update() == cpu_threads("trainer") == torch.get_num_threads()
+        assert threads.update() == alone == torch.get_num_threads()
+        assert [p.name.split("-")[:2] for p in tmp_path.iterdir()] == [["trainer", "job1"]]
+    finally:
+        threads.close()
+        torch.set_num_threads(before)
+    assert not list(tmp_path.iterdir())

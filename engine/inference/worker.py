@@ -20,6 +20,7 @@ A bad request (unreadable LoRA, LoRA of another family, out of memory, any excep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -102,6 +103,12 @@ class Worker:
         self.emit = emit
         self.reader = reader
 
+    def computing(self) -> contextlib.AbstractContextManager:
+        """On the CPU, a generation tells trainers to give back the cores they use alone (engine/threads.py)."""
+        from engine.threads import ComputeMark
+
+        return ComputeMark("inference") if self.device.type == "cpu" else contextlib.nullcontext()
+
     def announce(self) -> None:
         self.emit("ready", pid=os.getpid(), device=str(self.device), threads=self.threads)
 
@@ -125,7 +132,8 @@ class Worker:
             return
         request_id = str(command.get("id"))
         try:
-            timings = self.run_request(request_id, command)
+            with self.computing():
+                timings = self.run_request(request_id, command)
         except _Cancel:
             self.emit("cancelled", id=request_id)
         except Exception as exc:  # one request fails; the worker stays up for the next

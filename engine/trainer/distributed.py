@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
 
-from engine.threads import apply_thread_policy
+from engine.threads import TrainerThreads, apply_thread_policy
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device  # the compute device, and the device collectives run on
+    # CPU ranks: their threads follow whether another studio process computes on the CPU (engine/threads.py)
+    cpu_threads: TrainerThreads | None = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -50,17 +52,22 @@ def init_distributed() -> DistInfo:
         # CPU ranks share the cores with each other, the inference worker and the app (engine/threads.py).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])))
         apply_thread_policy("trainer", ranks=local_world)
+        # The job's ranks share a master address and port, and do not count each other as others.
+        cpu_threads = TrainerThreads(local_world, group=os.environ["MASTER_PORT"])
     else:
         # Before the group exists: NCCL binds each rank to the current device.
         device = torch.device(get_accelerator().device_name(local_rank))
         get_accelerator().set_device(local_rank)
+        cpu_threads = None
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timedelta(hours=2))
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device, cpu_threads)
 
 
 def close_distributed(dist: DistInfo) -> None:
     """Leave the group before the interpreter exits: a rank whose gloo/NCCL threads are still alive
     at exit can abort ("terminate called without an active exception", SIGABRT) after a clean run."""
+    if dist.cpu_threads is not None:
+        dist.cpu_threads.close()
     if tdist.is_initialized():
         barrier(dist)  # no rank tears its side down while another still talks to it
         tdist.destroy_process_group()

@@ -217,6 +217,8 @@ class Trainer:
                 batches_epoch = epoch_index
                 if step % spe == 0:
                     epoch_losses = []
+            if dist.cpu_threads is not None:
+                dist.cpu_threads.update()  # a generation may have started or ended on the CPU
             t0 = time.monotonic()
             lr = scheduler.get_last_lr()[0]
             losses = []
