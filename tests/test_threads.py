@@ -73,3 +73,18 @@ def test_a_trainer_gives_back_its_extra_cores_while_a_generation_runs(tmp_path):
         threads.close()
         torch.set_num_threads(before)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_worker_marks_a_cpu_generation_and_not_a_gpu_one():
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.inference.worker import Worker
+    from engine.threads import ComputeMark
+
+    with Worker.computing(SimpleNamespace(device=torch.device("cpu"))) as mark:
+        assert isinstance(mark, ComputeMark) and mark.path.exists() and mark.path.name.startswith("inference-")
+    assert not mark.path.exists()
+    with Worker.computing(SimpleNamespace(device=torch.device("cuda", 0))) as nothing:
+        assert nothing is None
