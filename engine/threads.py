@@ -63,7 +63,9 @@ class ComputeMark:
 
     def __enter__(self) -> "ComputeMark":
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.parent.is_dir():  # shared by every user of the machine, like /tmp itself
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(self.path.parent, 0o1777)
             self.path.touch()
         except OSError as exc:  # a read-only temp dir costs speed, never the job
             log.debug("no compute mark at %s: %s", self.path, exc)

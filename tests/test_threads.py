@@ -43,16 +43,18 @@ def test_compute_marks_count_other_live_processes_and_drop_dead_ones(tmp_path):
 
     from engine.threads import ComputeMark, others_computing
 
-    with ComputeMark("trainer", group="job1", directory=tmp_path):
-        assert others_computing("job1", tmp_path) == 0  # a job's own ranks are not others
-        assert others_computing("job2", tmp_path) == 1
-        with ComputeMark("inference", directory=tmp_path):
-            assert others_computing("job1", tmp_path) == 1
-    assert others_computing("job2", tmp_path) == 0 and not list(tmp_path.iterdir())
+    shared = tmp_path / "marks"
+    with ComputeMark("trainer", group="job1", directory=shared):
+        assert shared.stat().st_mode & 0o1777 == 0o1777  # every user's processes mark in the same folder
+        assert others_computing("job1", shared) == 0  # a job's own ranks are not others
+        assert others_computing("job2", shared) == 1
+        with ComputeMark("inference", directory=shared):
+            assert others_computing("job1", shared) == 1
+    assert others_computing("job2", shared) == 0 and not list(shared.iterdir())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"inference-{dead.stdout.strip()}-{dead.stdout.strip()}"
+    stale = shared / f"inference-{dead.stdout.strip()}-{dead.stdout.strip()}"
     stale.touch()  # a worker killed mid-generation leaves its mark behind
-    assert others_computing("job1", tmp_path) == 0 and not stale.exists()
+    assert others_computing("job1", shared) == 0 and not stale.exists()
 
 
 def test_a_trainer_gives_back_its_extra_cores_while_a_generation_runs(tmp_path):
