@@ -57,9 +57,8 @@ class ComputeMark:
     processes of one group (a training job's ranks) do not count each other."""
 
     def __init__(self, role: Role, group: str | None = None, directory: Path | None = None) -> None:
-        self.group = group or str(os.getpid())
         directory = directory or MARKS_DIR
-        self.path = directory / f"{role}-{self.group}-{os.getpid()}"
+        self.path = directory / f"{role}-{group or os.getpid()}-{os.getpid()}"
 
     def __enter__(self) -> "ComputeMark":
         try:
@@ -113,6 +112,7 @@ class TrainerThreads:
         self.ranks, self.group, self.directory = ranks, group, directory
         self.mark = ComputeMark("trainer", group, directory).__enter__()
         self.threads = 0
+        _one_interop_thread()
         self.update()
 
     def update(self) -> int:
@@ -138,9 +138,15 @@ def apply_thread_policy(role: Role, *, ranks: int = 1) -> int:
 
     threads = cpu_threads(role, ranks=ranks)
     torch.set_num_threads(threads)
+    _one_interop_thread()
+    log.info("%s process computes with %d CPU thread(s) of %s cores", role, threads, os.cpu_count())
+    return threads
+
+
+def _one_interop_thread() -> None:
+    import torch
+
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only settable before the first parallel op; the default then stays
         log.debug("inter-op threads already in use; left at %d", torch.get_num_interop_threads())
-    log.info("%s process computes with %d CPU thread(s) of %s cores", role, threads, os.cpu_count())
-    return threads

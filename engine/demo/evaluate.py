@@ -9,7 +9,7 @@ frames, fades or changes color, is a shapeless blob, or wanders. So every frame 
 - shape: the silhouette is matched against the world's own shapes, scaled to the same area and
   centred on the same point; the best match counts only when it overlaps well (soft IoU), so a
   blurred or lumpy blob reads as no shape. A star also counts when its outline has five clear points
-  (see `_five_pointed`): its thin points make overlap a harsh judge of a star a person reads at once;
+  (see `_five_fold`): its thin points make overlap a harsh judge of a star a person reads at once;
 - motion: the centroid's steps between frames go the prompted way.
 A clip shows an attribute only when it holds in nearly every frame (`NEARLY_EVERY`). Tested on
 ground-truth clips (all read) and on deliberately broken ones (all fail): tests/test_demo_evaluate.py.

@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
-from engine.threads import TrainerThreads, apply_thread_policy
+from engine.threads import TrainerThreads
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,6 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
         # CPU ranks share the cores with each other, the inference worker and the app (engine/threads.py).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])))
-        apply_thread_policy("trainer", ranks=local_world)
         # The job's ranks share a master address and port, and do not count each other as others.
         cpu_threads = TrainerThreads(local_world, group=os.environ["MASTER_PORT"])
     else:
