@@ -10,6 +10,7 @@ from diffusers import WanPipeline
 
 from engine.demo.evaluate import read_clip
 from engine.demo.setup import DEMO_DATASET_CLIPS, demo_lora_config_text, ensure_demo_assets
+from engine.demo.world import sample_specs
 from engine.models import resolve_model
 
 
@@ -117,19 +118,19 @@ def test_demo_build_flags_override_the_preset(tmp_path: Path, monkeypatch):
     assert (seen["settings"].seed, seen["settings"].pool_clips) == (9, 32)
 
 
-def test_demo_build_trains_the_vae_on_every_shape_and_the_transformer_on_the_base_split(tmp_path: Path):
+def test_demo_build_trains_the_vae_on_every_caption_and_the_transformer_on_the_base_split(tmp_path: Path):
     """The VAE is the codec: trained without stars it rounded their points, so no LoRA could draw one.
-    The transformer's pool must still hold nothing of the held-out concept."""
+    The transformer's pool must still hold nothing of the held-out color."""
     from dataclasses import replace
 
     from engine.demo.build_model import PRESETS, _load_pool
-    from engine.demo.world import HELD_OUT_COLOR, HELD_OUT_SHAPE
+    from engine.demo.world import HELD_OUT_COLOR, SHAPES
 
     settings = replace(PRESETS["smoke"], pool_clips=48)
     vae_coverage, vae_specs = _load_pool(tmp_path, settings, every_shape=True)
     coverage, specs = _load_pool(tmp_path, settings)
-    assert {s.shape for s in vae_specs} == {"circle", "square", "triangle", HELD_OUT_SHAPE}
-    assert not {HELD_OUT_SHAPE, HELD_OUT_COLOR} & {a for s in specs for a in (s.shape, s.color)}
+    assert HELD_OUT_COLOR in {s.color for s in vae_specs} and {s.shape for s in vae_specs} == set(SHAPES)
+    assert HELD_OUT_COLOR not in {s.color for s in specs}
     assert len(vae_coverage) == len(coverage) == 48 and not np.array_equal(vae_coverage, coverage)
     assert _load_pool(tmp_path, settings, every_shape=True)[1] == vae_specs  # cached per split
 
@@ -180,3 +181,19 @@ def test_equal_contrast_weighs_a_faint_shape_up_to_the_floor_and_leaves_a_strong
     assert scale[0] == 1.0  # purple on white: 232 apart
     assert 1.7 < scale[1] < 1.9  # purple on gray: 110 apart
     assert torch.isclose(scale[2], torch.tensor(1 / 0.3))  # no contrast: capped
+
+
+def test_unnamed_colors_stay_away_from_the_held_out_color_and_drop_the_color_word():
+    from engine.demo.build_model import colorless_caption, unnamed_color_clips
+    from engine.demo.build_parts import palette_colors
+    from engine.demo.world import COLORS, HELD_OUT_COLOR
+
+    specs = sample_specs(400, seed=5)
+    fg, bg = palette_colors(specs)
+    before = fg.clone()
+    recolored = unnamed_color_clips(fg, bg, 0.5, seed=5)
+    assert 0.4 < recolored.float().mean() < 0.6
+    assert torch.equal(fg[~recolored], before[~recolored])
+    assert (fg[recolored] - torch.tensor(COLORS[HELD_OUT_COLOR]).float()).norm(dim=1).min() >= 110
+    assert (fg[recolored] - bg[recolored]).norm(dim=1).min() >= 90
+    assert colorless_caption(specs[0].caption) == specs[0].caption.text().replace(f" {specs[0].color}", "", 1)

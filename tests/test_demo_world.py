@@ -8,7 +8,8 @@ import pytest
 from engine.demo.evaluate import evaluate_clip
 from engine.demo.world import (
     HELD_OUT_COLOR,
-    HELD_OUT_SHAPE,
+    HELD_OUT_PROMPT_SHAPE,
+    SHAPES,
     CaptionError,
     parse_caption,
     render_clip,
@@ -29,9 +30,10 @@ def test_same_seed_renders_identical_clips_and_other_seeds_differ():
 
 def test_base_split_never_shows_the_held_out_concept():
     specs = sample_specs(400, seed=0)
-    assert not any(s.color == HELD_OUT_COLOR or s.shape == HELD_OUT_SHAPE for s in specs)
+    assert not any(s.color == HELD_OUT_COLOR for s in specs)
+    assert {s.shape for s in specs} == set(SHAPES)  # stars too, in the other colors
     held_out = sample_specs(12, seed=0, held_out=True)
-    assert all(s.color == HELD_OUT_COLOR and s.shape == HELD_OUT_SHAPE for s in held_out)
+    assert all(s.color == HELD_OUT_COLOR and s.shape == HELD_OUT_PROMPT_SHAPE for s in held_out)
     assert len({s.caption for s in held_out}) == 12  # every direction x background once
 
 

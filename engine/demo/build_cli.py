@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         "--transformer-lr": ("transformer_lr", float, "lower when continuing from --init"),
         "--transformer-minutes": ("transformer_minutes", float, "wall-clock budget of the transformer stage"),
         "--first-frames-weight": ("first_frames_weight", float, "transformer loss weight of latent frames 0-1"),
+        "--unnamed-colors": ("unnamed_colors", float, "share of the transformer's clips in random colors the "
+                                                      "caption does not name (none near the held-out color)"),
         "--vae-steps": ("vae_steps", int, None),
         "--vae-batch": ("vae_batch", int, None),
         "--vae-lr": ("vae_lr", float, None),

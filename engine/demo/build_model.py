@@ -7,7 +7,7 @@ Stages (each resumable, all state in --work-dir):
   transformer WanTransformer3DModel trained with Wan's flow-matching objective (EMA weights kept)
   export      WanPipeline(...).save_pretrained(out): loads with plain WanPipeline.from_pretrained
 
-The held-out concept (purple, star) never appears in the transformer's data. The VAE sees random
+The held-out color (purple) never appears in the transformer's data. The VAE sees random
 foreground/background colors so it reconstructs any color, like a real video VAE.
 
     python -m engine.demo.build_model --out assets/demo_model --preset cpu
@@ -86,6 +86,11 @@ class BuildSettings:
     # Loss weight of the first two latent frames (video frames 0-4): their normalized latents are smaller
     # (std 0.80 / 0.84 against 0.95-1.11 later) and held-in shapes failed there most (docs/demo.md).
     first_frames_weight: float = 1.0
+    # Share of the transformer's clips drawn in a random color that the caption does not name ("a star
+    # moving left on a black background"), none near the held-out color: the transformer learns to draw
+    # every shape in any color, so a LoRA that teaches a new color word does not also have to teach the
+    # model to draw shapes in that color (docs/demo.md).
+    unnamed_colors: float = 0.0
     ema_decay: float = 0.999
     checkpoint_every: int = 200
     workers: int = 1
@@ -136,7 +141,7 @@ def stage_text(work: Path, settings: BuildSettings) -> None:
 def stage_vae(work: Path, settings: BuildSettings, device: torch.device) -> None:
     from diffusers import AutoencoderKLWan
 
-    # Every shape, the held-out star included: like a real video VAE the codec has seen all kinds of
+    # Every caption, the held-out color included: like a real video VAE the codec has seen all kinds of
     # pictures; only the transformer must not know the held-out concept. A VAE trained on circles,
     # squares and triangles alone rounded a star's points (its reconstructions never read as a star),
     # so no LoRA could ever draw one.
@@ -265,6 +270,7 @@ def stage_latents(work: Path, settings: BuildSettings, device: torch.device) -> 
     vae = AutoencoderKLWan.from_pretrained(work / "vae").to(device).eval()
     coverage, specs = _load_pool(work, settings)
     fg, bg = palette_colors(specs)
+    unnamed = unnamed_color_clips(fg, bg, settings.unnamed_colors, settings.seed)
     chunks = []
     with torch.no_grad():
         for start in range(0, len(specs), 64):
@@ -280,10 +286,32 @@ def stage_latents(work: Path, settings: BuildSettings, device: torch.device) -> 
         vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
         vae.to("cpu").save_pretrained(work / "vae")
     normalized = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    prompts = sorted({s.caption.text() for s in specs})
-    caption_index = torch.tensor([prompts.index(s.caption.text()) for s in specs])
+    texts = [colorless_caption(s.caption) if u else s.caption.text() for s, u in zip(specs, unnamed.tolist())]
+    prompts = sorted(set(texts))
+    caption_index = torch.tensor([prompts.index(t) for t in texts])
     embeds = encode_captions(work, prompts + [""])  # the last row is the empty (unconditional) prompt
     torch.save({"latents": normalized, "caption_index": caption_index, "embeds": embeds}, work / "latents.pt")
+
+
+def unnamed_color_clips(fg: torch.Tensor, bg: torch.Tensor, share: float, seed: int,
+                        min_held_out_distance: float = 110.0, min_contrast: float = 90.0) -> torch.Tensor:
+    """Recolor about `share` of the clips in place with random foreground colors at least
+    `min_held_out_distance` RGB from the held-out color (its evaluator reading needs 60) and
+    `min_contrast` from the clip's background; returns the mask of recolored clips."""
+    generator = torch.Generator().manual_seed(seed + 7)
+    chosen = torch.rand(len(fg), generator=generator) < share
+    held_out = torch.tensor(world.COLORS[world.HELD_OUT_COLOR], dtype=torch.float32)
+    for index in chosen.nonzero().flatten().tolist():
+        while True:
+            color = torch.rand(3, generator=generator) * 255
+            if (color - held_out).norm() >= min_held_out_distance and (color - bg[index]).norm() >= min_contrast:
+                fg[index] = color
+                break
+    return chosen
+
+
+def colorless_caption(caption: world.Caption) -> str:
+    return f"a {caption.shape} moving {caption.direction} on a {caption.background} background"
 
 
 # ---------------------------------------------------------------- transformer
