@@ -286,7 +286,7 @@ def stage_latents(work: Path, settings: BuildSettings, device: torch.device) -> 
         vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
         vae.to("cpu").save_pretrained(work / "vae")
     normalized = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
-    texts = [colorless_caption(s.caption) if u else s.caption.text() for s, u in zip(specs, unnamed.tolist())]
+    texts = [s.caption.text(with_color=not u) for s, u in zip(specs, unnamed.tolist())]
     prompts = sorted(set(texts))
     caption_index = torch.tensor([prompts.index(t) for t in texts])
     embeds = encode_captions(work, prompts + [""])  # the last row is the empty (unconditional) prompt
@@ -308,10 +308,6 @@ def unnamed_color_clips(fg: torch.Tensor, bg: torch.Tensor, share: float, seed: 
                 fg[index] = color
                 break
     return chosen
-
-
-def colorless_caption(caption: world.Caption) -> str:
-    return f"a {caption.shape} moving {caption.direction} on a {caption.background} background"
 
 
 # ---------------------------------------------------------------- transformer

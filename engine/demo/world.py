@@ -66,8 +66,10 @@ class Caption:
     direction: str
     background: str
 
-    def text(self) -> str:
-        return f"a {self.color} {self.shape} moving {self.direction} on a {self.background} background"
+    def text(self, *, with_color: bool = True) -> str:
+        """The caption; with_color=False leaves the color word out (the demo build's unnamed colors)."""
+        color = f"{self.color} " if with_color else ""
+        return f"a {color}{self.shape} moving {self.direction} on a {self.background} background"
 
 
 @dataclass(frozen=True)
