@@ -90,8 +90,17 @@ def others_computing(group: str, directory: Path | None = None) -> int:
         if _alive(int(pid)):
             count += 1
         else:
-            (directory / name).unlink(missing_ok=True)
+            _remove_stale(directory / name)
     return count
+
+
+def _remove_stale(mark: Path) -> None:
+    """In the shared sticky folder only a mark's owner may remove it: another user's stale mark stays
+    (it is skipped as dead on every read), and the trainer reading it carries on."""
+    try:
+        mark.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("stale compute mark %s left in place: %s", mark, exc)
 
 
 def _alive(pid: int) -> bool:
@@ -131,12 +140,12 @@ class TrainerThreads:
         self.mark.__exit__()
 
 
-def apply_thread_policy(role: Role, *, ranks: int = 1) -> int:
+def apply_thread_policy(role: Role) -> int:
     """Set torch's intra-op threads (and one inter-op thread: nothing here runs ops concurrently) for
-    this process; returns the intra-op count."""
+    this process; returns the intra-op count. CPU trainer ranks use `TrainerThreads` instead."""
     import torch
 
-    threads = cpu_threads(role, ranks=ranks)
+    threads = cpu_threads(role)
     torch.set_num_threads(threads)
     _one_interop_thread()
     log.info("%s process computes with %d CPU thread(s) of %s cores", role, threads, os.cpu_count())

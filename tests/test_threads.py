@@ -57,6 +57,26 @@ def test_compute_marks_count_other_live_processes_and_drop_dead_ones(tmp_path):
     assert others_computing("job1", shared) == 0 and not stale.exists()
 
 
+def test_another_users_stale_mark_is_skipped_not_fatal(tmp_path, monkeypatch):
+    """In the sticky folder only the owner may remove a mark (root, running the tests, may remove any, so
+    the refusal is the one Path.unlink gives another user): the reading trainer carries on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.threads import others_computing
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"inference-{dead.stdout.strip()}-{dead.stdout.strip()}"
+    stale.touch()
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert others_computing("job1", tmp_path) == 0 and stale.exists()
+
+
 def test_a_trainer_gives_back_its_extra_cores_while_a_generation_runs(tmp_path):
     import torch
 
