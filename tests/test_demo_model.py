@@ -94,13 +94,15 @@ def test_demo_tokenizer_knows_every_caption_word_including_the_held_out_ones():
 
 
 def test_demo_build_refuses_a_wrong_init_folder_or_clip_length(tmp_path: Path, capsys):
-    """A typo in --init must not silently train from scratch; a VAE crop must be a Wan length (4k+1)."""
+    """A typo in --init must not silently train from scratch; a VAE crop must be a Wan length (4k+1); a
+    share is a share."""
     import pytest
 
     from engine.demo.build_cli import main
 
     for argv, expected in [(["--init", str(tmp_path / "nope")], "no vae or transformer folder"),
-                           (["--vae-clip-frames", "8"], "must be 4k+1")]:
+                           (["--vae-clip-frames", "8"], "must be 4k+1"),
+                           (["--unnamed-colors", "30"], "from 0 to 1, got 30.0")]:
         with pytest.raises(SystemExit) as info:
             main(["--preset", "smoke", "--work-dir", str(tmp_path / "work"), *argv])
         assert info.value.code == 2 and expected in capsys.readouterr().err

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = {field: getattr(args, field) for field, _, _ in overrides.values() if getattr(args, field) is not None}
     settings = replace(PRESETS[args.preset], **chosen, keep_latent_stats=args.keep_latent_stats,
                        vae_decoder_only=args.vae_decoder_only, vae_equal_contrast=args.vae_equal_contrast)
+    if not 0 <= settings.unnamed_colors <= 1:
+        parser.error(f"--unnamed-colors: a share of the clips, from 0 to 1, got {settings.unnamed_colors}")
     frames = settings.vae_clip_frames
     if frames % 4 != 1 or not 1 <= frames <= world.NUM_FRAMES:
         parser.error(f"--vae-clip-frames: must be 4k+1 and at most {world.NUM_FRAMES}, got {frames}")
