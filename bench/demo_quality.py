@@ -2,10 +2,12 @@
 
 Scores come from the frame-by-frame evaluator (engine/demo/evaluate.py): base accuracy (color, shape,
 motion, object present in every frame, all at once, and the share of frames with an object) on
-held-in prompts, held-out "purple star" accuracy before and after the demo LoRA (trained through the
-real trainer: python -m engine.trainer), the LoRA's training wall time, and one 64x64x17, 20-step
-generation's wall time (threads as the inference worker's, engine/threads.py). Writes a contact sheet
-of "a purple star moving right on a white background" (3 seeds; base, then with the LoRA) to --sheet.
+held-in prompts balanced over shapes and colors (with shape accuracy per shape and "all" per color),
+held-out "purple star" accuracy before and after the demo LoRA (trained through the real trainer:
+python -m engine.trainer), the LoRA's training wall time, and one 64x64x17, 20-step generation's
+wall time (threads as the inference worker's, engine/threads.py). Writes a contact sheet of
+"a purple star moving right on a white background" (3 seeds; base, then with the LoRA) to
+--sheet.
 
     python bench/demo_quality.py [--held-in 24] [--held-out 12] [--lora-steps N] [--home DIR] [--sheet PNG]
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.demo.evaluate import accuracy  # noqa: E402
+from engine.demo.evaluate import accuracy, accuracy_by  # noqa: E402
 from engine.demo.sampling import (  # noqa: E402
     SampleSettings,
     evaluation_prompts,
@@ -91,7 +93,8 @@ def main() -> int:
     started = time.time()
     generate_clip(pipe, "a red circle moving left on a black background", 0, settings)
     generation_s = time.time() - started
-    base = accuracy(score_prompts(pipe, evaluation_prompts(args.held_in, held_out=False), settings))
+    base_scores = score_prompts(pipe, evaluation_prompts(args.held_in, held_out=False), settings)
+    base = accuracy(base_scores)
     held_out_prompts = evaluation_prompts(args.held_out, held_out=True)
     before = accuracy(score_prompts(pipe, held_out_prompts, settings))
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +108,8 @@ def main() -> int:
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch threads {threads}",
         "settings": {"size": "64x64x17", "steps": settings.steps, "guidance": settings.guidance_scale},
         "base_held_in": {k: round(v, 3) for k, v in base.items()},
+        "base_held_in_shape_by_shape": {k: round(v, 3) for k, v in accuracy_by(base_scores, "shape", "shape").items()},
+        "base_held_in_all_by_color": {k: round(v, 3) for k, v in accuracy_by(base_scores, "color", "all").items()},
         "held_out_before": {k: round(v, 3) for k, v in before.items()},
         "held_out_after": {k: round(v, 3) for k, v in after.items()},
         "lora_train_s": round(lora_s, 1),

@@ -142,6 +142,15 @@ def accuracy(scores: list[ClipScore]) -> dict[str, float]:
     return result
 
 
+def accuracy_by(scores: list[ClipScore], group: str, attribute: str) -> dict[str, float]:
+    """Share of clips right on `attribute` for each value of the prompt's `group` field (e.g. shape
+    accuracy per shape): an average over a split can hide a combination that nearly always fails."""
+    groups: dict[str, list[bool]] = {}
+    for score in scores:
+        groups.setdefault(getattr(score.expected, group), []).append(getattr(score, f"{attribute}_ok"))
+    return {value: sum(oks) / len(oks) for value, oks in sorted(groups.items())}
+
+
 # ---- one frame
 
 

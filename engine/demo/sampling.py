@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.demo import world
-from engine.demo.evaluate import ClipScore, accuracy, evaluate_clip
+from engine.demo.evaluate import ClipScore, accuracy, accuracy_by, evaluate_clip
 from engine.inference.request import DEMO_DEFAULTS
 from engine.inference.speed import set_step_cache
 
@@ -51,10 +51,23 @@ def load_demo_pipeline(model: str = "demo", *, lora: Path | None = None, device:
 
 
 def evaluation_prompts(count: int, *, held_out: bool, seed: int = 1234) -> list[str]:
-    """A fixed, seed-shuffled list of prompts from one split (cycles when count exceeds the split)."""
+    """A fixed, seed-shuffled list of prompts from one split, balanced so that a weak combination cannot
+    hide in an average: consecutive prompts go round the split's shapes, and each shape round its colors
+    (24 held-in prompts: every shape 6 times, every shape x color at least once). Cycles when count
+    exceeds the split."""
     captions = world.all_captions(held_out=held_out)
-    order = np.random.default_rng(seed).permutation(len(captions))
-    return [captions[order[i % len(captions)]].text() for i in range(count)]
+    shuffled = [captions[i] for i in np.random.default_rng(seed).permutation(len(captions))]
+    queues: dict[str, dict[str, list[world.Caption]]] = {}
+    for caption in shuffled:
+        queues.setdefault(caption.shape, {}).setdefault(caption.color, []).append(caption)
+    balanced: list[world.Caption] = []
+    while len(balanced) < len(shuffled):
+        for by_color in queues.values():
+            color = next((c for c in by_color if by_color[c]), None)
+            if color is not None:
+                balanced.append(by_color[color].pop(0))
+                by_color[color] = by_color.pop(color)  # this color goes to the back of the shape's round
+    return [balanced[i % len(balanced)].text() for i in range(count)]
 
 
 def generate_clip(pipe, prompt: str, seed: int, settings: SampleSettings = SampleSettings()) -> np.ndarray:
@@ -120,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.time()
             scores = score_prompts(pipe, prompts, SampleSettings(steps=args.steps, guidance_scale=guidance))
             result = {"guidance": guidance, "step_cache": threshold, "held_out": args.held_out, "n": len(scores),
-                      **accuracy(scores)}
+                      **accuracy(scores), "shape_by_shape": accuracy_by(scores, "shape", "shape")}
             result["seconds_per_clip"] = round((time.time() - started) / len(scores), 3)
             print(json.dumps(result), flush=True)
     return 0
