@@ -66,6 +66,19 @@ def rough_star(spec: world.ClipSpec, seed: int = 0) -> np.ndarray:
     return _polygon_clip(spec, angles, radii)
 
 
+def fat_star(spec: world.ClipSpec, seed: int = 0) -> np.ndarray:
+    """Not broken: a plump star as the demo model draws blue ones, shallow notches, stretched a quarter
+    along a random axis. A person reads it as a star; its 5-fold harmonic barely beats the stretch's."""
+    rng = np.random.default_rng(seed)
+    tilt = rng.uniform(0, 2 * np.pi)
+    angles = tilt + np.deg2rad(36 * np.arange(10))
+    outer = spec.radius * rng.uniform(0.9, 1.1, size=5)
+    radii = np.stack([outer, outer * 0.62], axis=1).ravel()
+    axis = rng.uniform(0, np.pi)
+    x, y = radii * np.cos(angles - axis) * 1.25, radii * np.sin(angles - axis)
+    return _polygon_clip(spec, np.arctan2(y, x) + axis, np.hypot(x, y))
+
+
 def _polygon_clip(spec: world.ClipSpec, angles: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """The spec's clip with its shape replaced by a polygon (vertex angles and radii about the centre)."""
     scale = 4

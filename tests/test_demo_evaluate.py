@@ -4,7 +4,7 @@ clips break (tests/demo_broken_clips.py) fail."""
 import numpy as np
 import pytest
 
-from demo_broken_clips import BROKEN, lumpy_blob, rough_star
+from demo_broken_clips import BROKEN, fat_star, lumpy_blob, rough_star
 from engine.demo.evaluate import accuracy, accuracy_by, evaluate_clip, read_clip
 from engine.demo.sampling import evaluation_prompts
 from engine.demo.world import render_clip, sample_specs
@@ -44,6 +44,17 @@ def test_a_rough_star_reads_as_a_star_and_no_potato_does():
     assert not any(f.shape == "star" for f in potatoes)
     blurred = evaluate_clip(BROKEN["blurred_blob"][0](stars[0]), stars[0].caption.text())
     assert max(f.five_fold for f in blurred.frames) < 1.2
+
+
+def test_a_fat_stretched_star_reads_as_a_star_by_its_five_points():
+    """The demo model's blue stars come plump and stretched; a person counts five points at once, while
+    the 5-fold harmonic rivals the stretch's 2-fold one. The five counted points read them."""
+    stars = [s for s in GROUND_TRUTH if s.shape == "star"]
+    scores = [evaluate_clip(fat_star(spec, seed), spec.caption.text()) for seed, spec in enumerate(stars)]
+    assert all(score.shape_ok for score in scores)
+    assert all(f.points == 5 for score in scores for f in score.frames)
+    by_harmonic_alone = [s for s in scores if max(f.five_fold for f in s.frames) < 1.2]
+    assert len(by_harmonic_alone) >= 3  # these read as stars only by the counted points
 
 
 def test_each_frame_is_read_on_its_own():

@@ -41,6 +41,13 @@ _NOISE_ALPHA = 0.15
 # dominates every other harmonic 1-9 (an irregular potato's low harmonics dominate: 0.2 against 0.04).
 _FIVE_FOLD_MIN = 0.15
 _FIVE_FOLD_DOMINANCE = 1.2
+# Five points counted as a person counts them: peaks of the smoothed radius profile that rise at least
+# _POINT_DEPTH of the mean radius above the notches on both sides, five of them, neighbours 45-100 degrees
+# apart (72 when even). It reads fat, stretched or lopsided stars whose 5-fold harmonic a 2- or 3-fold one
+# rivals; a potato's tallest bumps are not five evenly spread ones (0 of 2,040 potato frames).
+_POINT_DEPTH = 0.12
+_POINT_GAPS = (45.0, 100.0)
+_PROFILE_HARMONICS = 10  # the radius profile is smoothed to harmonics 0-10: pixel steps make no points
 _TEMPLATE_RADIUS = 12.0
 
 
@@ -55,6 +62,7 @@ class FrameReading:
     shape: str | None = None
     shape_fit: float = 0.0  # soft IoU with the best-matching shape
     five_fold: float = 0.0  # the outline's 5-fold harmonic over its strongest other one (a star: > 1.2)
+    points: int = 0  # prominent points of the outline (a star: 5, evenly enough spread)
     centroid: tuple[float, float] | None = None  # (x, y) in pixels
 
 
@@ -162,8 +170,9 @@ def _read_frame(frame: np.ndarray, background: np.ndarray) -> FrameReading:
     name, error = _nearest_with_distance(core, COLORS)
     shape, fit = _match_shape(alpha)
     five_fold = _five_fold(alpha)
+    gaps = _point_gaps(alpha)
     if fit < _SHAPE_FIT:
-        shape = "star" if five_fold >= _FIVE_FOLD_DOMINANCE else None
+        shape = "star" if five_fold >= _FIVE_FOLD_DOMINANCE or _five_even_points(gaps) else None
     return FrameReading(
         present=True,
         rgb=(float(core[0]), float(core[1]), float(core[2])),
@@ -172,6 +181,7 @@ def _read_frame(frame: np.ndarray, background: np.ndarray) -> FrameReading:
         shape=shape,
         shape_fit=fit,
         five_fold=five_fold,
+        points=len(gaps),
         centroid=_centroid(alpha),
     )
 
@@ -226,6 +236,38 @@ def _five_fold(alpha: np.ndarray) -> float:
     harmonics = np.abs(np.fft.rfft(radius))[1:10] * 2 / radius.size / max(float(radius.mean()), 1e-6)
     five, others = float(harmonics[4]), float(np.delete(harmonics, 4).max())
     return five / max(others, 1e-6) if five >= _FIVE_FOLD_MIN else 0.0
+
+
+def _point_gaps(alpha: np.ndarray) -> list[float]:
+    """Angles (degrees) between neighbouring points of the outline. Points are the smoothed radius
+    profile's peaks; the shallowest is dropped while it rises less than _POINT_DEPTH above a neighbouring
+    notch, so a forked or bumpy tip counts once."""
+    radius = _radius_profile(alpha, *_centroid(alpha))
+    spectrum = np.fft.rfft(radius)
+    spectrum[_PROFILE_HARMONICS + 1:] = 0
+    smooth = np.fft.irfft(spectrum, n=radius.size)
+    peaks = list(np.flatnonzero((smooth > np.roll(smooth, 1)) & (smooth >= np.roll(smooth, -1))))
+    while len(peaks) > 1:
+        depths = [smooth[peak] - max(_lowest_between(smooth, peaks[k - 1], peak),
+                                     _lowest_between(smooth, peak, peaks[(k + 1) % len(peaks)]))
+                  for k, peak in enumerate(peaks)]
+        shallowest = int(np.argmin(depths))
+        if depths[shallowest] >= _POINT_DEPTH * float(smooth.mean()):
+            break
+        peaks.pop(shallowest)
+    step = 360.0 / radius.size
+    return [float((after - before) % radius.size or radius.size) * step
+            for before, after in zip(peaks, peaks[1:] + peaks[:1])] if peaks else []
+
+
+def _lowest_between(profile: np.ndarray, start: int, end: int) -> float:
+    """The profile's minimum going round from index start to index end (the whole circle when equal)."""
+    length = (end - start) % profile.size or profile.size
+    return float(profile[(start + np.arange(length + 1)) % profile.size].min())
+
+
+def _five_even_points(gaps: list[float]) -> bool:
+    return len(gaps) == 5 and _POINT_GAPS[0] <= min(gaps) and max(gaps) <= _POINT_GAPS[1]
 
 
 def _radius_profile(alpha: np.ndarray, cx: float, cy: float, rays: int = 120, step: float = 0.25) -> np.ndarray:
