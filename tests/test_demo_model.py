@@ -102,7 +102,9 @@ def test_demo_build_refuses_a_wrong_init_folder_or_clip_length(tmp_path: Path, c
 
     for argv, expected in [(["--init", str(tmp_path / "nope")], "no vae or transformer folder"),
                            (["--vae-clip-frames", "8"], "must be 4k+1"),
-                           (["--unnamed-colors", "30"], "from 0 to 1, got 30.0")]:
+                           (["--unnamed-colors", "30"], "from 0 to 1, got 30.0"),
+                           (["--focus-share", "0.3"], "go together"),
+                           (["--focus", "blue star", "--focus-share", "1"], "go together")]:
         with pytest.raises(SystemExit) as info:
             main(["--preset", "smoke", "--work-dir", str(tmp_path / "work"), *argv])
         assert info.value.code == 2 and expected in capsys.readouterr().err
@@ -200,3 +202,18 @@ def test_unnamed_colors_stay_away_from_the_held_out_color_and_drop_the_color_wor
     assert (fg[recolored] - bg[recolored]).norm(dim=1).min() >= 90
     caption = specs[0].caption
     assert caption.text(with_color=False) == caption.text().replace(f" {caption.color}", "", 1)
+
+
+def test_focus_draws_from_the_named_clips_and_refuses_a_caption_the_pool_lacks():
+    import pytest
+
+    from engine.demo.build_model import BuildSettings, focus_indices
+
+    prompts = ["a blue star moving up on a gray background", "a red circle moving left on a black background"]
+    data = {"caption_index": torch.tensor([1, 0, 1, 0, 1]), "prompts": prompts}
+    assert focus_indices(data, BuildSettings()).tolist() == [0, 1, 2, 3, 4]  # no focus: every clip
+    assert focus_indices(data, BuildSettings(focus="blue star", focus_share=0.25)).tolist() == [1, 3]
+    with pytest.raises(SystemExit, match="matches no caption"):
+        focus_indices(data, BuildSettings(focus="green star", focus_share=0.25))
+    with pytest.raises(SystemExit, match="latents stage again"):
+        focus_indices({"caption_index": data["caption_index"]}, BuildSettings(focus="blue star", focus_share=0.25))

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "--first-frames-weight": ("first_frames_weight", float, "transformer loss weight of latent frames 0-1"),
         "--unnamed-colors": ("unnamed_colors", float, "share of the transformer's clips in random colors the "
                                                       "caption does not name (none near the held-out color)"),
+        "--focus": ("focus", str, "caption words (e.g. 'blue star') whose clips get --focus-share of each batch"),
+        "--focus-share": ("focus_share", float, "share of each transformer batch drawn from --focus clips"),
         "--vae-steps": ("vae_steps", int, None),
         "--vae-batch": ("vae_batch", int, None),
         "--vae-lr": ("vae_lr", float, None),
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                        vae_decoder_only=args.vae_decoder_only, vae_equal_contrast=args.vae_equal_contrast)
     if not 0 <= settings.unnamed_colors <= 1:
         parser.error(f"--unnamed-colors: a share of the clips, from 0 to 1, got {settings.unnamed_colors}")
+    if not 0 <= settings.focus_share < 1 or (settings.focus_share > 0) != bool(settings.focus.strip()):
+        parser.error("--focus and --focus-share go together: caption words and a share from 0 to below 1, got "
+                     f"{settings.focus!r} and {settings.focus_share}")
     frames = settings.vae_clip_frames
     if frames % 4 != 1 or not 1 <= frames <= world.NUM_FRAMES:
         parser.error(f"--vae-clip-frames: must be 4k+1 and at most {world.NUM_FRAMES}, got {frames}")

@@ -91,6 +91,10 @@ class BuildSettings:
     # every shape in any color, so a LoRA that teaches a new color word does not also have to teach the
     # model to draw shapes in that color (docs/demo.md).
     unnamed_colors: float = 0.0
+    # Share of each transformer batch drawn from the pool's clips whose caption contains `focus` (e.g.
+    # "blue star": the combination the base model draws worst, and the color nearest the held-out one).
+    focus: str = ""
+    focus_share: float = 0.0
     ema_decay: float = 0.999
     checkpoint_every: int = 200
     workers: int = 1
@@ -290,7 +294,8 @@ def stage_latents(work: Path, settings: BuildSettings, device: torch.device) -> 
     prompts = sorted(set(texts))
     caption_index = torch.tensor([prompts.index(t) for t in texts])
     embeds = encode_captions(work, prompts + [""])  # the last row is the empty (unconditional) prompt
-    torch.save({"latents": normalized, "caption_index": caption_index, "embeds": embeds}, work / "latents.pt")
+    torch.save({"latents": normalized, "caption_index": caption_index, "embeds": embeds, "prompts": prompts},
+               work / "latents.pt")
 
 
 def unnamed_color_clips(fg: torch.Tensor, bg: torch.Tensor, share: float, seed: int,
@@ -332,8 +337,12 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
     generator = torch.Generator(device=device).manual_seed(settings.seed + 4 + start)
     batch = settings.transformer_batch
     frame_weights = _frame_weights(latents.shape[2], settings.first_frames_weight, device)
+    focus = focus_indices(data, settings).to(device)
+    focused = round(batch * settings.focus_share)
     for step in range(start, settings.transformer_steps):
         index = torch.randint(len(latents), (batch,), generator=generator, device=device)
+        if focused:
+            index[:focused] = focus[torch.randint(len(focus), (focused,), generator=generator, device=device)]
         x0 = latents[index]
         text = caption_index[index].clone()
         text[torch.rand(batch, generator=generator, device=device) < settings.caption_dropout] = empty
@@ -364,6 +373,18 @@ def stage_transformer(work: Path, settings: BuildSettings, device: torch.device)
             log.info("transformer: time budget reached at step %d", step + 1)
             break
     ema.module.eval().to("cpu").save_pretrained(work / "transformer")
+
+
+def focus_indices(data: dict, settings: BuildSettings) -> torch.Tensor:
+    """Pool clips whose caption contains settings.focus (all clips when there is no focus)."""
+    if not settings.focus_share:
+        return torch.arange(len(data["caption_index"]))
+    if "prompts" not in data:
+        raise SystemExit("--focus needs latents.pt from the current latents stage: run the latents stage again")
+    matching = [i for i, c in enumerate(data["caption_index"].tolist()) if settings.focus in data["prompts"][c]]
+    if not matching:
+        raise SystemExit(f"--focus {settings.focus!r} matches no caption of the pool (e.g. 'blue star')")
+    return torch.tensor(matching)
 
 
 def _frame_weights(frames: int, first_two: float, device: torch.device) -> torch.Tensor:
