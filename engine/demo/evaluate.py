@@ -168,9 +168,11 @@ def _read_frame(frame: np.ndarray, background: np.ndarray) -> FrameReading:
         return FrameReading(present=False)
     alpha = _coverage(frame, background, core)
     name, error = _nearest_with_distance(core, COLORS)
-    shape, fit = _match_shape(alpha)
-    five_fold = _five_fold(alpha)
-    gaps = _point_gaps(alpha)
+    center = _centroid(alpha)
+    shape, fit = _match_shape(alpha, center)
+    radius = _radius_profile(alpha, *center)  # the outline, read twice below: its harmonics and its points
+    five_fold = _five_fold(radius)
+    gaps = _point_gaps(radius)
     if fit < _SHAPE_FIT:
         shape = "star" if five_fold >= _FIVE_FOLD_DOMINANCE or _five_even_points(gaps) else None
     return FrameReading(
@@ -182,7 +184,7 @@ def _read_frame(frame: np.ndarray, background: np.ndarray) -> FrameReading:
         shape_fit=fit,
         five_fold=five_fold,
         points=len(gaps),
-        centroid=_centroid(alpha),
+        centroid=center,
     )
 
 
@@ -214,10 +216,10 @@ def _centroid(alpha: np.ndarray) -> tuple[float, float]:
     return float((alpha * xs).sum() / total), float((alpha * ys).sum() / total)
 
 
-def _match_shape(alpha: np.ndarray) -> tuple[str | None, float]:
+def _match_shape(alpha: np.ndarray, center: tuple[float, float]) -> tuple[str | None, float]:
     """The world's shape that best overlaps the silhouette at the same area and centroid, and its soft IoU."""
     area = float(alpha.sum())
-    cx, cy = _centroid(alpha)
+    cx, cy = center
     best, best_fit = None, 0.0
     for shape in SHAPES:
         unit_area, (offset_x, offset_y) = _shape_geometry(shape)
@@ -229,20 +231,18 @@ def _match_shape(alpha: np.ndarray) -> tuple[str | None, float]:
     return best, best_fit
 
 
-def _five_fold(alpha: np.ndarray) -> float:
+def _five_fold(radius: np.ndarray) -> float:
     """How clearly the outline has five points: its radius profile's 5-fold harmonic divided by the
     strongest of harmonics 1-9 otherwise, 0 when that harmonic is too weak to be a point at all."""
-    radius = _radius_profile(alpha, *_centroid(alpha))
     harmonics = np.abs(np.fft.rfft(radius))[1:10] * 2 / radius.size / max(float(radius.mean()), 1e-6)
     five, others = float(harmonics[4]), float(np.delete(harmonics, 4).max())
     return five / max(others, 1e-6) if five >= _FIVE_FOLD_MIN else 0.0
 
 
-def _point_gaps(alpha: np.ndarray) -> list[float]:
-    """Angles (degrees) between neighbouring points of the outline. Points are the smoothed radius
-    profile's peaks; the shallowest is dropped while it rises less than _POINT_DEPTH above a neighbouring
-    notch, so a forked or bumpy tip counts once."""
-    radius = _radius_profile(alpha, *_centroid(alpha))
+def _point_gaps(radius: np.ndarray) -> list[float]:
+    """Angles (degrees) between neighbouring points of the outline (its radius profile). Points are the
+    smoothed profile's peaks; the shallowest is dropped while it rises less than _POINT_DEPTH above a
+    neighbouring notch, so a forked or bumpy tip counts once."""
     spectrum = np.fft.rfft(radius)
     spectrum[_PROFILE_HARMONICS + 1:] = 0
     smooth = np.fft.irfft(spectrum, n=radius.size)
