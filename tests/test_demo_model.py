@@ -205,8 +205,6 @@ def test_unnamed_colors_stay_away_from_the_held_out_color_and_drop_the_color_wor
 
 
 def test_focus_draws_from_the_named_clips_and_refuses_a_caption_the_pool_lacks():
-    import pytest
-
     from engine.demo.build_model import BuildSettings, focus_indices
 
     prompts = ["a blue star moving up on a gray background", "a red circle moving left on a black background"]
