@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from bench.gpu_common import git_commit
 from engine.gpus import GpuInventory
 from engine.jobs import Job
 from engine.store.db import Database
@@ -54,9 +55,10 @@ def card() -> str:
 
 
 def record(case: str, **values: Any) -> None:
-    """One JSON line per measured case, for bench/RESULTS.md."""
+    """One JSON line per measured case, for bench/RESULTS.md (a copy without .git, as on a lent machine,
+    names its commit in STUDIO_COMMIT)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    line = {"case": case, "card": card(), "commit": os.environ.get("STUDIO_COMMIT", "unknown"),
+    line = {"case": case, "card": card(), "commit": os.environ.get("STUDIO_COMMIT") or git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), **values}
     with (ARTIFACTS / "results.jsonl").open("a", encoding="utf-8") as out:
         out.write(json.dumps(line) + "\n")
