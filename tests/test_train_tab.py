@@ -52,7 +52,7 @@ def test_what_the_form_does_not_show_goes_into_the_run_as_loaded(api: StudioApi,
     values[form.repeats] = 2
     edited = form.config(values)
     assert edited.sample == cfg.sample and edited.optimizer.lr == 5e-4
-    assert [d.num_repeats for d in edited.dataset.directory] == [2, 4]
+    assert [d.num_repeats for d in edited.dataset.directory] == [2, cfg.dataset.directory[1].num_repeats]
     assert edited.dataset.directory[1].frame_buckets == [1]
     values[form.loaded] = ""
     assert form.config(values).sample is None
