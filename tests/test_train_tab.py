@@ -49,7 +49,8 @@ def test_what_the_form_does_not_show_goes_into_the_run_as_loaded(api: StudioApi,
                              cfg.dataset.directory[0].model_copy(update={"path": str(dataset), "frame_buckets": [1]})]
     values = form.updates(cfg)
     values[form.form.components["optimizer.lr"]] = 5e-4  # the user edits the form
-    values[form.repeats] = 2
+    values[form.repeats] = 2  # not the preset's own, so the second folder shows whether it was kept
+    assert cfg.dataset.directory[1].num_repeats != 2
     edited = form.config(values)
     assert edited.sample == cfg.sample and edited.optimizer.lr == 5e-4
     assert [d.num_repeats for d in edited.dataset.directory] == [2, cfg.dataset.directory[1].num_repeats]
